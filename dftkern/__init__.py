@@ -1,0 +1,23 @@
+"""dftkern: exact, memory-lean token log-probs and the sequence losses built on them.
+
+Layers (dependencies point down):
+    dftkern.train / dftkern.experiments      reference trainer, bandit study
+    dftkern.losses                           DFT/DFT2, DPO, IPO, SimPO, RWR, REINFORCE, ... (small math)
+    dftkern.functional                       autograd Functions, public token/sequence ops
+    dftkern.chunking, dftkern.engines        the chunked schedule; Triton / PyTorch row engines
+    dftkern.kernels                          pure Triton kernels
+"""
+
+from .functional import fused_linear_logprobs, grouped_sequence_loss, sequence_logprobs
+from .losses import DFTState, fused_dft_loss, fused_preference_loss
+
+__all__ = [
+    "fused_linear_logprobs",
+    "sequence_logprobs",
+    "fused_dft_loss",
+    "DFTState",
+    "fused_preference_loss",
+    "grouped_sequence_loss",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,89 @@
+"""Argument checks shared by the public functions. Every error names the argument."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def validation_enabled(validate: bool | None) -> bool:
+    """Opt-in device-side checks that cost a host sync on CUDA (``validate=True`` or ``DFTKERN_VALIDATE=1``)."""
+    if validate is not None:
+        return bool(validate)
+    return os.environ.get("DFTKERN_VALIDATE", "0").lower() in ("1", "true", "yes")
+
+
+def check_positive_number(name: str, value, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_linear_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap) -> torch.Tensor:
+    """Validate the token-op inputs; returns labels as int64 (same device)."""
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of int64, got {type(labels).__name__}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float32/float16/bfloat16 (or float64), got {hidden.dtype}")
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be [..., H] with at least 2 dims, got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V, H={hidden.shape[-1]}] to match hidden [..., H], "
+                         f"got weight shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype must equal hidden dtype {hidden.dtype}, got {weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one vocabulary row (V >= 1)")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (int64), got {labels.dtype}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels shape must equal hidden's leading shape {tuple(hidden.shape[:-1])}, "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be [V={weight.shape[0]}], got shape {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias dtype must equal weight dtype {weight.dtype}, got {bias.dtype}")
+        if bias.device != weight.device:
+            raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_positive_number("temperature", temperature)
+    check_positive_number("softcap", softcap, allow_none=True)
+    return labels.long()
+
+
+def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int, validate: bool | None) -> None:
+    """Raise if a non-ignored label is outside ``[0, V)``.
+
+    On CPU this always runs (it costs no device sync). On CUDA it runs only when validation is
+    enabled; otherwise the kernels write NaN for such a token's log-prob (never a clamped value).
+    """
+    if labels.numel() == 0:
+        return
+    if labels.is_cuda and not validation_enabled(validate):
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        pos = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())
+        raise ValueError(f"labels{list(pos)} = {int(labels[pos])} is outside [0, V={vocab_size}) "
+                         f"and is not ignore_index={ignore_index}")

@@ -1,0 +1,134 @@
+"""Per-example state of DFT's moving-average denominator estimator ``u``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["DFTState"]
+
+
+class DFTState:
+    """Holds ``u_i`` (log-space moving average of DFT's partition estimate) for every training example.
+
+    Args:
+        num_examples: size of the dataset (ids index into ``u``).
+        init: initial value of every ``u_i`` (the paper's ``u_init``; default 0.0).
+        device: where ``u`` lives (move later with :meth:`to`).
+
+    Attributes:
+        u: float32 ``[num_examples]``.
+        num_updates: int64 ``[num_examples]``, how many times each ``u_i`` was updated.
+
+    Under ``torch.distributed`` (initialized, world size > 1) every update is all-gathered so all
+    ranks hold identical state after each step, although each rank sees different ids (updates
+    are applied in rank order, so a duplicated id resolves identically everywhere).
+    """
+
+    def __init__(self, num_examples: int, init: float = 0.0, device: torch.device | str | None = None):
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
+            raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
+        if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
+            raise ValueError(f"init must be a finite number, got {init!r}")
+        self.num_examples = num_examples
+        self.init = float(init)
+        self.u = torch.full((num_examples,), float(init), dtype=torch.float32, device=device)
+        self.num_updates = torch.zeros(num_examples, dtype=torch.int64, device=device)
+        self.sync_distributed = True
+        # (ids, u_written) of the last update: an activation-checkpoint recomputation of the same
+        # forward reads these instead of updating twice.
+        self._last_update: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- persistence ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"u": self.u.detach().cpu().clone(), "num_updates": self.num_updates.cpu().clone(),
+                "init": self.init, "num_examples": self.num_examples}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("u", "num_updates", "init", "num_examples"):
+            if key not in state:
+                raise ValueError(f"DFTState.load_state_dict: missing key {key!r}")
+        if int(state["num_examples"]) != self.num_examples or tuple(state["u"].shape) != (self.num_examples,):
+            raise ValueError(f"DFTState.load_state_dict: state is for {state['num_examples']} examples, "
+                             f"this DFTState has {self.num_examples}")
+        self.u.copy_(state["u"].to(torch.float32))
+        self.num_updates.copy_(state["num_updates"])
+        self.init = float(state["init"])
+        self._last_update = None
+
+    def to(self, device) -> DFTState:
+        """Move in place (returns self, like ``nn.Module.to``)."""
+        self.u = self.u.to(device)
+        self.num_updates = self.num_updates.to(device)
+        self._last_update = None
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.u.device
+
+    def __repr__(self) -> str:
+        return f"DFTState(num_examples={self.num_examples}, init={self.init}, device={self.device})"
+
+    # -- updates -------------------------------------------------------------------------------
+    def write(self, ids: torch.Tensor, u_new: torch.Tensor) -> None:
+        """Set ``u[ids] = u_new`` (and sync across ranks when distributed)."""
+        ids = ids.to(self.u.device, torch.int64)
+        u_new = u_new.detach().to(self.u.device, torch.float32)
+        self._last_update = (ids.clone(), u_new.clone())
+        if self.sync_distributed and _distributed_world_size() > 1:
+            ids, u_new = _all_gather_updates(ids, u_new)
+        self.u[ids] = u_new
+        self.num_updates[ids] += 1
+
+    def recomputed_values(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """The u written by the last update if it was for exactly these ids (checkpoint recompute)."""
+        if self._last_update is None:
+            return None
+        last_ids, last_u = self._last_update
+        ids = ids.to(last_ids.device, torch.int64)
+        if last_ids.shape != ids.shape or not bool((last_ids == ids).all()):
+            return None
+        return last_u
+
+
+def _distributed_world_size() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _all_gather_updates(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-gather variable-length (ids, values) from every rank, concatenated in rank order."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    backend_device = ids.device
+    if dist.get_backend() == "nccl" and ids.device.type != "cuda":
+        backend_device = torch.device("cuda", torch.cuda.current_device())
+    n_local = torch.tensor([ids.numel()], dtype=torch.int64, device=backend_device)
+    sizes = [torch.zeros_like(n_local) for _ in range(world)]
+    dist.all_gather(sizes, n_local)
+    sizes_host = [int(s.item()) for s in sizes]
+    max_n = max(sizes_host)
+    pad_ids = torch.zeros(max_n, dtype=torch.int64, device=backend_device)
+    pad_vals = torch.zeros(max_n, dtype=torch.float32, device=backend_device)
+    pad_ids[: ids.numel()] = ids.to(backend_device)
+    pad_vals[: ids.numel()] = values.to(backend_device)
+    all_ids = [torch.empty_like(pad_ids) for _ in range(world)]
+    all_vals = [torch.empty_like(pad_vals) for _ in range(world)]
+    dist.all_gather(all_ids, pad_ids)
+    dist.all_gather(all_vals, pad_vals)
+    ids_out = torch.cat([t[:n] for t, n in zip(all_ids, sizes_host)]).to(ids.device)
+    vals_out = torch.cat([t[:n] for t, n in zip(all_vals, sizes_host)]).to(ids.device)
+    # later ranks win on duplicates: keep each id's last occurrence so indexing is well defined
+    if ids_out.numel():
+        order = torch.arange(ids_out.numel(), device=ids_out.device)
+        last = torch.full((int(ids_out.max()) + 1,), -1, dtype=torch.int64, device=ids_out.device)
+        last.scatter_reduce_(0, ids_out, order, reduce="amax")
+        keep = last[ids_out] == order
+        ids_out, vals_out = ids_out[keep], vals_out[keep]
+    return ids_out, vals_out

@@ -1,0 +1,532 @@
+"""Data: read (prompt, good answer) records and sampled negatives, tokenize them, batch them.
+
+Record files are JSON Lines (``.jsonl``/``.json``, one object per line) or Parquet (``.parquet``,
+read with the ``datasets`` library). A record is either
+
+* ``{"prompt": str, "response": str}``, or
+* ``{"messages": [{"role": ..., "content": ...}, ..., {"role": "assistant", "content": ...}]}``
+  (the last message is the answer; everything before it is the prompt),
+
+with an optional ``"id"`` (string or integer; default: the record's 0-based position). Any problem
+is a :class:`DataError` naming the file, the line (Parquet: the row) and the field.
+
+Tokenization (:func:`encode_prompt`, :func:`encode_response`): with a chat template (when the
+tokenizer has one and it is not disabled) the prompt is rendered with ``add_generation_prompt=True``
+and the response is the rest of the rendered conversation; without one, the prompt is tokenized
+with the tokenizer's special tokens (e.g. BOS) and the response gets the EOS token appended.
+
+Labels are **shifted here**, because dftkern's fused ops do not shift: for a row of tokens
+``x[0..T-1]`` whose first ``P`` tokens are the prompt, ``labels[t] = x[t+1]`` for ``t >= P-1`` and
+``-100`` elsewhere (prompt, the last position, padding). Prompt tokens therefore never enter a loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataError",
+    "PromptRecord",
+    "SampleRecord",
+    "Row",
+    "TrainExample",
+    "Batch",
+    "read_prompt_records",
+    "read_sample_records",
+    "encode_prompt",
+    "encode_response",
+    "build_examples",
+    "examples_fingerprint",
+    "shifted_labels",
+    "collate",
+    "ExampleOrder",
+]
+
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """A malformed data file or record; the message names the file, the line (or row) and the field."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One (prompt, good answer) example.
+
+    Exactly one of ``prompt`` (plain text) and ``messages`` (the chat turns before the answer) is set.
+    ``where`` is ``"file:line"`` (or ``"file:row N"``) for error messages.
+    """
+
+    prompt_id: str
+    response: str
+    prompt: str | None = None
+    messages: tuple[dict, ...] | None = None
+    where: str = ""
+
+    def prompt_messages(self) -> list[dict]:
+        """The prompt as chat messages (a plain prompt becomes one user message)."""
+        if self.messages is not None:
+            return [dict(m) for m in self.messages]
+        return [{"role": "user", "content": self.prompt}]
+
+    def prompt_text(self) -> str:
+        """A readable one-string form of the prompt (plain prompt, or the last user turn)."""
+        if self.prompt is not None:
+            return self.prompt
+        return str(self.messages[-1]["content"]) if self.messages else ""
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """The K sampled responses for one prompt (one line of a ``generate`` output file).
+
+    ``response_token_ids[j]`` are the exact sampled token ids of response j (EOS included when the
+    sample finished), ``rewards`` the optional reward of each response, ``positive_reward`` the
+    optional reward of the data's good answer.
+    """
+
+    prompt_id: str
+    responses: tuple[str, ...]
+    response_token_ids: tuple[tuple[int, ...], ...]
+    rewards: tuple[float, ...] | None = None
+    positive_reward: float | None = None
+    where: str = ""
+
+
+def _iter_json_lines(path: Path) -> Iterable[tuple[int, dict]]:
+    """Yield (1-based line number, object) for each non-blank line; bad JSON is a DataError."""
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{line_no}: invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+            yield line_no, obj
+
+
+def _iter_rows(path: str | os.PathLike) -> Iterable[tuple[str, dict]]:
+    """Yield (location, record dict) from a JSONL or Parquet file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        for line_no, obj in _iter_json_lines(path):
+            yield f"{path}:{line_no}", obj
+    elif suffix == ".parquet":
+        import datasets
+
+        table = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+        for row_no, obj in enumerate(table, start=1):
+            yield f"{path}:row {row_no}", obj
+    else:
+        raise DataError(f"{path}: unsupported data file type {suffix!r} (use .jsonl, .json or .parquet)")
+
+
+def _record_id(obj: dict, where: str, position: int) -> str:
+    value = obj.get("id")
+    if value is None:
+        return str(position)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataError(f"{where}: field 'id' must be a string or an integer, got {type(value).__name__}")
+    return str(value)
+
+
+def _parse_messages(value, where: str) -> tuple[tuple[dict, ...], str]:
+    if not isinstance(value, (list, tuple)) or len(value) < 2:
+        raise DataError(f"{where}: field 'messages' must be a list of at least 2 messages "
+                        f"(prompt turns, then the assistant answer)")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: field 'messages[{i}]' must be an object, got {type(message).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                raise DataError(f"{where}: field 'messages[{i}].{key}' must be a string, got "
+                                f"{type(message.get(key)).__name__}")
+        messages.append({"role": message["role"], "content": message["content"]})
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: field 'messages[{len(messages) - 1}].role' must be 'assistant' (the last "
+                        f"message is the answer), got {messages[-1]['role']!r}")
+    return tuple(messages[:-1]), messages[-1]["content"]
+
+
+def read_prompt_records(path: str | os.PathLike) -> list[PromptRecord]:
+    """Read and validate (prompt, good answer) records; see the module docstring for the format.
+
+    Raises:
+        DataError: a malformed line/row (naming file, line and field), duplicate ids, or an empty file.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    records: list[PromptRecord] = []
+    seen: dict[str, str] = {}
+    for position, (where, obj) in enumerate(_iter_rows(path)):
+        prompt_id = _record_id(obj, where, position)
+        if obj.get("messages") is not None:
+            if obj.get("prompt") is not None:
+                raise DataError(f"{where}: give either field 'messages' or field 'prompt', not both")
+            messages, response = _parse_messages(obj["messages"], where)
+            record = PromptRecord(prompt_id, response, messages=messages, where=where)
+        else:
+            for key in ("prompt", "response"):
+                if key not in obj or obj[key] is None:
+                    raise DataError(f"{where}: missing field '{key}' (a record needs 'prompt' and 'response', "
+                                    f"or 'messages')")
+                if not isinstance(obj[key], str):
+                    raise DataError(f"{where}: field '{key}' must be a string, got {type(obj[key]).__name__}")
+            record = PromptRecord(prompt_id, obj["response"], prompt=obj["prompt"], where=where)
+        if prompt_id in seen:
+            raise DataError(f"{where}: field 'id' {prompt_id!r} duplicates the record at {seen[prompt_id]}")
+        seen[prompt_id] = where
+        records.append(record)
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def _float_list(value, where: str, name: str, length: int) -> tuple[float, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) != length:
+        raise DataError(f"{where}: field '{name}' must be a list of {length} numbers")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise DataError(f"{where}: field '{name}' must hold numbers, got {type(v).__name__}")
+    return tuple(float(v) for v in value)
+
+
+def read_sample_records(path: str | os.PathLike) -> dict[str, SampleRecord]:
+    """Read a ``generate`` output file into ``{prompt_id: SampleRecord}``.
+
+    Each line: ``{"prompt_id", "responses": [str] * K, "response_token_ids": [[int]] * K}`` plus the
+    optional ``"rewards": [float] * K`` and ``"positive_reward": float``.
+    """
+    samples: dict[str, SampleRecord] = {}
+    for where, obj in _iter_rows(path):
+        prompt_id = obj.get("prompt_id")
+        if isinstance(prompt_id, bool) or not isinstance(prompt_id, (str, int)):
+            raise DataError(f"{where}: field 'prompt_id' must be a string or an integer")
+        prompt_id = str(prompt_id)
+        responses = obj.get("responses")
+        if not isinstance(responses, (list, tuple)) or not responses or \
+                not all(isinstance(r, str) for r in responses):
+            raise DataError(f"{where}: field 'responses' must be a non-empty list of strings")
+        token_ids = obj.get("response_token_ids")
+        if not isinstance(token_ids, (list, tuple)) or len(token_ids) != len(responses):
+            raise DataError(f"{where}: field 'response_token_ids' must be a list of {len(responses)} token lists")
+        for j, ids in enumerate(token_ids):
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                             and t >= 0 for t in ids):
+                raise DataError(f"{where}: field 'response_token_ids[{j}]' must be a list of token ids (ints >= 0)")
+        rewards = obj.get("rewards")
+        if rewards is not None:
+            rewards = _float_list(rewards, where, "rewards", len(responses))
+        positive_reward = obj.get("positive_reward")
+        if positive_reward is not None:
+            if isinstance(positive_reward, bool) or not isinstance(positive_reward, (int, float)):
+                raise DataError(f"{where}: field 'positive_reward' must be a number")
+            positive_reward = float(positive_reward)
+        if prompt_id in samples:
+            raise DataError(f"{where}: prompt_id {prompt_id!r} appears twice (also at {samples[prompt_id].where})")
+        samples[prompt_id] = SampleRecord(prompt_id, tuple(responses), tuple(tuple(ids) for ids in token_ids),
+                                          rewards, positive_reward, where)
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization
+# ---------------------------------------------------------------------------------------------
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id; responses need an end-of-sequence token")
+    return int(tokenizer.eos_token_id)
+
+
+def encode_prompt(tokenizer, record: PromptRecord, *, use_chat_template: bool = True) -> list[int]:
+    """Token ids of the prompt, ready for the answer to follow (generation prompt included)."""
+    if use_chat_template and has_chat_template(tokenizer):
+        text = tokenizer.apply_chat_template(record.prompt_messages(), add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if record.prompt is None:
+        raise DataError(f"{record.where}: chat 'messages' need a tokenizer with a chat template "
+                        f"(or use 'prompt'/'response' records)")
+    return list(tokenizer(record.prompt, add_special_tokens=True)["input_ids"])
+
+
+def encode_response(tokenizer, record: PromptRecord, response: str | None = None, *,
+                    use_chat_template: bool = True) -> list[int]:
+    """Token ids of a response to ``record``'s prompt (default: the record's good answer).
+
+    With a chat template: the tokens the template renders after the generation prompt (end-of-turn
+    markers included). Without: the response text's tokens followed by EOS.
+    """
+    response = record.response if response is None else response
+    if use_chat_template and has_chat_template(tokenizer):
+        messages = record.prompt_messages()
+        prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
+                                                  tokenize=False)
+        if not full_text.startswith(prompt_text):
+            raise DataError(f"{record.where}: the chat template renders the prompt differently once the answer "
+                            f"is appended, so prompt and answer cannot be separated; disable the template "
+                            f"(--no-chat-template) or use plain 'prompt'/'response' records")
+        return list(tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"])
+    return list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [_eos_id(tokenizer)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training examples
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One sequence: ``input_ids`` (prompt then response) of which the first ``prompt_len`` are prompt."""
+
+    input_ids: tuple[int, ...]
+    prompt_len: int
+
+    @property
+    def num_response_tokens(self) -> int:
+        return len(self.input_ids) - self.prompt_len
+
+
+def make_row(prompt_ids: Sequence[int], response_ids: Sequence[int], max_length: int | None) -> Row:
+    """Concatenate prompt and response, fitting ``max_length`` tokens.
+
+    Too long: the response is cut at its end; a prompt that alone leaves no room for one response
+    token is cut at its start (its end is what the answer follows).
+    """
+    if not response_ids:
+        raise ValueError("a response must have at least one token")
+    prompt_ids, response_ids = list(prompt_ids), list(response_ids)
+    if max_length is not None:
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        if len(prompt_ids) > max_length - 1:
+            prompt_ids = prompt_ids[len(prompt_ids) - (max_length - 1):]
+        response_ids = response_ids[:max_length - len(prompt_ids)]
+    return Row(tuple(prompt_ids + response_ids), len(prompt_ids))
+
+
+def shifted_labels(row: Row) -> list[int]:
+    """``labels[t] = input_ids[t+1]`` on response targets, ``IGNORE_INDEX`` elsewhere (same length as the row)."""
+    ids = row.input_ids
+    labels = [IGNORE_INDEX] * len(ids)
+    for t in range(max(row.prompt_len - 1, 0), len(ids) - 1):
+        labels[t] = ids[t + 1]
+    return labels
+
+
+@dataclass
+class TrainExample:
+    """One prompt with its rows: the good answer first, then its K sampled negatives (if any).
+
+    ``index`` is the example's position in the training set (the DFTState id); ``ref_logps`` the
+    reference model's sequence log-prob of each row; ``rewards`` one reward per row.
+    """
+
+    index: int
+    prompt_id: str
+    rows: list[Row]
+    ref_logps: list[float] | None = None
+    rewards: list[float] | None = None
+
+
+def build_examples(tokenizer, records: Sequence[PromptRecord], samples: dict[str, SampleRecord] | None = None, *,
+                   num_negatives: int | None = None, max_length: int | None = None,
+                   use_chat_template: bool = True) -> list[TrainExample]:
+    """Tokenize records (and their negatives) into :class:`TrainExample` s, positive row first.
+
+    Args:
+        samples: ``{prompt_id: SampleRecord}`` from :func:`read_sample_records`; None for positives only.
+        num_negatives: keep the first K samples of each prompt (default: all; every prompt must have
+            at least K, and all prompts the same count).
+    Raises:
+        DataError: a record has no samples, or too few.
+    """
+    examples = []
+    for index, record in enumerate(records):
+        prompt_ids = encode_prompt(tokenizer, record, use_chat_template=use_chat_template)
+        rows = [make_row(prompt_ids, encode_response(tokenizer, record, use_chat_template=use_chat_template),
+                         max_length)]
+        rewards = None
+        if samples is not None:
+            sample = samples.get(record.prompt_id)
+            if sample is None:
+                raise DataError(f"{record.where}: prompt id {record.prompt_id!r} has no sampled negatives "
+                                f"(run the generate stage on this data file)")
+            k = len(sample.responses) if num_negatives is None else num_negatives
+            if len(sample.responses) < k or k < 1:
+                raise DataError(f"{sample.where}: prompt id {record.prompt_id!r} has {len(sample.responses)} "
+                                f"samples, {k} needed")
+            if examples and len(examples[0].rows) != 1 + k:
+                raise DataError(f"{sample.where}: prompt id {record.prompt_id!r} has {k} samples but earlier "
+                                f"prompts have {len(examples[0].rows) - 1}; pass --num-negatives")
+            rows += [make_row(prompt_ids, ids, max_length) for ids in sample.response_token_ids[:k]]
+            if sample.rewards is not None:
+                positive = 1.0 if sample.positive_reward is None else sample.positive_reward
+                rewards = [positive] + list(sample.rewards[:k])
+        examples.append(TrainExample(index, record.prompt_id, rows, rewards=rewards))
+    return examples
+
+
+def examples_fingerprint(examples: Sequence[TrainExample]) -> str:
+    """SHA-256 (hex) of every row's tokens and prompt length: the key of a reference log-prob cache."""
+    digest = hashlib.sha256(b"dftkern-rows-v1")
+    for example in examples:
+        digest.update(f"|{example.prompt_id}|{len(example.rows)}".encode())
+        for row in example.rows:
+            digest.update(f"/{row.prompt_len}:".encode())
+            digest.update(",".join(map(str, row.input_ids)).encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """A micro-batch of ``G`` examples with ``n = rows_per_example`` rows each (``R = G * n`` rows).
+
+    Padded layout (``packed=False``): ``input_ids``/``labels``/``attention_mask`` are ``[R, T]``
+    (right padding, pad id in ``input_ids``, 0 in the mask, ``-100`` in the labels).
+    Packed layout (``packed=True``): ``input_ids``/``position_ids`` are ``[1, N]``, ``labels`` is
+    ``[N]`` and ``cu_seqlens`` ``[R+1]`` int32 holds the row boundaries (FlashAttention varlen style).
+    ``ref_logps`` is float32 ``[R]`` (per row), ``rewards`` float32 ``[G, n]``, ``example_ids`` int64 ``[G]``.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    example_ids: torch.Tensor
+    rows_per_example: int
+    packed: bool
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    num_tokens: int = 0
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.example_ids.shape[0])
+
+    def to(self, device) -> "Batch":
+        def move(t):
+            return t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+        return Batch(move(self.input_ids), move(self.labels), move(self.example_ids), self.rows_per_example,
+                     self.packed, move(self.attention_mask), move(self.position_ids), move(self.cu_seqlens),
+                     move(self.ref_logps), move(self.rewards), self.num_tokens, dict(self.extras))
+
+
+def collate(examples: Sequence[TrainExample], *, pad_token_id: int, packed: bool = False,
+            rows: Sequence[int] | None = None, with_ref_logps: bool = False, with_rewards: bool = False) -> Batch:
+    """Stack examples into a :class:`Batch`.
+
+    Args:
+        rows: which rows of every example to keep (default: all; ``[0]`` = positives only).
+        with_ref_logps / with_rewards: require and attach the examples' ``ref_logps`` / ``rewards``.
+    """
+    if not examples:
+        raise ValueError("collate needs at least one example")
+    keep = list(range(len(examples[0].rows))) if rows is None else list(rows)
+    seqs, ref, rew = [], [], []
+    for example in examples:
+        if max(keep) >= len(example.rows):
+            raise ValueError(f"example {example.prompt_id!r} has {len(example.rows)} rows, row {max(keep)} requested")
+        seqs += [example.rows[r] for r in keep]
+        if with_ref_logps:
+            if example.ref_logps is None:
+                raise ValueError(f"example {example.prompt_id!r} has no reference log-probs")
+            ref += [example.ref_logps[r] for r in keep]
+        if with_rewards:
+            if example.rewards is None:
+                raise ValueError(f"example {example.prompt_id!r} has no rewards")
+            rew.append([example.rewards[r] for r in keep])
+    example_ids = torch.tensor([e.index for e in examples], dtype=torch.int64)
+    label_lists = [shifted_labels(row) for row in seqs]
+    num_tokens = sum(len(row.input_ids) for row in seqs)
+    common = dict(example_ids=example_ids, rows_per_example=len(keep), num_tokens=num_tokens,
+                  ref_logps=torch.tensor(ref, dtype=torch.float32) if with_ref_logps else None,
+                  rewards=torch.tensor(rew, dtype=torch.float32) if with_rewards else None)
+    if packed:
+        lengths = [len(row.input_ids) for row in seqs]
+        cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
+        return Batch(input_ids=torch.tensor([t for row in seqs for t in row.input_ids])[None],
+                     labels=torch.tensor([t for labels in label_lists for t in labels]),
+                     position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+                     cu_seqlens=cu, packed=True, **common)
+    width = max(len(row.input_ids) for row in seqs)
+    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.int64)
+    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.int64)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.int64)
+    for i, (row, row_labels) in enumerate(zip(seqs, label_lists)):
+        n = len(row.input_ids)
+        input_ids[i, :n] = torch.tensor(row.input_ids)
+        labels[i, :n] = torch.tensor(row_labels)
+        attention_mask[i, :n] = 1
+    return Batch(input_ids=input_ids, labels=labels, attention_mask=attention_mask, packed=False, **common)
+
+
+class ExampleOrder:
+    """A deterministic, resumable order of micro-batches over ``num_examples`` examples.
+
+    Epoch ``e`` visits ``torch.randperm(num_examples)`` drawn from a generator seeded with
+    ``seed + e`` (or ``0..N-1`` without shuffling). Rank ``r`` of ``world_size`` takes positions
+    ``r, r + world_size, ...`` of that order; the tail that does not fill a micro-batch on every rank
+    is dropped, so all ranks step together. Micro-batch number ``m`` (counted from the start of
+    training) is fully determined by ``m``: resuming needs only that counter.
+    """
+
+    def __init__(self, num_examples: int, examples_per_batch: int, *, seed: int, rank: int = 0,
+                 world_size: int = 1, shuffle: bool = True):
+        if examples_per_batch < 1:
+            raise ValueError(f"examples_per_batch must be >= 1, got {examples_per_batch}")
+        self.num_examples, self.examples_per_batch = num_examples, examples_per_batch
+        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
+        self.batches_per_epoch = (num_examples // world_size) // examples_per_batch
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{num_examples} examples cannot fill one micro-batch of {examples_per_batch} "
+                             f"examples on each of {world_size} rank(s)")
+        self._epoch, self._local = None, None
+
+    def _local_order(self, epoch: int) -> list[int]:
+        if self._epoch != epoch:
+            if self.shuffle:
+                order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch))
+            else:
+                order = torch.arange(self.num_examples)
+            self._epoch, self._local = epoch, order[self.rank::self.world_size].tolist()
+        return self._local
+
+    def batch(self, micro_batch: int) -> list[int]:
+        """Example indices of micro-batch number ``micro_batch`` on this rank."""
+        epoch, position = divmod(micro_batch, self.batches_per_epoch)
+        start = position * self.examples_per_batch
+        return self._local_order(epoch)[start:start + self.examples_per_batch]

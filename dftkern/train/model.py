@@ -1,0 +1,154 @@
+"""Models: load a local Hugging Face causal LM, pick the attention kernel, run the backbone.
+
+The trainer never materializes logits: :func:`backbone_hidden` returns the backbone's last hidden
+state and :func:`lm_head_params` the LM-head weight/bias, which go straight into dftkern's fused
+losses. :class:`PolicyWithLoss` puts backbone + head + loss in one ``forward`` so that, under FSDP2
+(``fully_shard``), the LM-head weight is unsharded while the loss reads it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .data import Batch
+
+__all__ = [
+    "ATTN_CHOICES",
+    "resolve_attn",
+    "resolve_device",
+    "load_tokenizer",
+    "load_causal_lm",
+    "backbone_hidden",
+    "lm_head_params",
+    "logit_softcap",
+    "PolicyWithLoss",
+    "score_rows",
+]
+
+ATTN_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> the local CUDA device (``LOCAL_RANK`` under torchrun) if available, else CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+
+
+def resolve_attn(attn: str, device: torch.device) -> str:
+    """``"auto"`` -> ``flash_attention_2`` when flash-attn is importable and the device is CUDA, else ``sdpa``."""
+    if attn not in ATTN_CHOICES:
+        raise ValueError(f"attn must be one of {ATTN_CHOICES}, got {attn!r}")
+    if attn == "auto":
+        if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+        return "sdpa"
+    return attn
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    """``AutoTokenizer`` from a local directory; a missing pad token falls back to EOS."""
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer/model directory not found: {path}")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer at {path} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str, *, attn: str = "auto", device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """``AutoModelForCausalLM`` from a local directory with the resolved attention implementation.
+
+    Returns the model on ``device`` in ``dtype`` (trainable master weights should stay float32;
+    generation and reference scoring may use bfloat16 on GPU).
+    """
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory not found: {path}")
+    device = torch.device(device)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=resolve_attn(attn, device),
+                                                 dtype=dtype, trust_remote_code=trust_remote_code)
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's weight ``[V, H]`` and bias ``[V]`` (or None)."""
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise TypeError(f"{type(model).__name__} has no linear LM head (get_output_embeddings() is {head!r})")
+    return head.weight, getattr(head, "bias", None)
+
+
+def logit_softcap(model) -> float | None:
+    """The model's final-logit soft-cap (e.g. Gemma 2's ``final_logit_softcapping``), else None."""
+    value = getattr(model.config, "final_logit_softcapping", None)
+    return float(value) if value else None
+
+
+def backbone_hidden(model, batch: Batch) -> torch.Tensor:
+    """Last hidden state of the backbone (``model.base_model``), without the LM head.
+
+    Returns ``[R, T, H]`` for a padded batch, ``[N, H]`` for a packed one (the packed rows are kept
+    apart by ``position_ids``: FlashAttention-2 and SDPA both build the block-diagonal mask from
+    them when no attention mask is given).
+    """
+    backbone = model.base_model
+    if batch.packed:
+        out = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+        return out.last_hidden_state[0]
+    out = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+class PolicyWithLoss(nn.Module):
+    """Backbone + LM head + fused loss as one module, the unit FSDP2 shards.
+
+    ``forward(batch, loss_fn=None, **loss_kwargs)`` runs the backbone, then returns
+    ``loss_fn(hidden, weight, bias, batch, softcap=..., **loss_kwargs)`` (default: the ``loss_fn``
+    given at construction) with the LM-head weight as seen *inside* this forward, i.e. unsharded
+    under ``fully_shard``. Under autocast the hidden states and a copy of the head go to the loss in
+    the autocast dtype (the fused op wants one dtype; gradients still reach the float32 weights).
+    """
+
+    def __init__(self, causal_lm: nn.Module, loss_fn: Callable, *, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.causal_lm = causal_lm
+        self.loss_fn = loss_fn
+        self.autocast_dtype = autocast_dtype
+
+    def forward(self, batch: Batch, loss_fn: Callable | None = None, **loss_kwargs):
+        device_type = batch.input_ids.device.type
+        with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            hidden = backbone_hidden(self.causal_lm, batch)
+        weight, bias = lm_head_params(self.causal_lm)
+        compute_dtype = self.autocast_dtype or weight.dtype
+        hidden, weight = hidden.to(compute_dtype), weight.to(compute_dtype)
+        bias = None if bias is None else bias.to(compute_dtype)
+        return (loss_fn or self.loss_fn)(hidden, weight, bias, batch, softcap=logit_softcap(self.causal_lm),
+                                         **loss_kwargs)
+
+
+def score_rows(hidden, weight, bias, batch: Batch, *, softcap=None) -> torch.Tensor:
+    """A ``loss_fn`` for :class:`PolicyWithLoss` that returns the rows' sequence log-probs (float32 ``[R]``)."""
+    import dftkern
+
+    return dftkern.sequence_logprobs(hidden, weight, batch.labels, cu_seqlens=batch.cu_seqlens, bias=bias,
+                                     softcap=softcap)

@@ -1,0 +1,168 @@
+"""Training objectives: which rows a loss needs and how they are handed to dftkern's fused losses.
+
+Every training example is one prompt with its rows: the good answer (row 0) and its K sampled
+negatives (rows 1..K). Each loss sees them as follows:
+
+=================================  =============================================================
+loss                               rows given to the fused loss
+=================================  =============================================================
+dft, dft2                          ``[pos, neg_1..neg_K]`` per example -> :func:`fused_dft_loss`
+                                   (ids into the DFTState; DFT also the reference log-probs)
+sft                                ``[pos]`` (negatives are never computed)
+dpo, ipo, hinge, simpo,            K pairs ``(pos, neg_j)`` per example; the positive's hidden
+unlikelihood                       states are computed once and reused for every pair
+rwr, reinforce, rloo               one group ``[pos, neg_1..neg_K]`` with rewards ``[1+K]``
+                                   (positive: ``positive_reward``, default 1.0; negatives: the
+                                   rewards stored by ``generate --reward``)
+=================================  =============================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import dftkern
+from dftkern.losses import DFT_DEFAULTS
+
+from .data import Batch
+
+__all__ = ["LOSS_NAMES", "LossSpec", "LOSS_SPECS", "ObjectiveConfig", "Objective"]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What a loss needs from the data: negatives, per-row reference log-probs, rewards."""
+
+    name: str
+    family: str  # "dft" | "sft" | "pairwise" | "group"
+    needs_negatives: bool
+    needs_ref_logps: bool
+    needs_rewards: bool
+
+
+LOSS_SPECS = {
+    "dft": LossSpec("dft", "dft", True, True, False),
+    "dft2": LossSpec("dft2", "dft", True, False, False),
+    "sft": LossSpec("sft", "sft", False, False, False),
+    "dpo": LossSpec("dpo", "pairwise", True, True, False),
+    "ipo": LossSpec("ipo", "pairwise", True, True, False),
+    "hinge": LossSpec("hinge", "pairwise", True, True, False),
+    "simpo": LossSpec("simpo", "pairwise", True, False, False),
+    "unlikelihood": LossSpec("unlikelihood", "pairwise", True, False, False),
+    "rwr": LossSpec("rwr", "group", True, False, True),
+    "reinforce": LossSpec("reinforce", "group", True, False, True),
+    "rloo": LossSpec("rloo", "group", True, False, True),
+}
+LOSS_NAMES = tuple(LOSS_SPECS)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Loss hyper-parameters (None = the loss's default: DFT tau 1.0 / gamma 0.85, DFT2 0.3 / 0.9)."""
+
+    loss: str = "dft"
+    tau: float | None = None
+    gamma: float | None = None
+    beta: float = 0.1
+    simpo_gamma: float = 0.5
+    unlikelihood_alpha: float = 1.0
+    baseline: str = "mean"
+    average: bool = False
+
+    def __post_init__(self):
+        if self.loss not in LOSS_SPECS:
+            raise ValueError(f"loss must be one of {LOSS_NAMES}, got {self.loss!r}")
+
+    @property
+    def spec(self) -> LossSpec:
+        return LOSS_SPECS[self.loss]
+
+    def dft_hparams(self) -> tuple[float, float]:
+        defaults = DFT_DEFAULTS[self.loss]
+        tau = defaults["tau"] if self.tau is None else self.tau
+        gamma = defaults["gamma"] if self.gamma is None else self.gamma
+        return tau, gamma
+
+
+def _select_rows(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                 rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Rows ``rows`` (int64 ``[R']``, repeats allowed) of a padded or packed batch, as a new batch."""
+    if cu_seqlens is None:
+        return hidden.index_select(0, rows), labels.index_select(0, rows), None
+    cu = cu_seqlens.to(torch.int64)
+    starts, lengths = cu[rows], cu[rows + 1] - cu[rows]
+    # token index: for each selected row, starts[i] .. starts[i] + lengths[i] - 1
+    offsets = torch.repeat_interleave(starts - torch.cumsum(lengths, 0) + lengths, lengths)
+    token_index = offsets + torch.arange(int(lengths.sum()), device=cu.device)
+    new_cu = torch.zeros(rows.numel() + 1, dtype=cu_seqlens.dtype, device=cu.device)
+    new_cu[1:] = torch.cumsum(lengths, 0)
+    return hidden.index_select(0, token_index), labels.index_select(0, token_index), new_cu
+
+
+def _pair_rows(num_examples: int, rows_per_example: int, device) -> torch.Tensor:
+    """Row order ``[p, n1, p, n2, ..., p, nK]`` for every example (int64 ``[G * 2K]``)."""
+    k = rows_per_example - 1
+    base = torch.arange(num_examples, device=device)[:, None] * rows_per_example
+    pairs = torch.stack([torch.zeros(k, dtype=torch.int64, device=device),
+                         torch.arange(1, k + 1, device=device)], dim=1).reshape(-1)
+    return (base + pairs[None]).reshape(-1)
+
+
+class Objective:
+    """Callable ``(hidden, weight, bias, batch, *, softcap, state) -> (loss, stats)``.
+
+    ``stats`` holds detached 0-d float tensors: ``pos_logp`` / ``neg_logp`` (mean sequence log-prob of the
+    positives / negatives in the batch), and per family ``omega_mean``, ``omega_max``, ``u_mean``
+    (DFT), ``margin_mean`` (pairwise), ``reward_mean`` (group).
+    """
+
+    def __init__(self, config: ObjectiveConfig):
+        self.config = config
+        self.spec = config.spec
+
+    @property
+    def rows(self) -> list[int] | None:
+        """Rows of each example the batches must contain (None = all)."""
+        return [0] if self.spec.family == "sft" else None
+
+    def __call__(self, hidden, weight, bias, batch: Batch, *, softcap=None, state=None):
+        cfg, family = self.config, self.spec.family
+        common = dict(bias=bias, softcap=softcap, return_stats=True)
+        n, g = batch.rows_per_example, batch.num_examples
+        if family == "dft":
+            ref = None
+            if cfg.loss == "dft":
+                ref = batch.ref_logps.view(g, n)[:, 1:]
+            tau, gamma = cfg.dft_hparams()
+            loss, stats = dftkern.fused_dft_loss(
+                hidden, weight, batch.labels, num_negatives=n - 1, ids=batch.example_ids, state=state,
+                ref_logps=ref, tau=tau, gamma=gamma, variant=cfg.loss, cu_seqlens=batch.cu_seqlens, **common)
+            seq = stats["seq_logps"].view(g, n)
+            weights = stats["weights"]
+            return loss, {"pos_logp": seq[:, 0].mean(), "neg_logp": seq[:, 1:].mean(),
+                          "omega_mean": weights.mean(), "omega_max": weights.max(),
+                          "u_mean": stats["u"].mean()}
+        if family == "sft":
+            loss, stats = dftkern.fused_preference_loss(hidden, weight, batch.labels, loss="sft",
+                                                        cu_seqlens=batch.cu_seqlens, average=cfg.average, **common)
+            return loss, {"pos_logp": stats["seq_logps"].mean()}
+        if family == "pairwise":
+            rows = _pair_rows(g, n, hidden.device)
+            pair_hidden, pair_labels, pair_cu = _select_rows(hidden, batch.labels, batch.cu_seqlens, rows)
+            ref = batch.ref_logps.index_select(0, rows.to(batch.ref_logps.device)) if self.spec.needs_ref_logps \
+                else None
+            loss, stats = dftkern.fused_preference_loss(
+                pair_hidden, weight, pair_labels, loss=cfg.loss, beta=cfg.beta, ref_logps=ref,
+                average=cfg.average, simpo_gamma=cfg.simpo_gamma, unlikelihood_alpha=cfg.unlikelihood_alpha,
+                cu_seqlens=pair_cu, **common)
+            seq = stats["seq_logps"].view(-1, 2)
+            return loss, {"pos_logp": seq[:, 0].mean(), "neg_logp": seq[:, 1].mean(),
+                          "margin_mean": stats["margins"].mean()}
+        loss, stats = dftkern.fused_preference_loss(
+            hidden, weight, batch.labels, loss=cfg.loss, beta=cfg.beta, rewards=batch.rewards,
+            average=cfg.average, baseline=cfg.baseline, cu_seqlens=batch.cu_seqlens, **common)
+        seq = stats["seq_logps"].view(g, n)
+        return loss, {"pos_logp": seq[:, 0].mean(), "neg_logp": seq[:, 1:].mean(),
+                      "reward_mean": batch.rewards[:, 1:].mean()}

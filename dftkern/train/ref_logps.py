@@ -1,0 +1,145 @@
+"""Stage 2, ``ref-logps``: the reference model's sequence log-prob of every training row, cached.
+
+Rows are built exactly as the trainer builds them (same tokenization, truncation and label
+masking), scored once with ``dftkern.sequence_logprobs`` (sum of response-token log-probs), and
+saved as ``ref_logps-<key>.safetensors`` where ``<key>`` is the first 16 hex digits of the rows'
+SHA-256 (:func:`dftkern.train.data.examples_fingerprint`). The trainer looks the file up by the
+same key, so it never holds the reference model, and a cache built for other data (other
+negatives, another tokenizer, another ``--max-length``) is never used by mistake.
+
+File contents: ``row_logps`` float32 ``[N, 1+K]`` (column 0: the good answer, 1..K: the negatives)
+and ``row_tokens`` int64 ``[N, 1+K]`` (response tokens per row); metadata ``fingerprint``,
+``reference_model``, ``prompt_ids`` (JSON list).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import dftkern
+
+from .data import (IGNORE_INDEX, TrainExample, build_examples, collate, examples_fingerprint, read_prompt_records,
+                   read_sample_records, shifted_labels)
+from .model import backbone_hidden, lm_head_params, load_causal_lm, load_tokenizer, logit_softcap, resolve_device
+from .util import require_single_process, resolve_dtype
+
+__all__ = ["RefLogpsConfig", "cache_path", "score_examples", "compute_ref_logps", "attach_ref_logps"]
+
+
+@dataclass
+class RefLogpsConfig:
+    """Options of the ref-logps stage (see ``python -m dftkern.train ref-logps --help``)."""
+
+    model: str
+    data: str
+    negatives: str
+    out_dir: str | None = None
+    num_negatives: int | None = None
+    max_length: int | None = None
+    batch_size: int = 64
+    packing: str = "auto"
+    use_chat_template: bool = True
+    device: str = "auto"
+    dtype: str = "auto"
+    attn: str = "auto"
+    trust_remote_code: bool = False
+    progress: bool = True
+
+
+def cache_path(directory: str | os.PathLike, fingerprint: str) -> Path:
+    """Where the cache for rows with this fingerprint lives in ``directory``."""
+    return Path(directory) / f"ref_logps-{fingerprint[:16]}.safetensors"
+
+
+def use_packing(packing: str, attn_implementation: str) -> bool:
+    """``"auto"`` packs exactly when FlashAttention-2 is the attention kernel."""
+    if packing not in ("auto", "on", "off"):
+        raise ValueError(f"packing must be 'auto', 'on' or 'off', got {packing!r}")
+    return packing == "on" or (packing == "auto" and attn_implementation == "flash_attention_2")
+
+
+@torch.no_grad()
+def score_examples(model, examples: list[TrainExample], *, pad_token_id: int, rows_per_batch: int = 64,
+                   packed: bool = False, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs (sums) of every row of every example.
+
+    Returns ``(row_logps float32 [N, n], row_tokens int64 [N, n])`` with ``n`` rows per example.
+    """
+    n = len(examples[0].rows)
+    per_batch = max(1, rows_per_batch // n)
+    weight, bias = lm_head_params(model)
+    softcap = logit_softcap(model)
+    device = weight.device
+    was_training = model.training
+    model.eval()
+    logps, tokens = [], []
+    try:
+        for start in tqdm(range(0, len(examples), per_batch), desc="ref-logps", unit="batch", disable=not progress):
+            batch = collate(examples[start:start + per_batch], pad_token_id=pad_token_id, packed=packed).to(device)
+            hidden = backbone_hidden(model, batch).to(weight.dtype)
+            seq = dftkern.sequence_logprobs(hidden, weight, batch.labels, cu_seqlens=batch.cu_seqlens, bias=bias,
+                                            softcap=softcap)
+            logps.append(seq.float().cpu().view(-1, n))
+            tokens.append(torch.tensor([[sum(label != IGNORE_INDEX for label in shifted_labels(row)) for row in e.rows]
+                                        for e in examples[start:start + per_batch]]))
+    finally:
+        model.train(was_training)
+    return torch.cat(logps), torch.cat(tokens)
+
+
+def compute_ref_logps(cfg: RefLogpsConfig) -> Path:
+    """Run the ref-logps stage; returns the cache path (an existing cache for the same rows is reused)."""
+    from safetensors.torch import save_file
+
+    require_single_process("ref-logps")
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    records = read_prompt_records(cfg.data)
+    examples = build_examples(tokenizer, records, read_sample_records(cfg.negatives),
+                              num_negatives=cfg.num_negatives, max_length=cfg.max_length,
+                              use_chat_template=cfg.use_chat_template)
+    fingerprint = examples_fingerprint(examples)
+    out = cache_path(cfg.out_dir or Path(cfg.negatives).parent, fingerprint)
+    if out.exists():
+        return out
+    device = resolve_device(cfg.device)
+    model = load_causal_lm(cfg.model, attn=cfg.attn, device=device, dtype=resolve_dtype(cfg.dtype, device),
+                           trust_remote_code=cfg.trust_remote_code)
+    packed = use_packing(cfg.packing, model.config._attn_implementation)
+    row_logps, row_tokens = score_examples(model, examples, pad_token_id=tokenizer.pad_token_id,
+                                           rows_per_batch=cfg.batch_size, packed=packed, progress=cfg.progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    save_file({"row_logps": row_logps.contiguous(), "row_tokens": row_tokens.contiguous()}, str(tmp),
+              metadata={"fingerprint": fingerprint, "reference_model": str(cfg.model),
+                        "prompt_ids": json.dumps([e.prompt_id for e in examples])})
+    os.replace(tmp, out)
+    return out
+
+
+def attach_ref_logps(examples: list[TrainExample], path: str | os.PathLike) -> None:
+    """Load a cache file and set ``example.ref_logps`` (one float per row) on every example.
+
+    Raises:
+        ValueError: the cache was computed for different rows (fingerprint mismatch).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference log-prob cache not found: {path} (run the ref-logps stage)")
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+        row_logps = handle.get_tensor("row_logps")
+    fingerprint = examples_fingerprint(examples)
+    if meta.get("fingerprint") != fingerprint:
+        raise ValueError(f"{path} holds reference log-probs for other rows (fingerprint "
+                         f"{str(meta.get('fingerprint'))[:16]}, these rows: {fingerprint[:16]}); rerun ref-logps "
+                         f"with the same --data/--negatives/--num-negatives/--max-length as training")
+    for example, values in zip(examples, row_logps.tolist()):
+        example.ref_logps = values

@@ -1,0 +1,83 @@
+"""Small helpers shared by the stages: user callables, dtypes, seeds, atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+__all__ = ["load_callable", "resolve_dtype", "derive_seed", "atomic_write_text", "atomic_write_json",
+           "exact_match", "require_single_process"]
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def load_callable(spec: str, *, what: str = "callable") -> Callable:
+    """Import ``"package.module:function"`` and return the function."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ValueError(f"{what} must look like 'package.module:function', got {spec!r}")
+    module_name, attr = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({err})") from None
+    function = getattr(module, attr, None)
+    if not callable(function):
+        raise ValueError(f"{what} {spec!r}: module {module_name!r} has no callable {attr!r}")
+    return function
+
+
+def exact_match(prompt: str, response: str, reference: str) -> float:
+    """The default task metric: 1.0 when the response equals the reference (surrounding whitespace ignored)."""
+    return 1.0 if response.strip() == reference.strip() else 0.0
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``"auto"`` -> bfloat16 on a CUDA device that supports it, float32 otherwise."""
+    if name not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {name!r}")
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed determined by ``parts`` only (stable across processes and Python versions)."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def require_single_process(stage: str) -> None:
+    """The generate / ref-logps / eval stages run in one process; refuse a multi-rank launch."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(f"the {stage} stage runs in a single process; launch it with python, not torchrun "
+                           f"(only 'train' is distributed)")
