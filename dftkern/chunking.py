@@ -5,8 +5,10 @@ vocabulary-sized buffer alive at any time, so the workspace is bounded by the ch
 bytes, whatever ``N`` is. For each chunk:
 
 * forward:  ``X = h_c @ W.T`` (fp32), epilogue -> ``logp_c``, ``lse_c``            (2·n·H·V FLOPs)
-* backward: recompute ``X``, epilogue -> ``dX`` (dtype of W), ``dH_c = dX @ W``,
-  ``dW += dX.T @ h_c``                                                             (6·n·H·V FLOPs)
+* backward: tiles of (tokens x vocabulary columns), sized to the budget: recompute the tile's
+  ``X``, epilogue -> ``dX`` (dtype of W) with the saved ``lse``, ``dH += dX @ W_v``,
+  ``dW_v = dX.T @ h``. Tiling the vocabulary means each ``dW`` row block is finished in one
+  product (no vocabulary-sized fp32 accumulator) and only ``dH [N, H]`` accumulates in fp32. (6·N·H·V FLOPs)
 * in-forward gradient (:func:`forward_with_grad`): ``X`` once, epilogue ``logp_c``, a caller's
   ``head`` turns ``logp_c`` into ``d loss / d logp_c``, epilogue -> ``dX`` from the same ``X``,
   then the two products                                                             (6·n·H·V FLOPs)
@@ -16,9 +18,10 @@ loss whose gradient is known inside the forward (the sequence losses) costs 6NHV
 floor.
 
 Chunk budget: ``chunk_bytes`` argument, else ``DFTKERN_CHUNK_BYTES`` (bytes; suffixes K/M/G
-allowed), else 1 GiB on CUDA and 256 MiB elsewhere. A row costs ``V * 4`` bytes of fp32 logits,
-plus ``V * 2`` for the fp16/bf16 gradient buffer on CUDA (the torch engine needs up to two more
-fp32 rows for bias/temperature/softcap temporaries).
+allowed), else 1 GiB on CUDA (4 GiB for the sequence losses, so that a whole DFT group fits and
+takes the 6NHV schedule) and 256 MiB elsewhere. A logit costs 4 bytes (fp32); the Triton
+engine writes the fp16/bf16 gradient over the same memory, the torch engine needs 2 more bytes
+for it and up to two more fp32 temporaries for bias/temperature/softcap.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_BYTES_CUDA = 1 << 30
+DEFAULT_GROUPED_CHUNK_BYTES_CUDA = 4 << 30
 DEFAULT_CHUNK_BYTES_CPU = 256 << 20
 
 _SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -61,8 +65,10 @@ def _parse_bytes(text: str) -> int:
     return value
 
 
-def resolve_chunk_bytes(chunk_bytes: int | None, device: torch.device) -> int:
-    """Chunk budget in bytes: argument, else env ``DFTKERN_CHUNK_BYTES``, else the device default."""
+def resolve_chunk_bytes(chunk_bytes: int | None, device: torch.device, *, grouped: bool = False) -> int:
+    """Chunk budget in bytes: argument, else env ``DFTKERN_CHUNK_BYTES``, else the device default
+    (``grouped``: the sequence-loss layer's default, large enough for one DFT group of 5x1024
+    tokens at V=128k to take the 6NHV schedule)."""
     if chunk_bytes is not None:
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
@@ -70,17 +76,19 @@ def resolve_chunk_bytes(chunk_bytes: int | None, device: torch.device) -> int:
     env = os.environ.get("DFTKERN_CHUNK_BYTES")
     if env:
         return _parse_bytes(env)
-    return DEFAULT_CHUNK_BYTES_CUDA if device.type == "cuda" else DEFAULT_CHUNK_BYTES_CPU
+    if device.type != "cuda":
+        return DEFAULT_CHUNK_BYTES_CPU
+    return DEFAULT_GROUPED_CHUNK_BYTES_CUDA if grouped else DEFAULT_CHUNK_BYTES_CUDA
 
 
 def bytes_per_token_row(vocab_size: int, ops: MatmulOps, engine_name: str, tf: LogitTransform,
                         has_bias: bool) -> int:
-    """Workspace bytes one token row of a chunk needs."""
+    """Workspace bytes one token row of ``vocab_size`` logits needs."""
     acc = torch.finfo(ops.acc_dtype).bits // 8
     per = acc
-    if ops.grad_dtype != ops.acc_dtype:
-        per += torch.finfo(ops.grad_dtype).bits // 8
     if engine_name == "torch":
+        if ops.grad_dtype != ops.acc_dtype:
+            per += torch.finfo(ops.grad_dtype).bits // 8
         per += acc * (int(has_bias or tf.temperature != 1.0) + int(tf.softcap is not None))
     return vocab_size * per
 
@@ -116,49 +124,33 @@ def forward_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return logp, lse
 
 
-class _GradAccumulator:
-    """Accumulates dH (per chunk, disjoint rows), dW (fp32 across chunks) and db."""
+# Below this many vocabulary columns a backward tile's products get inefficient; tokens are split first.
+MIN_VOCAB_TILE = 4096
+COLUMN_ALIGN = 256
 
-    def __init__(self, hidden, weight, bias, ops: MatmulOps, n_chunks: int,
-                 need_hidden: bool, need_weight: bool, need_bias: bool):
-        self.ops = ops
-        self.grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        self.single_chunk = n_chunks == 1
-        self.grad_weight_acc = None
-        self.grad_weight = None
-        if need_weight and not self.single_chunk:
-            self.grad_weight_acc = torch.zeros(weight.shape, dtype=ops.acc_dtype, device=weight.device)
-        self.need_weight = need_weight
-        self.weight_dtype = weight.dtype
-        self.grad_bias_acc = (torch.zeros(weight.shape[0], dtype=ops.acc_dtype, device=weight.device)
-                              if need_bias else None)
-        self.bias_dtype = bias.dtype if bias is not None else None
 
-    def add_chunk(self, t0: int, t1: int, grad_logits: torch.Tensor, hidden_chunk: torch.Tensor) -> None:
-        if self.grad_hidden is not None:
-            self.grad_hidden[t0:t1] = self.ops.grad_hidden(grad_logits)
-        if self.need_weight:
-            if self.single_chunk:
-                h = hidden_chunk if self.ops.weight_acc is None else hidden_chunk.to(self.ops.acc_dtype)
-                self.grad_weight = torch.mm(grad_logits.t(), h).to(self.weight_dtype)
-            else:
-                self.ops.accumulate_grad_weight(self.grad_weight_acc, grad_logits, hidden_chunk)
-        if self.grad_bias_acc is not None:
-            self.grad_bias_acc += grad_logits.sum(0, dtype=self.ops.acc_dtype)
+def backward_tiles(n_tokens: int, vocab_size: int, row_bytes_per_column: int, budget: int) -> tuple[int, int]:
+    """(token rows, vocabulary columns) of a backward tile within ``budget`` bytes.
 
-    def result(self):
-        grad_weight = self.grad_weight
-        if self.grad_weight_acc is not None:
-            grad_weight = self.grad_weight_acc.to(self.weight_dtype)
-        grad_bias = None if self.grad_bias_acc is None else self.grad_bias_acc.to(self.bias_dtype)
-        return self.grad_hidden, grad_weight, grad_bias
+    Whole token axis and as many vocabulary columns as fit; if fewer than ``MIN_VOCAB_TILE``
+    columns would fit, the tokens are split instead.
+    """
+    min_cols = min(vocab_size, MIN_VOCAB_TILE)
+    if n_tokens * min_cols * row_bytes_per_column <= budget:
+        cols = min(vocab_size, max(min_cols, budget // max(n_tokens * row_bytes_per_column, 1)))
+        if cols < vocab_size and cols >= 2 * COLUMN_ALIGN:
+            # tile widths that are multiples of 256 keep every row of the fp32/bf16 tiles 16-byte
+            # aligned: cuBLAS falls back to much slower kernels otherwise (seen: 3x on an H100)
+            cols -= cols % COLUMN_ALIGN
+        return max(n_tokens, 1), cols
+    return max(1, budget // (min_cols * row_bytes_per_column)), min_cols
 
 
 def backward_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       labels: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor,
                       tf: LogitTransform, engine, budget: int, *, need_hidden: bool = True,
                       need_weight: bool = True, need_bias: bool = True):
-    """Gradients of ``sum_t grad_logp[t] * logp[t]``, recomputing the logits chunk by chunk.
+    """Gradients of ``sum_t grad_logp[t] * logp[t]``, recomputing the logits tile by tile.
 
     Args:
         lse: ``[N]`` from :func:`forward_logprobs`; grad_logp: ``[N]`` upstream gradient.
@@ -168,21 +160,61 @@ def backward_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """
     ops = MatmulOps(weight)
     n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+    need_bias = need_bias and bias is not None
     grad_logp = torch.where(labels == tf.ignore_index, torch.zeros_like(grad_logp), grad_logp)
     grad_logp = grad_logp.to(ops.acc_dtype)
-    rows = rows_per_chunk(budget, bytes_per_token_row(vocab_size, ops, engine.name, tf, bias is not None))
-    ranges = _chunk_ranges(n_tokens, rows)
-    acc = _GradAccumulator(hidden, weight, bias, ops, len(ranges), need_hidden, need_weight,
-                           need_bias and bias is not None)
-    for t0, t1 in ranges:
-        h = hidden[t0:t1]
-        logits = ops.logits(h)
-        grad_logits = engine.grad_logits(logits, bias, labels[t0:t1], lse[t0:t1], grad_logp[t0:t1], tf,
-                                         ops.grad_dtype)
-        del logits
-        acc.add_chunk(t0, t1, grad_logits, h)
-        del grad_logits
-    return acc.result()
+    per_column = bytes_per_token_row(1, ops, engine.name, tf, bias is not None)
+    tile_rows, tile_cols = backward_tiles(n_tokens, vocab_size, per_column, budget)
+    row_ranges = _chunk_ranges(n_tokens, tile_rows)
+    col_ranges = _chunk_ranges(vocab_size, tile_cols)
+
+    grad_hidden = grad_weight = grad_bias = None
+    hidden_acc = None
+    if n_tokens == 0:  # no token: zero gradients (never uninitialized memory)
+        return (torch.zeros_like(hidden) if need_hidden else None,
+                torch.zeros_like(weight) if need_weight else None,
+                torch.zeros_like(bias) if need_bias else None)
+    if need_hidden:
+        if len(col_ranges) == 1:
+            grad_hidden = torch.empty_like(hidden)
+        else:
+            hidden_acc = torch.zeros(hidden.shape, dtype=ops.acc_dtype, device=hidden.device)
+    if need_weight:
+        grad_weight = torch.empty_like(weight)
+    if need_bias:
+        grad_bias = torch.empty_like(bias)
+
+    for v0, v1 in col_ranges:
+        bias_v = None if bias is None else bias[v0:v1]
+        weight_acc = None
+        if need_weight and len(row_ranges) > 1:
+            weight_acc = torch.zeros((v1 - v0, weight.shape[1]), dtype=ops.acc_dtype, device=weight.device)
+        bias_acc = torch.zeros(v1 - v0, dtype=ops.acc_dtype, device=weight.device) if need_bias else None
+        for t0, t1 in row_ranges:
+            h = hidden[t0:t1]
+            logits = ops.logits(h, v0, v1)
+            grad_x = engine.grad_logits(logits, bias_v, labels[t0:t1], lse[t0:t1], grad_logp[t0:t1], tf,
+                                        ops.grad_dtype, label_offset=v0)
+            if need_hidden:
+                if hidden_acc is None:
+                    grad_hidden[t0:t1] = ops.grad_hidden(grad_x, v0, v1)
+                else:
+                    hidden_acc[t0:t1] += ops.grad_hidden(grad_x, v0, v1, accumulate=True)
+            if need_weight:
+                if weight_acc is None:
+                    grad_weight[v0:v1] = ops.grad_weight(grad_x, h)
+                else:
+                    weight_acc += ops.grad_weight(grad_x, h, accumulate=True)
+            if need_bias:
+                bias_acc += grad_x.sum(0, dtype=ops.acc_dtype)
+            del logits, grad_x
+        if weight_acc is not None:
+            grad_weight[v0:v1] = weight_acc
+        if need_bias:
+            grad_bias[v0:v1] = bias_acc
+    if hidden_acc is not None:
+        grad_hidden = hidden_acc.to(hidden.dtype)
+    return grad_hidden, grad_weight, grad_bias
 
 
 def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -202,20 +234,35 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """
     ops = MatmulOps(weight)
     n_tokens = hidden.shape[0]
+    need_bias = need_bias and bias is not None
+    single = len(chunk_ranges) == 1
     logp = torch.empty(n_tokens, dtype=ops.acc_dtype, device=hidden.device)
-    acc = _GradAccumulator(hidden, weight, bias, ops, len(chunk_ranges), need_hidden, need_weight,
-                           need_bias and bias is not None)
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    grad_weight = None
+    weight_acc = (torch.zeros(weight.shape, dtype=ops.acc_dtype, device=weight.device)
+                  if need_weight and not single else None)
+    bias_acc = torch.zeros(weight.shape[0], dtype=ops.acc_dtype, device=weight.device) if need_bias else None
     ignored = labels == tf.ignore_index
     for c, (t0, t1) in enumerate(chunk_ranges):
         h = hidden[t0:t1]
         logits = ops.logits(h)
-        # the row epilogues never write into ``logits`` in lse_and_logp, so it is reused below
+        # lse_and_logp only reads ``logits``; the gradient epilogue then reuses them (no recompute)
         logp_c, lse_c = engine.lse_and_logp(logits, bias, labels[t0:t1], tf)
         logp[t0:t1] = logp_c
         grad_logp = head(c, logp_c).to(ops.acc_dtype)
         grad_logp = torch.where(ignored[t0:t1], torch.zeros_like(grad_logp), grad_logp)
-        grad_logits = engine.grad_logits(logits, bias, labels[t0:t1], lse_c, grad_logp, tf, ops.grad_dtype)
-        del logits
-        acc.add_chunk(t0, t1, grad_logits, h)
-        del grad_logits
-    return (logp, *acc.result())
+        grad_x = engine.grad_logits(logits, bias, labels[t0:t1], lse_c, grad_logp, tf, ops.grad_dtype)
+        if need_hidden:
+            grad_hidden[t0:t1] = ops.grad_hidden(grad_x)
+        if need_weight:
+            if single:
+                grad_weight = ops.grad_weight(grad_x, h)
+            else:
+                weight_acc += ops.grad_weight(grad_x, h, accumulate=True)
+        if need_bias:
+            bias_acc += grad_x.sum(0, dtype=ops.acc_dtype)
+        del logits, grad_x
+    if weight_acc is not None:
+        grad_weight = weight_acc.to(weight.dtype)
+    grad_bias = bias_acc.to(bias.dtype) if need_bias else None
+    return logp, grad_hidden, grad_weight, grad_bias

@@ -66,28 +66,40 @@ class MatmulOps:
         """dtype in which the epilogue writes d(logits): the operand dtype of the grad products."""
         return self.dtype if self.weight_acc is None else self.acc_dtype
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden [n, H]`` (dtype T) -> raw logits ``[n, V]`` in the compute dtype."""
-        if self.native_mixed:
-            return torch.mm(hidden, self.weight.t(), out_dtype=torch.float32)
-        if self.weight_acc is not None:
-            return torch.mm(hidden.to(self.acc_dtype), self.weight_acc.t())
-        return torch.mm(hidden, self.weight.t())
-
-    def grad_hidden(self, grad_logits: torch.Tensor) -> torch.Tensor:
-        """``d(logits) [n, V]`` -> ``dH [n, H]`` in dtype T."""
+    def _weight_operand(self, v0: int = 0, v1: int | None = None) -> torch.Tensor:
         w = self.weight if self.weight_acc is None else self.weight_acc
+        return w if (v0 == 0 and v1 is None) else w[v0:v1]
+
+    def _hidden_operand(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden if self.weight_acc is None else hidden.to(self.acc_dtype)
+
+    def logits(self, hidden: torch.Tensor, v0: int = 0, v1: int | None = None) -> torch.Tensor:
+        """``hidden [n, H]`` (dtype T) -> raw logits ``[n, v1 - v0]`` of vocabulary rows ``v0:v1``, compute dtype."""
+        w = self._weight_operand(v0, v1)
+        if self.native_mixed:
+            return torch.mm(hidden, w.t(), out_dtype=torch.float32)
+        return torch.mm(self._hidden_operand(hidden), w.t())
+
+    def product_acc(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a @ b`` for operands in :attr:`grad_dtype`/T, result in the compute dtype (fp32/fp64)."""
+        if self.native_mixed:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.mm(a, b)
+
+    def grad_hidden(self, grad_logits: torch.Tensor, v0: int = 0, v1: int | None = None,
+                    accumulate: bool = False) -> torch.Tensor:
+        """``d(logits) [n, v1-v0] @ W[v0:v1]`` -> ``[n, H]``: compute dtype if accumulate, else dtype T."""
+        w = self._weight_operand(v0, v1)
+        if accumulate:
+            return self.product_acc(grad_logits, w)
         return torch.mm(grad_logits, w).to(self.dtype)
 
-    def accumulate_grad_weight(self, grad_weight_acc: torch.Tensor, grad_logits: torch.Tensor,
-                               hidden: torch.Tensor) -> None:
-        """``grad_weight_acc [V, H]`` (compute dtype) += ``d(logits).T @ hidden``."""
-        if self.native_mixed:
-            grad_weight_acc.add_(torch.mm(grad_logits.t(), hidden, out_dtype=torch.float32))
-        elif self.weight_acc is not None:
-            grad_weight_acc.addmm_(grad_logits.t(), hidden.to(self.acc_dtype))
-        else:
-            grad_weight_acc.addmm_(grad_logits.t(), hidden)
+    def grad_weight(self, grad_logits: torch.Tensor, hidden: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
+        """``d(logits).T @ hidden`` -> ``[v, H]``: compute dtype if accumulate, else dtype T."""
+        h = self._hidden_operand(hidden)
+        if accumulate:
+            return self.product_acc(grad_logits.t(), h)
+        return torch.mm(grad_logits.t(), h).to(self.dtype)
 
 
 class TorchRowEngine:
@@ -117,10 +129,11 @@ class TorchRowEngine:
 
     def grad_logits(self, logits: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                     lse: torch.Tensor, grad_logp: torch.Tensor, tf: LogitTransform,
-                    out_dtype: torch.dtype) -> torch.Tensor:
-        """``g * (onehot - softmax(z)) * dz/dx`` for a chunk of raw logits ``x``.
+                    out_dtype: torch.dtype, label_offset: int = 0) -> torch.Tensor:
+        """``g * (onehot - softmax(z)) * dz/dx`` for a chunk of raw logits ``x [n, v]``.
 
-        ``grad_logp`` must be 0 on ignored rows. May overwrite ``logits``.
+        The chunk may be a vocabulary slice starting at ``label_offset`` (``lse`` is over the full
+        vocabulary). ``grad_logp`` must be 0 on ignored rows. May overwrite ``logits``.
         """
         z = self._transformed(logits, bias, tf)  # ``logits`` itself when there is no transform
         if tf.softcap is not None:
@@ -130,9 +143,10 @@ class TorchRowEngine:
             dz_dx = tf.inv_temperature
         grad = z.sub_(lse.unsqueeze(1)).exp_().mul_(-grad_logp.unsqueeze(1))
         rows = torch.arange(labels.shape[0], device=labels.device)
-        ignored = labels == tf.ignore_index
-        safe = torch.where(ignored, torch.zeros_like(labels), labels)
-        grad[rows, safe] += torch.where(ignored, torch.zeros_like(grad_logp), grad_logp).to(grad.dtype)
+        local = labels - label_offset
+        hit = (labels != tf.ignore_index) & (local >= 0) & (local < grad.shape[1])
+        safe = torch.where(hit, local, torch.zeros_like(local))
+        grad[rows, safe] += torch.where(hit, grad_logp, torch.zeros_like(grad_logp)).to(grad.dtype)
         if not (isinstance(dz_dx, float) and dz_dx == 1.0):
             grad.mul_(dz_dx)
         return grad.to(out_dtype)
@@ -152,9 +166,16 @@ class TritonRowEngine:
         return launch_row_lse_target(logits, bias, labels, inv_temperature=tf.inv_temperature,
                                      softcap=tf.softcap, ignore_index=tf.ignore_index)
 
-    def grad_logits(self, logits, bias, labels, lse, grad_logp, tf: LogitTransform, out_dtype):
+    def grad_logits(self, logits, bias, labels, lse, grad_logp, tf: LogitTransform, out_dtype, label_offset=0):
+        """As :meth:`TorchRowEngine.grad_logits`. A half-precision result is written in place into
+        the first half of each fp32 logit row (a ``[n, v]`` view with row stride ``2v``): no extra buffer."""
         from .kernels import launch_row_grad
 
-        out = logits if out_dtype == logits.dtype else torch.empty_like(logits, dtype=out_dtype)
+        if out_dtype == logits.dtype:
+            out = logits
+        else:
+            n, v = logits.shape
+            out = logits.view(out_dtype)[:, :v]  # fp32 row of v = half-precision row of 2v
         return launch_row_grad(logits, bias, labels, lse, grad_logp.to(torch.float32).contiguous(), out,
-                               inv_temperature=tf.inv_temperature, softcap=tf.softcap)
+                               inv_temperature=tf.inv_temperature, softcap=tf.softcap,
+                               label_offset=label_offset)

@@ -95,11 +95,12 @@ class _LinearLogprobs(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
-def _prepare(hidden, weight, labels, bias, ignore_index, temperature, softcap, backend, chunk_bytes, validate):
+def _prepare(hidden, weight, labels, bias, ignore_index, temperature, softcap, backend, chunk_bytes, validate,
+             grouped=False):
     labels = check_linear_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap)
     check_label_range(labels, weight.shape[0], ignore_index, validate)
     engine = select_engine(backend, hidden.device, hidden.dtype)
-    budget = resolve_chunk_bytes(chunk_bytes, hidden.device)
+    budget = resolve_chunk_bytes(chunk_bytes, hidden.device, grouped=grouped)
     tf = LogitTransform(float(temperature), None if softcap is None else float(softcap), ignore_index)
     return labels, engine, budget, tf
 
@@ -342,7 +343,7 @@ def grouped_sequence_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if schedule not in ("auto", "fused", "recompute"):
         raise ValueError(f"schedule must be 'auto', 'fused' or 'recompute', got {schedule!r}")
     labels, engine, budget, tf = _prepare(hidden, weight, labels, bias, ignore_index, temperature, softcap,
-                                          backend, chunk_bytes, validate)
+                                          backend, chunk_bytes, validate, grouped=True)
     hidden2d, labels1d, layout = make_layout(hidden, labels, cu_seqlens)
     if layout.num_rows == 0 or layout.num_rows % rows_per_group != 0:
         raise ValueError(f"the number of rows ({layout.num_rows}) must be a positive multiple of the group "

@@ -87,6 +87,7 @@ __all__ = [
     "MLPPolicy",
     "make_policy",
     "method_loss",
+    "train_seeds",
     "train_run",
     "run_experiment",
     "summarize",
@@ -188,84 +189,126 @@ def expected_reward(probs: torch.Tensor, reward: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------
 
 
-class LogitPolicy(nn.Module):
-    """Categorical policy whose logits are the free parameters.
+class _PolicyBank(nn.Module):
+    """``S`` independent categorical policies (one per seed) behind one set of fused-op inputs.
 
-    Fused-op form: hidden size ``H = 1``, every row's hidden state is ``[1.0]``, and
-    ``weight[:, 0]`` (``[V, 1]`` float32) holds the logits, so ``log pi(a)`` is the
-    one-token sequence log-probability of label ``a``.
+    Seed ``s`` owns a disjoint block of the hidden dimension: its rows carry the hidden state
+    ``seed_features()[s]``, which is zero outside block ``s``, so its logits (and gradients) only
+    involve its own block of ``weight``. One fused call therefore trains all seeds at once,
+    exactly as separate runs would (Adam acts per coordinate; the bank's loss is the *sum* of
+    the per-seed losses, see :func:`method_loss`).
     """
 
-    def __init__(self, log_probs: torch.Tensor):
+    num_seeds: int
+    weight: nn.Parameter
+
+    def seed_features(self) -> torch.Tensor:  # pragma: no cover - abstract
+        """``[S, H]`` float32 hidden state of each seed's rows (differentiable)."""
+        raise NotImplementedError
+
+    def fused_inputs(self, rows_per_seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Inputs of the fused ops for ``S * rows_per_seed`` one-token rows, seed-major.
+
+        Returns:
+            ``(hidden [S * rows_per_seed, 1, H] float32, weight [V, H] float32, bias=None)``:
+            rows ``s * rows_per_seed ... (s + 1) * rows_per_seed - 1`` belong to seed ``s``.
+        """
+        features = self.seed_features()
+        return features.repeat_interleave(rows_per_seed, dim=0).unsqueeze(1), self.weight, None
+
+    def logits(self) -> torch.Tensor:
+        """``[S, V]`` float32 logits of every seed's policy (differentiable)."""
+        return self.seed_features() @ self.weight.t()
+
+
+class LogitPolicy(_PolicyBank):
+    """Categorical policies whose logits are the free parameters.
+
+    Fused-op form: hidden size ``H = S``; a row of seed ``s`` has the one-hot hidden state
+    ``e_s`` and ``weight[:, s]`` (``weight [V, S]`` float32) holds seed ``s``'s logits, so the
+    one-token sequence log-probability of label ``a`` is ``log pi_s(a)``.
+
+    Args:
+        log_probs: ``[V]`` initial log-probabilities (every seed starts there).
+        num_seeds: ``S``.
+    """
+
+    def __init__(self, log_probs: torch.Tensor, num_seeds: int = 1):
         super().__init__()
         if log_probs.dim() != 1:
             raise ValueError(f"log_probs must be 1-D [V], got shape {tuple(log_probs.shape)}")
-        self.weight = nn.Parameter(log_probs.detach().to(torch.float32).clone().unsqueeze(1))
+        if isinstance(num_seeds, bool) or not isinstance(num_seeds, int) or num_seeds < 1:
+            raise ValueError(f"num_seeds must be a positive int, got {num_seeds!r}")
+        self.num_seeds = num_seeds
+        init = log_probs.detach().to(torch.float32).reshape(-1, 1).repeat(1, num_seeds)
+        self.weight = nn.Parameter(init)
+        self.register_buffer("identity", torch.eye(num_seeds))
 
-    def fused_inputs(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(hidden [num_rows, 1, 1] float32, weight [V, 1], bias=None)`` for one-token rows."""
-        hidden = torch.ones(num_rows, 1, 1, dtype=self.weight.dtype, device=self.weight.device)
-        return hidden, self.weight, None
-
-    def logits(self) -> torch.Tensor:
-        """``[V]`` float32 logits (differentiable)."""
-        return self.weight[:, 0]
+    def seed_features(self) -> torch.Tensor:
+        return self.identity
 
 
-class MLPPolicy(nn.Module):
-    """Categorical policy produced by a tiny network, initialised exactly at ``log_probs``.
+class MLPPolicy(_PolicyBank):
+    """Categorical policies produced by tiny networks, initialised exactly at ``log_probs``.
 
-    ``h = tanh(encoder(c))`` (``[H]``) for a fixed random context vector ``c``; the logits are
-    ``weight @ h + bias`` with ``weight [V, H]`` initialised to zero and ``bias [V]`` to
-    ``log_probs``. The encoder, weight and bias are all trained; the fused ops receive
-    ``hidden = h`` repeated for every row, so gradients flow into the encoder through them.
+    Seed ``s``: ``h_s = tanh(A_s c_s + b_s)`` (``[H]``) for a fixed random context ``c_s``
+    (``[C]``); logits ``= W_s [h_s, 1]`` with ``W_s [V, H + 1]`` whose last column (the bias)
+    starts at ``log_probs`` and the rest at zero. ``A_s``, ``b_s`` and ``W_s`` are trained.
+    Fused-op form: ``H_total = S (H + 1)``, block-diagonal hidden states, ``weight = [W_0 ... W_{S-1}]``;
+    gradients reach the encoders through the fused op's ``d hidden``.
+
+    Args:
+        log_probs: ``[V]`` initial log-probabilities.
+        seeds: one int per network (initialises its encoder and context; a seed gives the same
+            network whatever else is in the bank).
+        hidden_size: ``H``; context_size: ``C``.
     """
 
-    def __init__(self, log_probs: torch.Tensor, hidden_size: int = 16, context_size: int = 8, seed: int = 0):
+    def __init__(self, log_probs: torch.Tensor, seeds: Sequence[int] = (0,), hidden_size: int = 16,
+                 context_size: int = 8):
         super().__init__()
         if log_probs.dim() != 1:
             raise ValueError(f"log_probs must be 1-D [V], got shape {tuple(log_probs.shape)}")
         for name, value in (("hidden_size", hidden_size), ("context_size", context_size)):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        generator = torch.Generator().manual_seed(seed)
+        seeds = list(seeds)
+        if not seeds:
+            raise ValueError("seeds must name at least one seed")
+        self.num_seeds = len(seeds)
         bound = 1.0 / math.sqrt(context_size)
-        self.register_buffer("context", torch.randn(context_size, generator=generator))
-        self.encoder = nn.Linear(context_size, hidden_size)
-        with torch.no_grad():
-            self.encoder.weight.copy_((torch.rand(hidden_size, context_size, generator=generator) * 2 - 1) * bound)
-            self.encoder.bias.copy_((torch.rand(hidden_size, generator=generator) * 2 - 1) * bound)
-        self.weight = nn.Parameter(torch.zeros(log_probs.numel(), hidden_size))
-        self.bias = nn.Parameter(log_probs.detach().to(torch.float32).clone())
+        contexts, enc_w, enc_b = [], [], []
+        for seed in seeds:
+            generator = torch.Generator().manual_seed(int(seed))
+            contexts.append(torch.randn(context_size, generator=generator))
+            enc_w.append((torch.rand(hidden_size, context_size, generator=generator) * 2 - 1) * bound)
+            enc_b.append((torch.rand(hidden_size, generator=generator) * 2 - 1) * bound)
+        self.register_buffer("context", torch.stack(contexts))  # [S, C]
+        self.encoder_weight = nn.Parameter(torch.stack(enc_w))  # [S, H, C]
+        self.encoder_bias = nn.Parameter(torch.stack(enc_b))  # [S, H]
+        weight = torch.zeros(log_probs.numel(), self.num_seeds, hidden_size + 1)
+        weight[:, :, hidden_size] = log_probs.detach().to(torch.float32).reshape(-1, 1)
+        self.weight = nn.Parameter(weight.reshape(log_probs.numel(), -1))  # [V, S * (H + 1)]
 
-    def features(self) -> torch.Tensor:
-        """``[H]`` float32 hidden state shared by every row."""
-        return torch.tanh(self.encoder(self.context))
-
-    def fused_inputs(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(hidden [num_rows, 1, H] float32, weight [V, H], bias [V])``."""
-        features = self.features()
-        hidden = features.reshape(1, 1, -1).expand(num_rows, 1, features.numel()).contiguous()
-        return hidden, self.weight, self.bias
-
-    def logits(self) -> torch.Tensor:
-        """``[V]`` float32 logits (differentiable)."""
-        return self.weight @ self.features() + self.bias
+    def seed_features(self) -> torch.Tensor:
+        h = torch.tanh(torch.einsum("shc,sc->sh", self.encoder_weight, self.context) + self.encoder_bias)
+        blocks = torch.cat([h, torch.ones_like(h[:, :1])], dim=1)  # [S, H + 1]
+        return torch.block_diag(*blocks.unbind(0))  # [S, S * (H + 1)]
 
 
-def make_policy(kind: str, log_probs: torch.Tensor, seed: int = 0, hidden_size: int = 16) -> nn.Module:
-    """Build a ``"logits"`` or ``"mlp"`` policy initialised at ``softmax(log_probs)``."""
+def make_policy(kind: str, log_probs: torch.Tensor, seeds: Sequence[int] = (0,), hidden_size: int = 16) -> _PolicyBank:
+    """A bank of ``len(seeds)`` ``"logits"`` or ``"mlp"`` policies, all at ``softmax(log_probs)``."""
     if kind == "logits":
-        return LogitPolicy(log_probs)
+        return LogitPolicy(log_probs, num_seeds=len(seeds))
     if kind == "mlp":
-        return MLPPolicy(log_probs, hidden_size=hidden_size, seed=seed)
+        return MLPPolicy(log_probs, seeds=seeds, hidden_size=hidden_size)
     raise ValueError(f"policy must be one of {POLICIES}, got {kind!r}")
 
 
-def policy_probs(policy: nn.Module) -> torch.Tensor:
-    """``[V]`` float64 probabilities of the current policy (no grad)."""
+def policy_probs(policy: _PolicyBank) -> torch.Tensor:
+    """``[S, V]`` float64 probabilities of every seed's current policy (no grad)."""
     with torch.no_grad():
-        return torch.softmax(policy.logits().double(), dim=0)
+        return torch.softmax(policy.logits().double(), dim=-1)
 
 
 # --------------------------------------------------------------------------------------
@@ -347,86 +390,90 @@ def _best_worst(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rewards.argmax(dim=1), rewards.argmin(dim=1)
 
 
-def _fused_rows(policy: nn.Module, actions: torch.Tensor):
-    """``actions [R]`` int64 -> ``(hidden [R, 1, H], weight, bias, labels [R, 1])``."""
-    hidden, weight, bias = policy.fused_inputs(actions.numel())
-    return hidden, weight, bias, actions.reshape(-1, 1)
-
-
 def method_loss(
     method: str,
-    policy: nn.Module,
+    policy: _PolicyBank,
     actions: torch.Tensor,
     rewards: torch.Tensor,
     ref_log_probs: torch.Tensor,
     config: BanditConfig,
     dft_state=None,
 ) -> torch.Tensor:
-    """The training loss of ``method`` on one batch, computed by dftkern's fused ops.
+    """The training loss of ``method`` on one batch, computed by one call of a dftkern fused op.
 
     Args:
         method: one of :data:`ALL_METHODS`.
-        policy: a :class:`LogitPolicy` or :class:`MLPPolicy`.
-        actions: ``[G, n]`` int64 sampled actions (``G`` groups of ``n``).
-        rewards: ``[G, n]`` float32 rewards of ``actions``.
+        policy: a :class:`LogitPolicy` or :class:`MLPPolicy` bank of ``S`` seeds.
+        actions: ``[S, G, n]`` int64 sampled actions, ``G`` groups of ``n`` per seed
+            (``[G, n]`` is accepted when ``S = 1``).
+        rewards: float32 rewards of ``actions``, same shape.
         ref_log_probs: ``[V]`` float32 ``log pi_ref``.
         config: hyper-parameters (betas, tau, gamma).
-        dft_state: :class:`dftkern.DFTState` with ``G`` entries for ``dft``/``dft2`` (group
-            ``g`` of every batch uses entry ``g``); ignored by the other methods.
+        dft_state: :class:`dftkern.DFTState` with ``S * G`` entries for ``dft``/``dft2`` (group
+            ``g`` of seed ``s`` uses entry ``s * G + g`` in every batch); unused otherwise.
 
     Returns:
-        Scalar float32 loss, differentiable w.r.t. the policy's parameters.
+        Scalar float32 loss: the *sum over seeds* of each seed's loss (the loss of one seed is
+        the mean over its groups), so every seed gets exactly the gradient of its own run.
     """
     from dftkern import fused_dft_loss, fused_preference_loss
 
-    if actions.dim() != 2 or actions.shape != rewards.shape:
+    num_seeds = policy.num_seeds
+    if actions.dim() == 2 and num_seeds == 1:
+        actions, rewards = actions.unsqueeze(0), rewards.unsqueeze(0)
+    if actions.dim() != 3 or actions.shape != rewards.shape or actions.shape[0] != num_seeds:
         raise ValueError(
-            f"actions and rewards must both be [G, n], got {tuple(actions.shape)} and {tuple(rewards.shape)}"
+            f"actions and rewards must both be [S={num_seeds}, G, n] (or [G, n] for one seed), got "
+            f"{tuple(actions.shape)} and {tuple(rewards.shape)}"
         )
     if actions.dtype != torch.int64:
         raise TypeError(f"actions must be int64, got {actions.dtype}")
-    num_groups, group_size = actions.shape
+    _, groups_per_seed, group_size = actions.shape
+    actions = actions.reshape(-1, group_size)  # [S*G, n], seed-major
+    rewards = rewards.reshape(-1, group_size)
     best, worst = _best_worst(rewards)
+
+    def fused_rows(rows: torch.Tensor):
+        hidden, weight, bias = policy.fused_inputs(rows.numel() // num_seeds)
+        return hidden, weight, bias, rows.reshape(-1, 1)
 
     if method == "bon_sft":
         rows = actions.gather(1, best[:, None]).reshape(-1)
-        hidden, weight, bias, labels = _fused_rows(policy, rows)
-        return fused_preference_loss(hidden, weight, labels, loss="sft", bias=bias)
-
-    if method in ("dpo", "ipo"):
-        pairs = torch.stack([actions.gather(1, best[:, None])[:, 0], actions.gather(1, worst[:, None])[:, 0]], dim=1)
-        rows = pairs.reshape(-1)  # chosen_0, rejected_0, chosen_1, ...
-        hidden, weight, bias, labels = _fused_rows(policy, rows)
+        hidden, weight, bias, labels = fused_rows(rows)
+        loss = fused_preference_loss(hidden, weight, labels, loss="sft", bias=bias)
+    elif method in ("dpo", "ipo"):
+        chosen = actions.gather(1, best[:, None])[:, 0]
+        rejected = actions.gather(1, worst[:, None])[:, 0]
+        rows = torch.stack([chosen, rejected], dim=1).reshape(-1)  # chosen_0, rejected_0, chosen_1, ...
+        hidden, weight, bias, labels = fused_rows(rows)
         beta = config.dpo_beta if method == "dpo" else config.ipo_beta
-        return fused_preference_loss(
+        loss = fused_preference_loss(
             hidden, weight, labels, loss=method, beta=beta, ref_logps=ref_log_probs[rows], bias=bias
         )
-
-    if method in ("rwr", "rloo", "reinforce"):
+    elif method in ("rwr", "rloo", "reinforce"):
         rows = actions.reshape(-1)  # group-major: group g is rows g*n .. g*n+n-1
-        hidden, weight, bias, labels = _fused_rows(policy, rows)
+        hidden, weight, bias, labels = fused_rows(rows)
         kwargs = {"beta": config.rwr_beta} if method == "rwr" else {}
-        return fused_preference_loss(hidden, weight, labels, loss=method, rewards=rewards, bias=bias, **kwargs)
-
-    if method in ("dft", "dft2"):
-        # positive (best of the group) first, then the other n - 1 samples as negatives
+        loss = fused_preference_loss(hidden, weight, labels, loss=method, rewards=rewards, bias=bias, **kwargs)
+    elif method in ("dft", "dft2"):
+        # positive (best of the group; first one on ties) first, then the other n - 1 samples
         order = torch.argsort(rewards, dim=1, descending=True, stable=True)
         grouped = actions.gather(1, order)
-        rows = grouped.reshape(-1)
-        hidden, weight, bias, labels = _fused_rows(policy, rows)
-        ids = torch.arange(num_groups, dtype=torch.int64)
+        hidden, weight, bias, labels = fused_rows(grouped.reshape(-1))
+        ids = torch.arange(grouped.shape[0], dtype=torch.int64)
+        common = dict(num_negatives=group_size - 1, ids=ids, state=dft_state, bias=bias)
         if method == "dft":
-            return fused_dft_loss(
-                hidden, weight, labels, num_negatives=group_size - 1, ids=ids, state=dft_state,
-                ref_logps=ref_log_probs[grouped[:, 1:]], tau=config.dft_tau, gamma=config.dft_gamma,
-                variant="dft", bias=bias,
+            loss = fused_dft_loss(
+                hidden, weight, labels, ref_logps=ref_log_probs[grouped[:, 1:]], tau=config.dft_tau,
+                gamma=config.dft_gamma, variant="dft", **common,
             )
-        return fused_dft_loss(
-            hidden, weight, labels, num_negatives=group_size - 1, ids=ids, state=dft_state,
-            tau=config.dft2_tau, gamma=config.dft2_gamma, variant="dft2", bias=bias,
-        )
-
-    raise ValueError(f"method must be one of {ALL_METHODS}, got {method!r}")
+        else:
+            loss = fused_dft_loss(
+                hidden, weight, labels, tau=config.dft2_tau, gamma=config.dft2_gamma, variant="dft2", **common
+            )
+    else:
+        raise ValueError(f"method must be one of {ALL_METHODS}, got {method!r}")
+    return loss * num_seeds
 
 
 # --------------------------------------------------------------------------------------
@@ -435,50 +482,63 @@ def method_loss(
 
 
 def _run_seed(seed: int, reward_name: str, regime: str) -> int:
-    """Seed of the sampling stream: shared by all methods (common random numbers)."""
+    """Seed of a run's sampling stream: shared by all methods (common random numbers)."""
     return 1_000_003 * seed + 1_009 * list(REWARDS).index(reward_name) + 17 * REGIMES.index(regime) + 12_345
 
 
-def train_run(method: str, regime: str, reward_name: str, seed: int, config: BanditConfig) -> dict:
-    """Train one policy and record its exact expected reward.
+def train_seeds(method: str, regime: str, reward_name: str, seeds: Sequence[int], config: BanditConfig) -> dict:
+    """Train one policy per seed (all in one bank) and record their exact expected rewards.
+
+    Seed ``s`` draws its samples from its own generator, so its run does not depend on which
+    other seeds share the bank.
 
     Returns:
-        ``{"curve": [steps + 1] float64 tensor (E[r] before step 0 and after every step),
-        "final_probs": [V] float64, "samples": number of actions drawn}``. With
-        ``eval_every > 1`` the curve holds the evaluated steps only (0, k, 2k, ..., steps).
+        ``{"curves": [S, E] float64 (E[r] before step 0 and after every ``eval_every`` steps, see
+        :func:`eval_steps`), "final_probs": [S, V] float64, "samples": actions drawn per seed}``.
     """
     from dftkern import DFTState
 
     if regime not in REGIMES:
         raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
+    if method not in ALL_METHODS:
+        raise ValueError(f"method must be one of {ALL_METHODS}, got {method!r}")
+    seeds = list(seeds)
     ref_probs = reference_policy()
     ref_log_probs = ref_probs.log().to(torch.float32)
     reward = bandit_reward(reward_name)
     reward32 = reward.to(torch.float32)
-    generator = torch.Generator().manual_seed(_run_seed(seed, reward_name, regime))
-    policy = make_policy(config.policy, ref_log_probs, seed=seed, hidden_size=config.hidden_size)
+    generators = [torch.Generator().manual_seed(_run_seed(seed, reward_name, regime)) for seed in seeds]
+    policy = make_policy(config.policy, ref_log_probs, seeds=seeds, hidden_size=config.hidden_size)
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
-    dft_state = DFTState(config.groups) if method in ("dft", "dft2") else None
+    dft_state = DFTState(len(seeds) * config.groups) if method in ("dft", "dft2") else None
 
-    batch_rows = config.groups * config.group_size
-    curve = [expected_reward(policy_probs(policy), reward)]
+    per_seed_rows = config.groups * config.group_size
+    curves = [policy_probs(policy) @ reward]
     samples = 0
     for step in range(config.steps):
         if step % config.reuse == 0:
-            probs = ref_probs if regime == "offline" else policy_probs(policy)
-            actions = torch.multinomial(probs, batch_rows, replacement=True, generator=generator)
-            actions = actions.view(config.groups, config.group_size)
+            probs = ref_probs.expand(len(seeds), -1) if regime == "offline" else policy_probs(policy)
+            actions = torch.stack(
+                [torch.multinomial(probs[i], per_seed_rows, replacement=True, generator=g)
+                 for i, g in enumerate(generators)]
+            ).view(len(seeds), config.groups, config.group_size)
             rewards = reward32[actions]
-            samples += batch_rows
+            samples += per_seed_rows
         loss = method_loss(method, policy, actions, rewards, ref_log_probs, config, dft_state)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{method}/{regime}/{reward_name}/seed {seed}: loss is {loss.item()} at step {step}")
+            raise FloatingPointError(f"{method}/{regime}/{reward_name}: loss is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            curve.append(expected_reward(policy_probs(policy), reward))
-    return {"curve": torch.tensor(curve, dtype=torch.float64), "final_probs": policy_probs(policy), "samples": samples}
+            curves.append(policy_probs(policy) @ reward)
+    return {"curves": torch.stack(curves, dim=1), "final_probs": policy_probs(policy), "samples": samples}
+
+
+def train_run(method: str, regime: str, reward_name: str, seed: int, config: BanditConfig) -> dict:
+    """One seed of :func:`train_seeds`: ``{"curve": [E] float64, "final_probs": [V], "samples"}``."""
+    run = train_seeds(method, regime, reward_name, [seed], config)
+    return {"curve": run["curves"][0], "final_probs": run["final_probs"][0], "samples": run["samples"]}
 
 
 def eval_steps(config: BanditConfig) -> list[int]:
@@ -503,11 +563,9 @@ def run_experiment(config: BanditConfig, progress: Callable[[str], None] | None 
     for reward_name in config.rewards:
         for regime in config.regimes:
             for method in config.methods:
-                runs = [train_run(method, regime, reward_name, seed, config) for seed in range(config.seeds)]
+                run = train_seeds(method, regime, reward_name, range(config.seeds), config)
                 key = (method, regime, reward_name)
-                curves[key] = torch.stack([r["curve"] for r in runs])
-                finals[key] = torch.stack([r["final_probs"] for r in runs])
-                samples[key] = runs[0]["samples"]
+                curves[key], finals[key], samples[key] = run["curves"], run["final_probs"], run["samples"]
                 if progress is not None:
                     final = curves[key][:, -1]
                     progress(

@@ -103,16 +103,18 @@ def _row_grad_kernel(
     out_ptr,  # *fp32|fp16|bf16 [n_rows, V], row stride = stride_out_row; may alias logits_ptr
     stride_out_row,
     V,
+    label_offset,  # the chunk holds vocabulary columns label_offset .. label_offset + V
     inv_temperature,
     softcap,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    OUT_ALIASES_IN: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     out_row_ptr = out_ptr + row * stride_out_row
-    label = tl.load(labels_ptr + row)
+    label = tl.load(labels_ptr + row) - label_offset
     lse = tl.load(lse_ptr + row)
     g = tl.load(grad_ptr + row)
     cols0 = tl.arange(0, BLOCK_V)
@@ -129,6 +131,11 @@ def _row_grad_kernel(
             t = z / softcap
             d = d * (1.0 - t * t)
         d = d * inv_temperature
+        if OUT_ALIASES_IN:
+            # A half-precision output written over the first half of the fp32 row: element j lands on
+            # the bytes of fp32 element j // 2, which every warp must have read first. Tiles after the
+            # first only overwrite earlier tiles; the barrier covers the first.
+            tl.debug_barrier()
         tl.store(out_row_ptr + cols, d.to(out_ptr.dtype.element_ty), mask=in_vocab)
 
 
@@ -194,13 +201,17 @@ def launch_row_grad(
     *,
     inv_temperature: float,
     softcap: float | None,
+    label_offset: int = 0,
 ) -> torch.Tensor:
     """Gradient of ``sum_rows grad_logp[r] * logp[r]`` w.r.t. the raw logits of the chunk.
 
     Args:
-        logits: fp32 ``[n, V]`` raw products (no bias), unit stride along V.
-        labels: int64 ``[n]``; lse, grad_logp: fp32 ``[n]`` (grad_logp must be 0 on ignored rows).
-        out: ``[n, V]`` fp32/fp16/bf16 destination, unit stride along V; may be ``logits`` itself.
+        logits: fp32 ``[n, v]`` raw products (no bias) of vocabulary columns
+            ``label_offset .. label_offset + v``, unit stride along v; bias: ``[v]`` (that slice) or None.
+        labels: int64 ``[n]`` (global vocabulary ids); lse: fp32 ``[n]`` over the whole vocabulary;
+            grad_logp: fp32 ``[n]`` (must be 0 on ignored rows).
+        out: ``[n, v]`` fp32/fp16/bf16 destination, unit stride along v; may be ``logits`` itself or
+            a half-precision view over the same memory (``logits.view(dtype)[:, :v]``).
     Returns:
         ``out``.
     """
@@ -218,10 +229,12 @@ def launch_row_grad(
         out,
         out.stride(0),
         vocab_size,
+        label_offset,
         inv_temperature,
         softcap if softcap is not None else 1.0,
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=softcap is not None,
+        OUT_ALIASES_IN=out.data_ptr() == logits.data_ptr() and out.dtype != logits.dtype,
         BLOCK_V=block_v,
         num_warps=_num_warps(block_v),
     )

@@ -158,8 +158,10 @@ class Objective:
                 average=cfg.average, simpo_gamma=cfg.simpo_gamma, unlikelihood_alpha=cfg.unlikelihood_alpha,
                 cu_seqlens=pair_cu, **common)
             seq = stats["seq_logps"].view(-1, 2)
-            return loss, {"pos_logp": seq[:, 0].mean(), "neg_logp": seq[:, 1].mean(),
-                          "margin_mean": stats["margins"].mean()}
+            out = {"pos_logp": seq[:, 0].mean(), "neg_logp": seq[:, 1].mean()}
+            if "margins" in stats:  # not for unlikelihood
+                out["margin_mean"] = stats["margins"].mean()
+            return loss, out
         loss, stats = dftkern.fused_preference_loss(
             hidden, weight, batch.labels, loss=cfg.loss, beta=cfg.beta, rewards=batch.rewards,
             average=cfg.average, baseline=cfg.baseline, cu_seqlens=batch.cu_seqlens, **common)

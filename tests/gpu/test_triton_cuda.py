@@ -38,7 +38,8 @@ def _naive_same_dtype(h, w, y, ignore_index=-100):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,h,v", [(37, 48, 1000), (257, 128, 50257)])
 @pytest.mark.parametrize("extras", [{}, {"temperature": 0.7, "softcap": 30.0, "with_bias": True}])
-def test_matches_float64(dtype, n, h, v, extras):
+@pytest.mark.parametrize("tiles", ["vocab", "tokens"])
+def test_matches_float64(dtype, n, h, v, extras, tiles):
     torch.manual_seed(0)
     dev = "cuda"
     extras = dict(extras)
@@ -49,7 +50,9 @@ def test_matches_float64(dtype, n, h, v, extras):
     y = torch.randint(0, v, (n,), device=dev)
     y[::5] = -100
     g = torch.randn(n, device=dev)
-    out = fused_linear_logprobs(hid, w, y, bias=b, backend="triton", chunk_bytes=64 * v * 6, **extras)
+    # "vocab": backward tiles over vocabulary columns only; "tokens": over tokens and columns
+    budget = 64 * v * 6 if tiles == "vocab" else 16 * 4096 * 4
+    out = fused_linear_logprobs(hid, w, y, bias=b, backend="triton", chunk_bytes=budget, **extras)
     (out * g).sum().backward()
     hd = hid.detach().double().requires_grad_()
     wd = w.detach().double().requires_grad_()

@@ -1,0 +1,373 @@
+"""Stage 3, ``train``: a plain PyTorch loop over dftkern's fused losses.
+
+Per optimizer step: ``grad_accum`` micro-batches, each a forward of :class:`PolicyWithLoss`
+(backbone -> last hidden state -> fused loss with the LM-head weight, no logits) and a backward of
+``loss / grad_accum``; then gradient clipping, AdamW, and the warmup + cosine LR schedule. bf16
+autocast on GPU, optional gradient checkpointing, FSDP2 under torchrun (:mod:`.distributed`).
+
+Resuming (``resume="auto"`` or a checkpoint path) restores weights, optimizer, scheduler, RNG,
+DFTState and the data position; on CPU a resumed run ends with exactly the weights of an
+uninterrupted one. Output in ``out``: ``checkpoints/``, ``metrics.jsonl`` (one line per logged
+step), ``curves.png``, ``train_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import dftkern
+
+from .checkpoint import capture_rng_state, latest_checkpoint, read_trainer_state, restore_rng_state, \
+    write_checkpoint
+from .data import (Batch, ExampleOrder, TrainExample, build_examples, collate, examples_fingerprint,
+                   read_prompt_records, read_sample_records)
+from .distributed import (DistContext, full_model_state_dict, full_optimizer_state_dict, gather_objects,
+                          init_distributed, load_optimizer_state, shard_model)
+from .model import PolicyWithLoss, load_causal_lm, load_tokenizer, score_rows
+from .objectives import LOSS_NAMES, Objective, ObjectiveConfig
+from .ref_logps import attach_ref_logps, cache_path, use_packing
+from .util import atomic_write_json
+
+__all__ = ["TrainConfig", "TrainResult", "train", "warmup_cosine"]
+
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Options of the train stage (see ``python -m dftkern.train train --help`` for each one)."""
+
+    model: str
+    data: str
+    out: str
+    loss: str = "dft"
+    negatives: str | None = None
+    ref_logps: str | None = None
+    num_negatives: int | None = None
+    max_length: int | None = None
+    # optimization
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int | None = None
+    epochs: float = 1.0
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    shuffle: bool = True
+    # loss hyper-parameters (None: the loss's default)
+    tau: float | None = None
+    gamma: float | None = None
+    beta: float = 0.1
+    simpo_gamma: float = 0.5
+    unlikelihood_alpha: float = 1.0
+    baseline: str = "mean"
+    average: bool = False
+    dft_u_init: float = 0.0
+    # system
+    device: str = "auto"
+    precision: str = "auto"
+    attn: str = "auto"
+    packing: str = "auto"
+    gradient_checkpointing: bool = False
+    use_chat_template: bool = True
+    trust_remote_code: bool = False
+    # bookkeeping
+    log_every: int = 1
+    save_every: int | None = None
+    keep_checkpoints: int | None = 2
+    eval_data: str | None = None
+    eval_every: int | None = None
+    resume: str | None = None
+    plot: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.loss not in LOSS_NAMES:
+            raise ValueError(f"loss must be one of {LOSS_NAMES}, got {self.loss!r}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ValueError(f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
+        for name in ("batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "save_every", "eval_every", "keep_checkpoints", "num_negatives"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or unset), got {value}")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+
+    def objective_config(self) -> ObjectiveConfig:
+        return ObjectiveConfig(loss=self.loss, tau=self.tau, gamma=self.gamma, beta=self.beta,
+                               simpo_gamma=self.simpo_gamma, unlikelihood_alpha=self.unlikelihood_alpha,
+                               baseline=self.baseline, average=self.average)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_checkpoint: Path
+    steps: int
+    last_metrics: dict = field(default_factory=dict)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup from ~0 to 1 over ``warmup_steps``, then cosine down to ``min_lr_ratio``."""
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return multiplier
+
+
+def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on norms, biases, or other 1-D parameters)."""
+    decay, no_decay = [], []
+    for param in module.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class MetricsLog:
+    """Appends JSON lines to ``metrics.jsonl`` (main process only); on resume drops lines past the checkpoint."""
+
+    def __init__(self, path: Path, *, enabled: bool, resume_step: int | None):
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(kept))
+        elif enabled and resume_step is None and path.exists():
+            path.unlink()
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def load_training_examples(cfg: TrainConfig, tokenizer, objective: Objective) -> list[TrainExample]:
+    """Tokenized examples with negatives, reference log-probs and rewards as the loss needs them."""
+    spec = objective.spec
+    if spec.needs_negatives and not cfg.negatives:
+        raise ValueError(f"loss {cfg.loss!r} needs sampled negatives: pass --negatives (the generate stage's output)")
+    records = read_prompt_records(cfg.data)
+    samples = read_sample_records(cfg.negatives) if spec.needs_negatives else None
+    examples = build_examples(tokenizer, records, samples, num_negatives=cfg.num_negatives,
+                              max_length=cfg.max_length, use_chat_template=cfg.use_chat_template)
+    if spec.needs_ref_logps:
+        location = Path(cfg.ref_logps) if cfg.ref_logps else Path(cfg.negatives).parent
+        path = cache_path(location, examples_fingerprint(examples)) if location.is_dir() else location
+        if not path.exists():
+            raise FileNotFoundError(f"loss {cfg.loss!r} needs reference log-probs, but {path} does not exist: run "
+                                    f"`python -m dftkern.train ref-logps --model REF --data {cfg.data} --negatives "
+                                    f"{cfg.negatives}` first (with the same --num-negatives/--max-length)")
+        attach_ref_logps(examples, path)
+    if spec.needs_rewards and any(e.rewards is None for e in examples):
+        raise ValueError(f"loss {cfg.loss!r} needs rewards: generate the negatives with --reward module:function")
+    return examples
+
+
+def _resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if not (path / "trainer_state.pt").is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no trainer_state.pt)")
+    return path
+
+
+@torch.no_grad()
+def _heldout_pos_logp(wrapper, examples, ctx: DistContext, *, batch_size: int, pad_token_id: int,
+                      packed: bool) -> float:
+    """Mean sequence log-prob of the good answers of held-out examples (sharded over ranks)."""
+    total, count = 0.0, 0
+    local = examples[ctx.rank::ctx.world_size]
+    was_training = wrapper.training
+    wrapper.eval()
+    steps = math.ceil(len(examples) / ctx.world_size / batch_size)  # same number of forwards on every rank
+    for i in range(steps):
+        chunk = local[i * batch_size:(i + 1) * batch_size] or examples[:1]  # keep collectives in step
+        batch = collate(chunk, pad_token_id=pad_token_id, packed=packed, rows=[0]).to(ctx.device)
+        scores = wrapper(batch, loss_fn=score_rows)
+        if local[i * batch_size:(i + 1) * batch_size]:
+            total += float(scores.sum())
+            count += len(chunk)
+    wrapper.train(was_training)
+    return ctx.sum(total) / max(1.0, ctx.sum(count))
+
+
+def train(cfg: TrainConfig, *, on_step_end: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Run the train stage. ``on_step_end(step, metrics)`` is called after every optimizer step
+    (after any checkpoint of that step), e.g. to stop early or to log elsewhere."""
+    ctx = init_distributed(cfg.device)
+    try:
+        return _train(cfg, ctx, on_step_end)
+    finally:
+        ctx.shutdown()
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
+    run_dir = Path(cfg.out)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    ctx.barrier()
+    resume_from = _resolve_resume(cfg.resume, run_dir)
+    resumed = read_trainer_state(resume_from) if resume_from else None
+    torch.manual_seed(cfg.seed)
+
+    device = ctx.device
+    autocast_dtype = None
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
+                                   and torch.cuda.is_bf16_supported()):
+        autocast_dtype = torch.bfloat16
+    source = str(resume_from) if resume_from else cfg.model
+    tokenizer = load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
+    causal_lm = load_causal_lm(source, attn=cfg.attn, device=device, dtype=torch.float32,
+                               trust_remote_code=cfg.trust_remote_code)
+    packed = use_packing(cfg.packing, causal_lm.config._attn_implementation)
+    if cfg.gradient_checkpointing:
+        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    causal_lm.train()
+
+    objective = Objective(cfg.objective_config())
+    examples = load_training_examples(cfg, tokenizer, objective)
+    heldout = None
+    if cfg.eval_data:
+        heldout = build_examples(tokenizer, read_prompt_records(cfg.eval_data), max_length=cfg.max_length,
+                                 use_chat_template=cfg.use_chat_template)
+    state = None
+    if objective.spec.family == "dft":
+        state = dftkern.DFTState(len(examples), init=cfg.dft_u_init).to(device)
+
+    wrapper = PolicyWithLoss(causal_lm, objective, autocast_dtype=autocast_dtype)
+    if ctx.distributed:
+        shard_model(wrapper, causal_lm)
+    optimizer = torch.optim.AdamW(_param_groups(wrapper, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    order = ExampleOrder(len(examples), cfg.batch_size, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
+                         shuffle=cfg.shuffle)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.batches_per_epoch / cfg.grad_accum))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup, cfg.min_lr_ratio))
+
+    step, micro_batch = 0, 0
+    if resumed is not None:
+        if resumed["world_size"] != ctx.world_size:
+            raise ValueError(f"{resume_from} was written by {resumed['world_size']} process(es); resume with the "
+                             f"same number (this run has {ctx.world_size}) to continue the same data order")
+        load_optimizer_state(wrapper, optimizer, resumed["optimizer"], ctx)
+        scheduler.load_state_dict(resumed["scheduler"])
+        if state is not None:
+            state.load_state_dict(resumed["dft_state"])
+        restore_rng_state(resumed["rng"][ctx.rank])
+        step, micro_batch = resumed["step"], resumed["micro_batch"]
+    if ctx.is_main:
+        atomic_write_json(run_dir / "train_config.json",
+                          dict(asdict(cfg), world_size=ctx.world_size, packed=packed,
+                               attn=causal_lm.config._attn_implementation, total_steps=total_steps,
+                               num_examples=len(examples), dftkern_version=getattr(dftkern, "__version__", None)))
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=step if resumed else None)
+
+    def save(at_step: int) -> Path:
+        model_state = full_model_state_dict(wrapper, ctx)
+        optim_state = full_optimizer_state_dict(wrapper, optimizer, ctx)
+        rng_states = gather_objects(capture_rng_state(), ctx)
+        path = None
+        if ctx.is_main:
+            trainer_state = {"step": at_step, "micro_batch": micro_batch, "optimizer": optim_state,
+                             "scheduler": scheduler.state_dict(), "rng": rng_states, "world_size": ctx.world_size,
+                             "dft_state": state.state_dict() if state is not None else None,
+                             "config": asdict(cfg)}
+            path = write_checkpoint(run_dir, at_step, causal_lm=causal_lm, model_state=model_state,
+                                    tokenizer=tokenizer, trainer_state=trainer_state, keep_last=cfg.keep_checkpoints)
+        ctx.barrier()
+        return path or latest_checkpoint(run_dir)
+
+    collate_kwargs = dict(pad_token_id=tokenizer.pad_token_id, packed=packed, rows=objective.rows,
+                          with_ref_logps=objective.spec.needs_ref_logps, with_rewards=objective.spec.needs_rewards)
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.loss}", unit="step",
+               disable=not (cfg.progress and ctx.is_main))
+    last_metrics: dict = {}
+    final_checkpoint = resume_from
+    while step < total_steps:
+        started = time.perf_counter()
+        losses, stat_sums, tokens = [], {}, 0
+        for _ in range(cfg.grad_accum):
+            batch: Batch = collate([examples[i] for i in order.batch(micro_batch)], **collate_kwargs).to(device)
+            micro_batch += 1
+            loss, stats = wrapper(batch, state=state)
+            (loss / cfg.grad_accum).backward()
+            losses.append(loss.detach())
+            for key, value in stats.items():
+                stat_sums[key] = stat_sums.get(key, 0.0) + value.detach().float()
+            tokens += batch.num_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(wrapper.parameters(), cfg.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.perf_counter() - started
+
+        local = {"loss": torch.stack(losses).mean()}
+        local.update({k: v / cfg.grad_accum for k, v in stat_sums.items()})
+        record = {"step": step, **ctx.mean(local), "lr": lr, "grad_norm": float(grad_norm),
+                  "epoch": micro_batch / order.batches_per_epoch,
+                  "tokens_per_s": ctx.sum(tokens) / elapsed, "peak_mem_mb": _peak_memory_mb(device)}
+        if heldout is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
+            record["eval_pos_logp"] = _heldout_pos_logp(wrapper, heldout, ctx, batch_size=cfg.batch_size,
+                                                        pad_token_id=tokenizer.pad_token_id, packed=packed)
+        if step % cfg.log_every == 0 or step == total_steps or "eval_pos_logp" in record:
+            log.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+        bar.update(1)
+        last_metrics = record
+        if step == total_steps or (cfg.save_every and step % cfg.save_every == 0):
+            final_checkpoint = save(step)
+        if on_step_end is not None:
+            on_step_end(step, record)
+    bar.close()
+    if final_checkpoint is None:  # nothing left to do (resumed at the end): keep the checkpoint we have
+        final_checkpoint = latest_checkpoint(run_dir)
+    if ctx.is_main and cfg.plot and (run_dir / "metrics.jsonl").exists():
+        from .plotting import plot_metrics
+
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{cfg.loss}: {run_dir.name}")
+    return TrainResult(run_dir, Path(final_checkpoint), step, last_metrics)
