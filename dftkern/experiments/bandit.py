@@ -1,7 +1,7 @@
 """The 100-action bandit of Tajwar et al. (2024), run through dftkern's fused losses.
 
 Claim under test ("Preference Fine-Tuning of LLMs Should Leverage Suboptimal, On-Policy
-Data", Sec. 5): objectives that sample on-policy or push probability *down* on some
+Data", didactic bandit): objectives that sample on-policy or push probability *down* on some
 responses (a "negative gradient": DPO, IPO, REINFORCE/RLOO, DFT's negatives) are
 mode-seeking and relocate probability mass faster than maximum-likelihood objectives
 (best-of-N SFT, RWR), most clearly when the reward's optimum lies where the reference
@@ -19,10 +19,13 @@ Setup
 * Policy: a categorical distribution over the 100 actions, initialised at ``pi_ref``:
   ``"logits"`` (the logits are the free parameters) or ``"mlp"`` (a tiny network).
   It is expressed as the input of the fused ops: every sampled action is a one-token
-  "sequence" whose hidden state is a constant vector ``h`` (``h = [1]`` for the logits
-  policy, ``h = tanh(A c + b0)`` for the network) and whose label is the action, with
-  ``weight [100, H]`` (and ``bias [100]``) trainable, so ``log pi(a)`` is exactly the
-  sequence log-probability the losses compute.
+  "sequence" whose label is the action and whose hidden state ``h`` is constant, with
+  ``weight [100, H]`` trainable, so ``log pi(a) = log_softmax(weight @ h)[a]`` is exactly the
+  sequence log-probability the losses compute. All seeds of a run are trained together in
+  one fused call: seed ``s`` owns block ``s`` of the hidden dimension (``h = e_s``, one-hot,
+  for the logits policy, so ``weight[:, s]`` are seed ``s``'s logits; ``h = [tanh(A_s c_s +
+  b_s), 1]`` in block ``s`` for the network), which gives each seed exactly the gradient of
+  its own run (see :class:`LogitPolicy`, :class:`MLPPolicy`).
 
 Data and methods
 ----------------
@@ -46,9 +49,12 @@ reinforce  REINFORCE with the group-mean baseline (not run by default: its gradi
            ``(n-1)/n`` times rloo's)                                          (``"reinforce"``)
 =========  ================================================================================
 
-The positive of DFT is the best of the group (not a fresh draw from the reward-tilted
+Preferences are noiseless: "best"/"worst" are by the true reward (first one on ties). The
+positive of DFT is the best of the group (not a fresh draw from the reward-tilted
 distribution), so ``dft`` is exactly ``bon_sft`` plus a weighted negative gradient on the
-rest of the group: the comparison isolates the negative term. Because the policy is a
+rest of the group: the comparison isolates the negative term. DFT's moving-average state
+has one entry per (seed, group slot), i.e. ``u`` of slot ``g`` averages over the batches
+(the bandit has a single prompt, so every slot estimates the same quantity). Because the policy is a
 categorical distribution, the expected reward ``sum_a pi(a) R(a)`` is computed exactly
 after every step. Optimiser: Adam with the same learning rate for every method.
 
@@ -64,7 +70,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -623,14 +629,14 @@ def summarize(results: dict) -> list[dict]:
 
 
 def _median_steps(reached: list) -> str:
+    """Median first-hit step over the seeds that reach the threshold, ``(k/N seeds)`` if not all do."""
     hit = sorted(s for s in reached if s is not None)
     if not hit:
         return "never"
-    if len(hit) < len(reached):
-        return f"{hit[len(hit) // 2]} ({len(hit)}/{len(reached)} seeds)"
     mid = len(hit) // 2
     median = hit[mid] if len(hit) % 2 else (hit[mid - 1] + hit[mid]) / 2
-    return f"{median:g}"
+    text = f"{median:g}"
+    return text if len(hit) == len(reached) else f"{text} ({len(hit)}/{len(reached)} seeds)"
 
 
 def markdown_table(results: dict) -> str:
@@ -646,7 +652,7 @@ def markdown_table(results: dict) -> str:
         )
         lines.append(
             f"| method | regime | final E[r] (mean ± std) | min – max | mean E[r] over training | "
-            f"steps to E[r] ≥ {config.threshold:g} (median) |"
+            f"steps to E[r] ≥ {config.threshold:g} (median over seeds reaching it) |"
         )
         lines.append("|---|---|---|---|---|---|")
         for row in summary:
@@ -717,7 +723,7 @@ def plot_curves(results: dict, path: Path) -> None:
         fontsize=9,
     )
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -759,8 +765,12 @@ def plot_final_policies(results: dict, path: Path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _samples_per_run(config: BanditConfig) -> int:
+    return math.ceil(config.steps / config.reuse) * config.groups * config.group_size
 
 
 def write_outputs(results: dict, out_dir: Path, command: str, plots: bool = True) -> dict:
@@ -790,29 +800,34 @@ def write_outputs(results: dict, out_dir: Path, command: str, plots: bool = True
         "Configuration: " + ", ".join(f"{k}={v}" for k, v in asdict(config).items()) + ".",
         "",
         f"Each gradient step uses {config.groups} groups × {config.group_size} sampled actions; a new batch is drawn "
-        f"every {config.reuse} step(s). E[r] is the exact expected reward of the policy. "
-        "Spread is over seeds (population std).",
+        f"every {config.reuse} step(s), so a run draws {_samples_per_run(config)} actions per seed. "
+        "E[r] is the exact expected reward of the policy; spread is over seeds (population std); "
+        "\"mean E[r] over training\" averages the curve over all recorded steps (higher = mass moved earlier).",
         "",
     ]
     written["table_md"] = out_dir / "results.md"
-    written["table_md"].write_text("\n".join(header) + markdown_table(results))
+    written["table_md"].write_text("\n".join(header) + "\n" + markdown_table(results))
 
+    # curves thinned to at most ~100 points (the summary above uses every recorded step)
+    stride = max(1, math.ceil((len(results["steps"]) - 1) / 100))
+    keep = sorted(set(range(0, len(results["steps"]), stride)) | {len(results["steps"]) - 1})
     payload = {
         "command": command,
         "config": asdict(config),
-        "seconds": results["seconds"],
-        "steps": results["steps"],
+        "seconds": round(results["seconds"], 2),
         "summary": summarize(results),
+        "curve_steps": [results["steps"][i] for i in keep],
         "mean_curves": {
-            "/".join(key): [round(float(v), 5) for v in curve.mean(0)] for key, curve in results["curves"].items()
+            "/".join(key): [round(float(curve[:, i].mean()), 4) for i in keep]
+            for key, curve in results["curves"].items()
         },
         "std_curves": {
-            "/".join(key): [round(float(v), 5) for v in curve.std(0, unbiased=False)]
+            "/".join(key): [round(float(curve[:, i].std(unbiased=False)), 4) for i in keep]
             for key, curve in results["curves"].items()
         },
     }
     written["json"] = out_dir / "results.json"
-    written["json"].write_text(json.dumps(payload, indent=1))
+    written["json"].write_text(json.dumps(payload, indent=None, separators=(",", ":")) + "\n")
     return written
 
 

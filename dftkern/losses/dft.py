@@ -30,7 +30,7 @@ DFT_DEFAULTS = {"dft": {"tau": 1.0, "gamma": 0.85}, "dft2": {"tau": 0.3, "gamma"
 
 def fused_dft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, num_negatives: int,
                    ids: torch.Tensor | None = None, state: DFTState | None = None,
-                   ref_logps: torch.Tensor | None = None, tau: float = 1.0, gamma: float = 0.85,
+                   ref_logps: torch.Tensor | None = None, tau: float | None = None, gamma: float | None = None,
                    variant: str = "dft", ignore_index: int = -100, temperature: float = 1.0,
                    softcap: float | None = None, bias: torch.Tensor | None = None, return_stats: bool = False,
                    cu_seqlens=None, backend: str = "auto", chunk_bytes: int | None = None,
@@ -49,7 +49,8 @@ def fused_dft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
             ``u`` is the batch estimate and ``gamma`` is unused.
         ref_logps: ``[G, K]`` reference sequence log-probs of the negatives: required for
             variant "dft", rejected for "dft2".
-        tau: temperature > 0 (paper: DFT 1.0, DFT2 0.3). gamma: in (0, 1] (DFT 0.85, DFT2 0.9).
+        tau: temperature > 0; None -> the paper's default for the variant (DFT 1.0, DFT2 0.3).
+        gamma: in (0, 1]; None -> the variant's default (DFT 0.85, DFT2 0.9).
         schedule: "auto" | "fused" (gradients computed in the forward, 6NHV) | "recompute" (8NHV).
         return_stats: also return a dict of detached tensors: ``seq_logps [R]`` (sums), ``token_counts
             [R]``, ``scores [G, 1+K]`` (s, or s̄ for dft2), ``d [G, K]``, ``weights [G, K]`` (omega),
@@ -61,6 +62,8 @@ def fused_dft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     if variant not in DFT_DEFAULTS:
         raise ValueError(f"variant must be 'dft' or 'dft2', got {variant!r}")
     k = check_int("num_negatives", num_negatives, 1)
+    tau = DFT_DEFAULTS[variant]["tau"] if tau is None else tau
+    gamma = DFT_DEFAULTS[variant]["gamma"] if gamma is None else gamma
     tau = check_float("tau", tau, low=0.0)
     gamma = check_float("gamma", gamma, low=0.0, high=1.0)
     n_rows = count_rows(hidden, cu_seqlens)
@@ -86,6 +89,7 @@ def fused_dft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         ids = check_ids(ids, n_groups, 2**62, device, validate)
 
     recompute = state is not None and in_backward_recompute()
+    recomputed_u = state.take_recomputed_values(ids) if recompute else None
     log_k = math.log(k)
     log_gamma = math.log(gamma)
     log_one_minus_gamma = math.log1p(-gamma) if gamma < 1.0 else -math.inf
@@ -101,8 +105,8 @@ def fused_dft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         lse = torch.logsumexp(d, dim=1)
         if state is None:
             u = lse - log_k
-        elif recompute and state.recomputed_values(ids) is not None:
-            u = state.recomputed_values(ids)[g0:g1].to(d.device)
+        elif recompute and recomputed_u is not None:
+            u = recomputed_u[g0:g1].to(d.device)
         else:
             u_prev = state.u[ids[g0:g1]].to(d.device)
             u = torch.logaddexp(log_one_minus_gamma + u_prev, log_gamma + lse - log_k)

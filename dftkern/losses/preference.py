@@ -93,8 +93,9 @@ def fused_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         if loss == "rloo" and group < 2:
             raise ValueError("loss='rloo' needs groups of n >= 2 samples (rewards [G, n>=2])")
     if n_rows <= 0 or n_rows % group != 0:
-        raise ValueError(f"the number of rows ({n_rows}) must be a positive multiple of the group size {group} "
-                         f"for loss={loss!r}")
+        origin = f"rewards.shape[1] = {group} sets the group size" if loss in _GROUP else f"groups of {group} rows"
+        raise ValueError(f"the number of rows ({n_rows}) must be a positive multiple of the group size for "
+                         f"loss={loss!r} ({origin})")
     n_groups = n_rows // group
     if loss in _GROUP:
         rewards = check_float_tensor("rewards", rewards, (n_groups, group), device, validate)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import torch
 
@@ -36,9 +37,9 @@ class DFTState:
         self.u = torch.full((num_examples,), float(init), dtype=torch.float32, device=device)
         self.num_updates = torch.zeros(num_examples, dtype=torch.int64, device=device)
         self.sync_distributed = True
-        # (ids, u_written) of the last update: an activation-checkpoint recomputation of the same
-        # forward reads these instead of updating twice.
-        self._last_update: tuple[torch.Tensor, torch.Tensor] | None = None
+        # (ids, u_written) of recent updates, newest last: an activation-checkpoint recomputation of
+        # a forward (backward runs them newest first) reads its values instead of updating twice.
+        self._recent_updates: deque = deque(maxlen=64)
 
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -55,13 +56,13 @@ class DFTState:
         self.u.copy_(state["u"].to(torch.float32))
         self.num_updates.copy_(state["num_updates"])
         self.init = float(state["init"])
-        self._last_update = None
+        self._recent_updates.clear()
 
     def to(self, device) -> DFTState:
         """Move in place (returns self, like ``nn.Module.to``)."""
         self.u = self.u.to(device)
         self.num_updates = self.num_updates.to(device)
-        self._last_update = None
+        self._recent_updates.clear()
         return self
 
     @property
@@ -76,21 +77,23 @@ class DFTState:
         """Set ``u[ids] = u_new`` (and sync across ranks when distributed)."""
         ids = ids.to(self.u.device, torch.int64)
         u_new = u_new.detach().to(self.u.device, torch.float32)
-        self._last_update = (ids.clone(), u_new.clone())
+        self._recent_updates.append([ids.clone(), u_new.clone(), False])
         if self.sync_distributed and _distributed_world_size() > 1:
             ids, u_new = _all_gather_updates(ids, u_new)
         self.u[ids] = u_new
         self.num_updates[ids] += 1
 
-    def recomputed_values(self, ids: torch.Tensor) -> torch.Tensor | None:
-        """The u written by the last update if it was for exactly these ids (checkpoint recompute)."""
-        if self._last_update is None:
-            return None
-        last_ids, last_u = self._last_update
-        ids = ids.to(last_ids.device, torch.int64)
-        if last_ids.shape != ids.shape or not bool((last_ids == ids).all()):
-            return None
-        return last_u
+    def take_recomputed_values(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """For an activation-checkpoint recomputation: the u written by the newest not-yet-replayed
+        update for exactly these ids (marked replayed), or None."""
+        for entry in reversed(self._recent_updates):
+            last_ids, last_u, replayed = entry
+            if replayed or last_ids.shape != ids.shape:
+                continue
+            if bool((last_ids == ids.to(last_ids.device, torch.int64)).all()):
+                entry[2] = True
+                return last_u
+        return None
 
 
 def _distributed_world_size() -> int:

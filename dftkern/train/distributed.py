@@ -46,18 +46,26 @@ class DistContext:
         if self.distributed:
             dist.barrier()
 
-    def mean(self, values: dict[str, torch.Tensor | float]) -> dict[str, float]:
-        """Average scalar metrics over ranks (every rank must pass the same keys)."""
-        keys = sorted(values)
-        if not keys:
-            return {}
-        vector = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-        if self.distributed:
-            backend_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-            vector = vector.to(backend_device)
-            dist.all_reduce(vector)
-            vector = vector.cpu() / self.world_size
-        return dict(zip(keys, vector.tolist()))
+    def reduce(self, values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+        """Combine scalar metrics over ranks: keys ending in ``_max`` by maximum, the rest by mean.
+
+        Every rank must pass the same keys.
+        """
+        out = {}
+        for op, keys in ((dist.ReduceOp.MAX, sorted(k for k in values if k.endswith("_max"))),
+                         (dist.ReduceOp.SUM, sorted(k for k in values if not k.endswith("_max")))):
+            if not keys:
+                continue
+            vector = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+            if self.distributed:
+                backend_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+                vector = vector.to(backend_device)
+                dist.all_reduce(vector, op=op)
+                vector = vector.cpu()
+                if op == dist.ReduceOp.SUM:
+                    vector = vector / self.world_size
+            out.update(zip(keys, vector.tolist()))
+        return out
 
     def sum(self, value: float) -> float:
         if not self.distributed:

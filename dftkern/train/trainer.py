@@ -326,7 +326,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
     final_checkpoint = resume_from
     while step < total_steps:
         started = time.perf_counter()
-        losses, stat_sums, tokens = [], {}, 0
+        losses, step_stats, tokens = [], {}, 0
         for _ in range(cfg.grad_accum):
             batch: Batch = collate([examples[i] for i in order.batch(micro_batch)], **collate_kwargs).to(device)
             micro_batch += 1
@@ -334,7 +334,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
             (loss / cfg.grad_accum).backward()
             losses.append(loss.detach())
             for key, value in stats.items():
-                stat_sums[key] = stat_sums.get(key, 0.0) + value.detach().float()
+                step_stats.setdefault(key, []).append(value.detach().float())
             tokens += batch.num_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(wrapper.parameters(), cfg.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
@@ -347,8 +347,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         elapsed = time.perf_counter() - started
 
         local = {"loss": torch.stack(losses).mean()}
-        local.update({k: v / cfg.grad_accum for k, v in stat_sums.items()})
-        record = {"step": step, **ctx.mean(local), "lr": lr, "grad_norm": float(grad_norm),
+        local.update({k: torch.stack(v).max() if k.endswith("_max") else torch.stack(v).mean()
+                      for k, v in step_stats.items()})
+        record = {"step": step, **ctx.reduce(local), "lr": lr, "grad_norm": float(grad_norm),
                   "epoch": micro_batch / order.batches_per_epoch,
                   "tokens_per_s": ctx.sum(tokens) / elapsed, "peak_mem_mb": _peak_memory_mb(device)}
         if heldout is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):

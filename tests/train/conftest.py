@@ -1,0 +1,78 @@
+"""Fixtures for the reference-trainer tests: a tiny model, synthetic data, negatives, reference cache.
+
+Everything is built once per session from scratch (no downloads): a character tokenizer, a
+2-layer Llama with hidden size 32, 2-digit addition data, K=2 sampled negatives with rewards, and
+the reference log-prob cache of the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import transformers  # noqa: E402
+
+transformers.utils.logging.disable_progress_bar()
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def subprocess_env() -> dict:
+    """Environment for child processes: the repo importable, quiet progress bars, no GPU."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@dataclass
+class Workspace:
+    root: Path
+    model: Path          # base model + tokenizer directory
+    data: Path           # 24 training records
+    heldout: Path        # 8 held-out records
+    negatives: Path      # K=2 samples per training prompt, with rewards
+    ref_cache: Path      # reference log-probs of the base model for (data, negatives)
+    num_negatives: int = 2
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Workspace:
+    from dftkern.train import synthetic
+    from dftkern.train.generate import GenerateConfig, generate_samples
+    from dftkern.train.ref_logps import RefLogpsConfig, compute_ref_logps
+
+    root = tmp_path_factory.mktemp("train_ws")
+    records = synthetic.make_addition_records(32, max_digits=2, seed=3, id_prefix="ex")
+    data = write_jsonl(root / "train.jsonl", records[:24])
+    heldout = write_jsonl(root / "heldout.jsonl", records[24:])
+    tokenizer = synthetic.build_char_tokenizer()
+    synthetic.make_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, max_positions=32, seed=0,
+                              save_dir=root / "base")
+    negatives = generate_samples(GenerateConfig(
+        model=str(root / "base"), data=str(data), out=str(root / "negatives.jsonl"), num_samples=2,
+        max_new_tokens=5, reward="dftkern.train.synthetic:addition_reward", device="cpu", progress=False))
+    ref_cache = compute_ref_logps(RefLogpsConfig(model=str(root / "base"), data=str(data), negatives=str(negatives),
+                                                 device="cpu", progress=False))
+    return Workspace(root, root / "base", data, heldout, negatives, ref_cache)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(workspace):
+    from dftkern.train.model import load_tokenizer
+
+    return load_tokenizer(str(workspace.model))
