@@ -261,7 +261,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
                                trust_remote_code=cfg.trust_remote_code)
     packed = use_packing(cfg.packing, causal_lm.config._attn_implementation)
     if cfg.gradient_checkpointing:
-        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(causal_lm, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     causal_lm.train()
 
     objective = Objective(cfg.objective_config())

@@ -89,10 +89,17 @@ def test_gradient_accumulation_equals_one_big_batch(workspace, tmp_path):
     assert big.last_metrics["loss"] == pytest.approx(small.last_metrics["loss"], rel=1e-5)
 
 
-def test_gradient_checkpointing_gives_the_same_training(workspace, tmp_path):
+def test_gradient_checkpointing_gives_the_same_training(workspace, tmp_path, monkeypatch):
+    import transformers.modeling_utils as hf_modeling
+
+    calls = []
+    real_checkpoint = hf_modeling.checkpoint
+    monkeypatch.setattr(hf_modeling, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
     common = dict(max_steps=2)
     plain = train(_cfg(workspace, tmp_path / "plain", **common))
+    assert not calls
     ckpt = train(_cfg(workspace, tmp_path / "ckpt", gradient_checkpointing=True, **common))
+    assert len(calls) == 2 * 2  # 2 steps x 2 decoder layers
     a, b = _weights(plain.final_checkpoint), _weights(ckpt.final_checkpoint)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
