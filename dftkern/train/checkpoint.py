@@ -78,6 +78,7 @@ def write_checkpoint(run_dir: str | os.PathLike, step: int, *, causal_lm, model_
         trainer_state: everything else (saved with ``torch.save`` as ``trainer_state.pt``).
         keep_last: keep only this many newest checkpoints (None: keep all).
     """
+    model_state = _without_tied_output_embedding(causal_lm, model_state)
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     if tmp.exists():
@@ -102,6 +103,24 @@ def write_checkpoint(run_dir: str | os.PathLike, step: int, *, causal_lm, model_
         for stale in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _without_tied_output_embedding(causal_lm, state: dict) -> dict:
+    """Drop the LM-head weight when it is tied to the input embedding (HF re-ties it on load).
+
+    ``save_pretrained`` does this itself for a plain model, but an FSDP2 full state dict lists the
+    shared tensor under both names.
+    """
+    if not getattr(causal_lm.config, "tie_word_embeddings", False):
+        return state
+    head = causal_lm.get_output_embeddings()
+    for name, module in causal_lm.named_modules():
+        if module is head:
+            key = f"{name}.weight" if name else "weight"
+            if key in state:
+                state = {k: v for k, v in state.items() if k != key}
+            break
+    return state
 
 
 def read_trainer_state(checkpoint: str | os.PathLike) -> dict:

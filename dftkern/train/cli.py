@@ -7,6 +7,7 @@ Without a stage it runs the built-in experiment (:mod:`.default_run`). Stages: `
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 
@@ -139,6 +140,9 @@ def _add_train(sub) -> argparse.ArgumentParser:
     s.add_argument("--eval-every", type=_positive_int, default=None, help="held-out log-prob every N steps")
     s.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from the newest checkpoint in --out (or the given checkpoint directory)")
+    s.add_argument("--stop-after", type=_positive_int, default=None, metavar="STEP",
+                   help="checkpoint and exit after this step (the schedule still spans --max-steps); continue "
+                        "later with --resume, e.g. to fit job time limits")
     s.add_argument("--no-plot", dest="plot", action="store_false", help="skip curves.png")
     _add_model_options(p, dtype=False)
     return p
@@ -202,16 +206,28 @@ def _stage_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the stage. Input problems (bad data, missing files, invalid settings)
+    are reported as one ``error:`` line with exit status 2; set ``DFTKERN_TRACEBACK=1`` for the traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     options = _stage_options(parser, args)
+    try:
+        return _run(args.stage, options)
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("DFTKERN_TRACEBACK") == "1":
+            raise
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(stage: str | None, options: dict) -> int:
     try:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
     except Exception:  # pragma: no cover - cosmetic only
         pass
-    if args.stage in (None, "default"):
+    if stage in (None, "default"):
         from .default_run import DefaultRunConfig, run_default_experiment
 
         cfg = DefaultRunConfig(out=options["out"], quick=options["quick"], seed=options["seed"],
@@ -225,23 +241,23 @@ def main(argv: list[str] | None = None) -> int:
         resolved.quick = False  # already applied
         run_default_experiment(resolved)
         return 0
-    if args.stage == "generate":
+    if stage == "generate":
         from .generate import GenerateConfig, generate_samples
 
         path = generate_samples(GenerateConfig(**options))
         print(f"samples: {path}")
-    elif args.stage == "ref-logps":
+    elif stage == "ref-logps":
         from .ref_logps import RefLogpsConfig, compute_ref_logps
 
         path = compute_ref_logps(RefLogpsConfig(**options))
         print(f"reference log-probs: {path}")
-    elif args.stage == "train":
+    elif stage == "train":
         from .trainer import TrainConfig, train
 
         result = train(TrainConfig(**options))
-        if result.last_metrics or result.steps:
+        if int(os.environ.get("RANK", "0")) == 0:
             print(f"run directory: {result.run_dir}\nfinal checkpoint: {result.final_checkpoint}")
-    elif args.stage == "eval":
+    elif stage == "eval":
         import json
 
         from .evaluate import EvalConfig, run_eval

@@ -89,7 +89,7 @@ def run_default_experiment(cfg: DefaultRunConfig) -> dict:
     started = time.perf_counter()
     out = Path(cfg.out or f"runs/default-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
-    say = print if cfg.progress else (lambda *a, **k: None)
+    say = print
     say(f"[dftkern.train] default experiment in {out}")
 
     # 1-2. data, tokenizer, base model

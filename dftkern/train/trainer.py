@@ -95,6 +95,7 @@ class TrainConfig:
     eval_data: str | None = None
     eval_every: int | None = None
     resume: str | None = None
+    stop_after: int | None = None
     plot: bool = True
     progress: bool = True
 
@@ -106,7 +107,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "save_every", "eval_every", "keep_checkpoints", "num_negatives"):
+        for name in ("max_steps", "save_every", "eval_every", "keep_checkpoints", "num_negatives", "stop_after"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or unset), got {value}")
@@ -363,10 +364,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
         bar.update(1)
         last_metrics = record
-        if step == total_steps or (cfg.save_every and step % cfg.save_every == 0):
+        stopping = cfg.stop_after is not None and step >= cfg.stop_after
+        if step == total_steps or stopping or (cfg.save_every and step % cfg.save_every == 0):
             final_checkpoint = save(step)
         if on_step_end is not None:
             on_step_end(step, record)
+        if stopping:
+            break
     bar.close()
     if final_checkpoint is None:  # nothing left to do (resumed at the end): keep the checkpoint we have
         final_checkpoint = latest_checkpoint(run_dir)

@@ -39,6 +39,18 @@ def subprocess_env() -> dict:
     return env
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The models here are tiny: one intra-op thread is faster than two, and far faster on a busy
+    machine (a descheduled OpenMP worker stalls every small op). Restored after each test."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @dataclass
 class Workspace:
     root: Path

@@ -1,0 +1,84 @@
+"""Command line: --help covers every option, the stages chain from the CLI, errors are one clean line,
+and the built-in default run completes in its fast mode (--quick)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import subprocess_env, write_jsonl
+
+from dftkern.train.cli import build_parser, main
+
+
+def test_top_level_help_documents_every_option_of_every_stage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, stage in subparsers.choices.items():
+        assert name in text
+        for action in stage._actions:
+            for option in action.option_strings:
+                assert option in text, f"{name} {option} missing from --help"
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings[0]} has no help text"
+    for loss in ("dft", "dft2", "sft", "dpo", "ipo", "simpo", "rwr", "reinforce", "rloo"):
+        assert loss in text
+
+
+def test_stages_chain_from_the_command_line(workspace, tmp_path, capsys):
+    negatives = tmp_path / "neg.jsonl"
+    assert main(["generate", "--model", str(workspace.model), "--data", str(workspace.data), "--out", str(negatives),
+                 "-k", "2", "--max-new-tokens", "5", "--temperature", "0.8", "--top-k", "8", "--top-p", "0.95",
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert len(negatives.read_text().splitlines()) == 24
+    assert main(["ref-logps", "--model", str(workspace.model), "--data", str(workspace.data), "--negatives",
+                 str(negatives), "--device", "cpu", "--no-progress"]) == 0
+    assert len(list(tmp_path.glob("ref_logps-*.safetensors"))) == 1
+    assert main(["train", "--model", str(workspace.model), "--data", str(workspace.data), "--negatives",
+                 str(negatives), "--out", str(tmp_path / "run"), "--loss", "dpo", "--batch-size", "4", "--max-steps",
+                 "2", "--lr", "1e-3", "--device", "cpu", "--no-progress", "--no-plot"]) == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
+    assert checkpoint.is_dir()
+    capsys.readouterr()
+    assert main(["eval", "--model", str(checkpoint), "--data", str(workspace.heldout), "--out",
+                 str(tmp_path / "eval.json"), "--metric", "dftkern.train.synthetic:addition_reward",
+                 "--max-new-tokens", "4", "--device", "cpu", "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "eval.json").read_text())
+    assert summary["num_prompts"] == 8 and 0.0 <= summary["task_metric"] <= 1.0 and summary["pos_logp"] < 0
+    predictions = (tmp_path / "eval.predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 8 and set(json.loads(predictions[0])) >= {"prompt", "response", "reference", "score"}
+
+
+def test_bad_record_is_one_error_line_naming_file_line_and_field(workspace, tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "1+1=", "response": "2"}, {"prompt": "2+2=", "response": 4}])
+    code = main(["train", "--model", str(workspace.model), "--data", str(bad), "--out", str(tmp_path / "r"),
+                 "--loss", "sft", "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"error: {bad}:2: field 'response' must be a string, got int" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_default_run_quick_mode_end_to_end(tmp_path):
+    out = tmp_path / "default"
+    done = subprocess.run([sys.executable, "-m", "dftkern.train", "--quick", "--out", str(out), "--no-progress"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("warm-up (SFT)", "+SFT", "+DFT", "held-out exact match", str(out.resolve())):
+        assert name in done.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["results"]) == {"warm-up (SFT)", "+SFT", "+DFT"}
+    for stage_output in ("base/model.safetensors", "negatives.jsonl", "warmup/metrics.jsonl", "warmup/curves.png",
+                         "dft/metrics.jsonl", "sft/metrics.jsonl", "dft/curves.png", "results.md"):
+        assert (out / stage_output).exists(), stage_output
+    assert list(out.glob("ref_logps-*.safetensors"))
+    dft_metrics = [json.loads(line) for line in (out / "dft" / "metrics.jsonl").read_text().splitlines()]
+    assert len(dft_metrics) == results["config"]["steps"] and "omega_mean" in dft_metrics[-1]
