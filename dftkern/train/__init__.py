@@ -9,6 +9,7 @@ through the default run, a real-model recipe and a torchrun launch. One module p
 * :mod:`.trainer`     — stage 3: the training loop (AdamW, cosine, accumulation, checkpoints)
 * :mod:`.evaluate`    — stage 4: greedy task metric + log-prob of the good answers
 * :mod:`.objectives`  — which rows each loss sees, and the calls into dftkern's fused losses
+* :mod:`.onpolicy`    — where examples come from: the offline set, or ``--on-policy`` fresh samples
 * :mod:`.model`       — model loading, attention choice, backbone + head + loss module
 * :mod:`.distributed` — torchrun / FSDP2 plumbing
 * :mod:`.checkpoint`  — atomic checkpoints for bit-exact resume

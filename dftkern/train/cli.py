@@ -31,6 +31,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _baseline(text: str):
+    if text in ("mean", "none"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'mean', 'none' or a number, got {text!r}") from None
+
+
 def _add_model_options(parser: argparse.ArgumentParser, *, dtype: bool = True) -> None:
     group = parser.add_argument_group("model / system")
     group.add_argument("--device", default="auto",
@@ -93,10 +102,12 @@ def _add_train(sub) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="training data: JSONL/Parquet of {prompt, response} or {messages}")
     p.add_argument("--out", required=True, help="run directory (checkpoints/, metrics.jsonl, curves.png)")
     p.add_argument("--loss", default="dft", choices=LOSS_NAMES, help="training objective (default: dft)")
-    p.add_argument("--negatives", default=None, help="generate stage output (all losses except sft)")
+    p.add_argument("--negatives", default=None,
+                   help="generate stage output (every loss except sft, unless --on-policy)")
     p.add_argument("--ref-logps", default=None,
                    help="reference log-prob cache file, or the directory holding it (default: next to --negatives)")
-    p.add_argument("--num-negatives", type=_positive_int, default=None, help="first K samples per prompt (default: all)")
+    p.add_argument("--num-negatives", type=_positive_int, default=None,
+                   help="first K samples per prompt (default: all)")
     p.add_argument("--max-length", type=_positive_int, default=None,
                    help="truncate rows to this many tokens (response end cut first)")
     o = p.add_argument_group("optimization")
@@ -104,7 +115,8 @@ def _add_train(sub) -> argparse.ArgumentParser:
                    help="examples (prompts) per micro-batch per process; DFT rows = examples * (1+K) (default: 8)")
     o.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step (default: 1)")
     o.add_argument("--max-steps", type=_positive_int, default=None, help="optimizer steps (default: from --epochs)")
-    o.add_argument("--epochs", type=float, default=1.0, help="passes over the data if --max-steps is unset (default: 1)")
+    o.add_argument("--epochs", type=float, default=1.0,
+                   help="passes over the data if --max-steps is unset (default: 1)")
     o.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default: 1e-5)")
     o.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr (default: 0.1)")
     o.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: --warmup-ratio)")
@@ -124,8 +136,25 @@ def _add_train(sub) -> argparse.ArgumentParser:
                    help="dpo/ipo/hinge strength, simpo scale, rwr temperature (default: 0.1)")
     h.add_argument("--simpo-gamma", type=float, default=0.5, help="SimPO margin (default: 0.5)")
     h.add_argument("--unlikelihood-alpha", type=float, default=1.0, help="unlikelihood weight (default: 1.0)")
-    h.add_argument("--baseline", default="mean", help="reinforce baseline: mean | none | a number (default: mean)")
+    h.add_argument("--baseline", type=_baseline, default="mean", help="reinforce baseline: mean | none | a number (default: mean)")
     h.add_argument("--average", action="store_true", help="preference losses: mean token log-prob instead of sum")
+    op = p.add_argument_group("on-policy (fresh samples from the current policy instead of --negatives)")
+    op.add_argument("--on-policy", action="store_true",
+                    help="every --refresh-every steps sample --samples-per-prompt responses per prompt from the "
+                         "current policy, score them with --reward; losses: reinforce, rloo, rwr (samples only), "
+                         "dft/dft2 (fresh negatives), dpo/ipo/hinge/simpo/unlikelihood (online pairs); the "
+                         "reference log-probs are the sampling policy's own")
+    op.add_argument("--reward", default=None, metavar="MODULE:FUNCTION",
+                    help="reward(prompt, response, reference) -> float for --on-policy")
+    op.add_argument("--samples-per-prompt", type=_positive_int, default=4, help="n samples per prompt (default: 4)")
+    op.add_argument("--refresh-every", type=_positive_int, default=1,
+                    help="optimizer steps between sampling rounds (default: 1 = fully on-policy)")
+    op.add_argument("--sample-max-new-tokens", type=_positive_int, default=128, help="default: 128")
+    op.add_argument("--sample-temperature", type=float, default=1.0, help="default: 1.0")
+    op.add_argument("--sample-top-k", type=int, default=0, help="0 = off (default)")
+    op.add_argument("--sample-top-p", type=float, default=1.0, help="1.0 = off (default)")
+    op.add_argument("--generation-batch-size", type=_positive_int, default=64,
+                    help="sequences decoded together when sampling (default: 64)")
     s = p.add_argument_group("precision / memory / bookkeeping")
     s.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="auto = bf16 autocast on CUDA (fp32 master weights), fp32 on CPU (default: auto)")
@@ -168,10 +197,13 @@ def _add_default_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--out", default=None, help="run directory (default: ./runs/default-<timestamp>)")
     g.add_argument("--quick", action="store_true", help="tiny sizes, seconds not minutes (for CI)")
     g.add_argument("--seed", type=int, default=0, help="data, model init and sampling seed (default: 0)")
-    g.add_argument("--warmup-steps", type=_positive_int, default=None, help="SFT warm-up steps (default: 600)")
+    g.add_argument("--warmup-steps", type=_positive_int, default=None, help="SFT warm-up steps (default: 800)")
     g.add_argument("--steps", type=_positive_int, default=None, help="DFT and continued-SFT steps (default: 150)")
-    g.add_argument("--num-negatives", "-k", type=_positive_int, default=None, help="DFT negatives per prompt (default: 4)")
+    g.add_argument("--num-negatives", "-k", type=_positive_int, default=None,
+                   help="DFT negatives per prompt (default: 4)")
     g.add_argument("--device", default="cpu", help="default: cpu")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads; 0 = torch's default (default: 1, fastest for this tiny model)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 
 
@@ -221,17 +253,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(stage: str | None, options: dict) -> int:
-    try:
-        import transformers
+    import transformers
 
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:  # pragma: no cover - cosmetic only
-        pass
+    transformers.utils.logging.disable_progress_bar()  # our own tqdm bars are enough
     if stage in (None, "default"):
         from .default_run import DefaultRunConfig, run_default_experiment
 
         cfg = DefaultRunConfig(out=options["out"], quick=options["quick"], seed=options["seed"],
-                               device=options["device"], progress=options["progress"])
+                               device=options["device"], threads=options["threads"] or None,
+                               progress=options["progress"])
         resolved = cfg.resolved()
         overrides = {"warmup_steps": options["warmup_steps"], "steps": options["steps"],
                      "num_negatives": options["num_negatives"]}

@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,8 +41,10 @@ __all__ = [
     "Batch",
     "read_prompt_records",
     "read_sample_records",
+    "has_chat_template",
     "encode_prompt",
     "encode_response",
+    "make_row",
     "build_examples",
     "examples_fingerprint",
     "shifted_labels",
@@ -430,18 +432,17 @@ class Batch:
     ref_logps: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
     num_tokens: int = 0
-    extras: dict = field(default_factory=dict)
 
     @property
     def num_examples(self) -> int:
         return int(self.example_ids.shape[0])
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         def move(t):
             return t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
         return Batch(move(self.input_ids), move(self.labels), move(self.example_ids), self.rows_per_example,
                      self.packed, move(self.attention_mask), move(self.position_ids), move(self.cu_seqlens),
-                     move(self.ref_logps), move(self.rewards), self.num_tokens, dict(self.extras))
+                     move(self.ref_logps), move(self.rewards), self.num_tokens)
 
 
 def collate(examples: Sequence[TrainExample], *, pad_token_id: int, packed: bool = False,

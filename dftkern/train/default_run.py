@@ -2,7 +2,7 @@
 
 A complete, small DFT experiment on a synthetic task, runnable on a 2-core CPU in minutes:
 
-1. data: multi-digit addition problems (``"482+37=" -> "519"``), a training set and a disjoint
+1. data: addition problems with 1-2 digit operands (``"48+37=" -> "85"``), a training set and a disjoint
    held-out set (:mod:`.synthetic`);
 2. a character-level tokenizer and a tiny random-init Llama-style model (``<out>/base``);
 3. SFT warm-up on the training set (``<out>/warmup``);
@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from . import synthetic
+from .data import read_prompt_records, read_sample_records
 from .evaluate import evaluate_model
 from .generate import GenerateConfig, generate_samples
 from .model import load_causal_lm, load_tokenizer
-from .data import read_prompt_records
 from .ref_logps import RefLogpsConfig, compute_ref_logps
 from .trainer import TrainConfig, train
 
@@ -44,13 +44,13 @@ class DefaultRunConfig:
     out: str | None = None
     quick: bool = False
     seed: int = 0
-    max_digits: int = 3
+    max_digits: int = 2
     num_train: int = 3000
     num_dft_prompts: int = 1000
-    num_heldout: int = 300
+    num_heldout: int = 1000
     hidden_size: int = 128
     num_layers: int = 4
-    warmup_steps: int = 600
+    warmup_steps: int = 800
     warmup_lr: float = 2e-3
     steps: int = 150
     lr: float = 3e-4
@@ -58,15 +58,16 @@ class DefaultRunConfig:
     num_negatives: int = 4
     sample_temperature: float = 1.0
     device: str = "cpu"
+    threads: int | None = 1
     progress: bool = True
 
-    def resolved(self) -> "DefaultRunConfig":
+    def resolved(self) -> DefaultRunConfig:
         """Apply ``quick``: a tiny version of the same pipeline (seconds, for tests and CI)."""
         if not self.quick:
             return self
         return DefaultRunConfig(**{**asdict(self), "num_train": 256, "num_dft_prompts": 64, "num_heldout": 32,
                                    "hidden_size": 64, "num_layers": 2, "warmup_steps": 30, "steps": 6,
-                                   "batch_size": 16, "num_negatives": 2, "max_digits": 2})
+                                   "batch_size": 16, "num_negatives": 2})
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -78,19 +79,41 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
     lines = ["| model | held-out exact match | mean log p(answer) | mean log p per token |",
              "|---|---|---|---|"]
     for name, result in rows:
-        lines.append(f"| {name} | {100 * result['task_metric']:.1f}% ({round(result['task_metric'] * result['num_prompts'])}"
-                     f"/{result['num_prompts']}) | {result['pos_logp']:.3f} | {result['pos_logp_per_token']:.3f} |")
+        correct = round(result["task_metric"] * result["num_prompts"])
+        lines.append(f"| {name} | {100 * result['task_metric']:.1f}% ({correct}/{result['num_prompts']}) "
+                     f"| {result['pos_logp']:.3f} | {result['pos_logp_per_token']:.3f} |")
     return "\n".join(lines)
 
 
 def run_default_experiment(cfg: DefaultRunConfig) -> dict:
-    """Run the whole pipeline; returns ``{"run_dir", "table", "results", "seconds"}``."""
+    """Run the whole pipeline; returns ``{"run_dir", "table", "results", "seconds", "config"}``.
+
+    ``cfg.threads`` sets torch's intra-op threads for the run (restored afterwards): the model is
+    so small that one thread is as fast as two on an idle 2-core machine and much faster on a busy
+    one, where a descheduled OpenMP worker stalls every small operation.
+    """
     cfg = cfg.resolved()
+    previous_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(cfg: DefaultRunConfig) -> dict:
     started = time.perf_counter()
+    stage_seconds: dict[str, float] = {}
     out = Path(cfg.out or f"runs/default-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
-    say = print
-    say(f"[dftkern.train] default experiment in {out}")
+    print(f"[dftkern.train] default experiment in {out}")
+
+    def timed(name: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        value = fn(*args, **kwargs)
+        stage_seconds[name] = round(time.perf_counter() - t0, 1)
+        return value
 
     # 1-2. data, tokenizer, base model
     data = out / "data"
@@ -111,48 +134,57 @@ def run_default_experiment(cfg: DefaultRunConfig) -> dict:
     common = dict(device=cfg.device, progress=cfg.progress, seed=cfg.seed)
 
     # 3. SFT warm-up
-    say(f"[1/5] SFT warm-up: {cfg.warmup_steps} steps")
-    warm = train(TrainConfig(model=str(out / "base"), data=str(data / "train.jsonl"), out=str(out / "warmup"),
-                             loss="sft", max_steps=cfg.warmup_steps, batch_size=cfg.batch_size, lr=cfg.warmup_lr,
-                             warmup_ratio=0.05, weight_decay=0.01, keep_checkpoints=1, **common))
+    print(f"[1/5] SFT warm-up: {cfg.warmup_steps} steps")
+    warm = timed("warm-up", train, TrainConfig(
+        model=str(out / "base"), data=str(data / "train.jsonl"), out=str(out / "warmup"), loss="sft",
+        max_steps=cfg.warmup_steps, batch_size=cfg.batch_size, lr=cfg.warmup_lr, warmup_ratio=0.05,
+        weight_decay=0.01, keep_checkpoints=1, **common))
     warm_model = str(warm.final_checkpoint)
 
     # 4-5. negatives from the warm-up model, scored by it (the reference)
-    say(f"[2/5] generate: {cfg.num_negatives} samples for each of {cfg.num_dft_prompts} prompts")
-    negatives = generate_samples(GenerateConfig(
+    print(f"[2/5] generate: {cfg.num_negatives} samples for each of {cfg.num_dft_prompts} prompts")
+    negatives = timed("generate", generate_samples, GenerateConfig(
         model=warm_model, data=str(data / "dft_prompts.jsonl"), out=str(out / "negatives.jsonl"),
         num_samples=cfg.num_negatives, max_new_tokens=max_new, temperature=cfg.sample_temperature,
         reward="dftkern.train.synthetic:addition_reward", batch_size=256, device=cfg.device, seed=cfg.seed,
         progress=cfg.progress))
-    say("[3/5] ref-logps with the warm-up model")
-    compute_ref_logps(RefLogpsConfig(model=warm_model, data=str(data / "dft_prompts.jsonl"),
-                                     negatives=str(negatives), device=cfg.device, progress=cfg.progress,
-                                     batch_size=256))
+    rewards = [r for s in read_sample_records(negatives).values() for r in s.rewards]
+    negatives_correct = sum(rewards) / len(rewards)
+    print(f"      {100 * negatives_correct:.1f}% of the sampled negatives are correct answers")
+    print("[3/5] ref-logps with the warm-up model")
+    timed("ref-logps", compute_ref_logps, RefLogpsConfig(
+        model=warm_model, data=str(data / "dft_prompts.jsonl"), negatives=str(negatives), device=cfg.device,
+        progress=cfg.progress, batch_size=256))
 
-    # 6. DFT and continued SFT from the warm-up checkpoint, same budget
+    # 6. continued SFT and DFT from the warm-up checkpoint, same prompts, steps, batch and learning rate
     runs = {}
-    for loss in ("sft", "dft"):
-        say(f"[{4 if loss == 'sft' else 5}/5] {loss.upper()} from the warm-up checkpoint: {cfg.steps} steps")
-        result = train(TrainConfig(model=warm_model, data=str(data / "dft_prompts.jsonl"),
-                                   negatives=str(negatives) if loss == "dft" else None, out=str(out / loss),
-                                   loss=loss, max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                   warmup_ratio=0.05, keep_checkpoints=1, **common))
+    for number, loss in ((4, "sft"), (5, "dft")):
+        print(f"[{number}/5] {loss.upper()} from the warm-up checkpoint: {cfg.steps} steps")
+        result = timed(loss, train, TrainConfig(
+            model=warm_model, data=str(data / "dft_prompts.jsonl"),
+            negatives=str(negatives) if loss == "dft" else None, out=str(out / loss), loss=loss,
+            max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_ratio=0.05, keep_checkpoints=1,
+            **common))
         runs[loss] = str(result.final_checkpoint)
 
     # 7. held-out evaluation
     heldout = read_prompt_records(data / "heldout.jsonl")
     results = {}
+    t0 = time.perf_counter()
     for name, model_dir in (("warm-up (SFT)", warm_model), ("+SFT", runs["sft"]), ("+DFT", runs["dft"])):
         model = load_causal_lm(model_dir, attn="sdpa", device=torch.device(cfg.device))
         result = evaluate_model(model, load_tokenizer(model_dir), heldout, metric=synthetic.addition_reward,
                                 max_new_tokens=max_new, batch_size=256)
         results[name] = {k: v for k, v in result.items() if k != "predictions"}
         results[name]["model"] = model_dir
+    stage_seconds["eval"] = round(time.perf_counter() - t0, 1)
     table = format_table(list(results.items()))
     seconds = time.perf_counter() - started
-    summary = {"run_dir": str(out), "table": table, "results": results, "seconds": seconds, "config": asdict(cfg)}
+    summary = {"run_dir": str(out), "table": table, "results": results, "seconds": round(seconds, 1),
+               "stage_seconds": stage_seconds, "negatives_correct": negatives_correct, "config": asdict(cfg)}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "results.md").write_text(table + "\n")
-    say("\n" + table)
-    say(f"\nwall time {seconds:.0f} s; run directory: {out.resolve()}")
+    print("\n" + table)
+    print(f"\nwall time {seconds:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in stage_seconds.items())
+          + f"); run directory: {out.resolve()}")
     return summary

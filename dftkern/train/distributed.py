@@ -75,6 +75,15 @@ class DistContext:
         dist.all_reduce(tensor)
         return float(tensor.item())
 
+    def all_true(self, flag: bool) -> bool:
+        """True when ``flag`` is true on every rank (a collective when distributed)."""
+        if not self.distributed:
+            return bool(flag)
+        backend_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=backend_device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return bool(tensor.item())
+
     def shutdown(self) -> None:
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -115,7 +124,7 @@ def shard_model(wrapper: nn.Module, causal_lm: nn.Module) -> None:
 
 
 def _strip_prefix(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return {k.removeprefix(prefix): v for k, v in state.items()}
 
 
 def full_model_state_dict(wrapper: nn.Module, ctx: DistContext, prefix: str = "causal_lm.") -> dict | None:
@@ -125,7 +134,10 @@ def full_model_state_dict(wrapper: nn.Module, ctx: DistContext, prefix: str = "c
     """
     if not ctx.distributed:
         return _strip_prefix({k: v.detach().cpu() for k, v in wrapper.state_dict().items()}, prefix)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     state = get_model_state_dict(wrapper, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return _strip_prefix(state, prefix) if ctx.is_main else None
@@ -135,7 +147,10 @@ def full_optimizer_state_dict(wrapper: nn.Module, optimizer: torch.optim.Optimiz
     """The optimizer state (full, on CPU) on rank 0, None elsewhere. Collective."""
     if not ctx.distributed:
         return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
 
     state = get_optimizer_state_dict(wrapper, optimizer,
                                      options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -147,7 +162,10 @@ def load_optimizer_state(wrapper: nn.Module, optimizer: torch.optim.Optimizer, s
     if not ctx.distributed:
         optimizer.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
 
     set_optimizer_state_dict(wrapper, optimizer, optim_state_dict=state,
                              options=StateDictOptions(full_state_dict=True))

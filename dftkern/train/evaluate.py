@@ -17,11 +17,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import PromptRecord, build_examples, encode_prompt, has_chat_template, read_prompt_records
+from .data import (
+    PromptRecord,
+    build_examples,
+    encode_prompt,
+    has_chat_template,
+    read_prompt_records,
+)
 from .generate import SamplingConfig, decode, eos_token_ids
 from .model import load_causal_lm, load_tokenizer, resolve_device
 from .ref_logps import score_examples
-from .util import atomic_write_json, exact_match, load_callable, require_single_process, resolve_dtype
+from .util import (
+    atomic_write_json,
+    exact_match,
+    load_callable,
+    require_single_process,
+    resolve_dtype,
+)
 
 __all__ = ["EvalConfig", "evaluate_model", "run_eval"]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,13 @@ from tqdm.auto import tqdm
 
 from .data import PromptRecord, encode_prompt, has_chat_template, read_prompt_records
 from .model import load_causal_lm, load_tokenizer, resolve_device
-from .util import atomic_write_json, derive_seed, load_callable, require_single_process, resolve_dtype
+from .util import (
+    atomic_write_json,
+    derive_seed,
+    load_callable,
+    require_single_process,
+    resolve_dtype,
+)
 
 __all__ = ["SamplingConfig", "decode", "eos_token_ids", "GenerateConfig", "generate_samples"]
 
@@ -80,11 +86,17 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 
 @torch.no_grad()
 def decode(model, prompts: Sequence[Sequence[int]], *, sampling: SamplingConfig, eos_ids: set[int],
-           pad_token_id: int, seeds: Sequence[int] | None = None) -> list[tuple[list[int], bool]]:
+           pad_token_id: int, seeds: Sequence[int] | None = None, forward: Callable | None = None,
+           all_done: Callable[[bool], bool] | None = None) -> list[tuple[list[int], bool]]:
     """Continue every prompt (token-id lists, one row each) with a KV cache, left-padded in one batch.
 
     Args:
+        model: the causal LM (its config, device and train/eval mode are used).
         seeds: one seed per row (required unless greedy); row i samples from its own generator.
+        forward: called with the causal-LM keyword arguments instead of ``model(...)`` (e.g. through
+            an FSDP-sharded wrapper).
+        all_done: maps "every row here finished" to "every process finished" (a collective), so that
+            all ranks of a sharded model make the same number of forward calls. Default: identity.
     Returns:
         per row ``(new_token_ids, finished)``; ``finished`` means an EOS id was produced (and is the
         last id of ``new_token_ids``), otherwise ``max_new_tokens`` ran out.
@@ -117,8 +129,8 @@ def decode(model, prompts: Sequence[Sequence[int]], *, sampling: SamplingConfig,
     step_ids = input_ids
     try:
         for _ in range(sampling.max_new_tokens):
-            out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = (forward or model)(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache = out.past_key_values
             logits = out.logits[:, -1, :].float()
             if greedy:
@@ -129,11 +141,12 @@ def decode(model, prompts: Sequence[Sequence[int]], *, sampling: SamplingConfig,
                 next_ids = torch.stack([torch.multinomial(probs[i], 1, generator=generators[i])[0]
                                         for i in range(rows)]).to(device)
             next_ids = torch.where(finished, torch.full_like(next_ids, pad_token_id), next_ids)
-            for i, token in enumerate(next_ids.tolist()):
-                if not finished[i]:
-                    out_tokens[i].append(token)
+            for tokens, token, was_finished in zip(out_tokens, next_ids.tolist(), finished.tolist()):
+                if not was_finished:
+                    tokens.append(token)
             finished |= torch.isin(next_ids, eos)
-            if bool(finished.all()):
+            done = bool(finished.all())
+            if all_done(done) if all_done is not None else done:
                 break
             step_ids = next_ids[:, None]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((rows, 1))], dim=1)

@@ -8,7 +8,8 @@ losses. :class:`PolicyWithLoss` puts backbone + head + loss in one ``forward`` s
 
 from __future__ import annotations
 
-import importlib.util
+import functools
+import importlib
 import os
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ from .data import Batch
 __all__ = [
     "ATTN_CHOICES",
     "resolve_attn",
+    "use_packing",
     "resolve_device",
     "load_tokenizer",
     "load_causal_lm",
@@ -50,10 +52,25 @@ def resolve_attn(attn: str, device: torch.device) -> str:
     if attn not in ATTN_CHOICES:
         raise ValueError(f"attn must be one of {ATTN_CHOICES}, got {attn!r}")
     if attn == "auto":
-        if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-            return "flash_attention_2"
-        return "sdpa"
+        return "flash_attention_2" if device.type == "cuda" and _flash_attn_importable() else "sdpa"
     return attn
+
+
+@functools.cache
+def _flash_attn_importable() -> bool:
+    """True when ``import flash_attn`` works (a broken build counts as absent)."""
+    try:
+        importlib.import_module("flash_attn")
+    except Exception:
+        return False
+    return True
+
+
+def use_packing(packing: str, attn_implementation: str) -> bool:
+    """``"auto"`` packs exactly when FlashAttention-2 is the attention kernel."""
+    if packing not in ("auto", "on", "off"):
+        raise ValueError(f"packing must be 'auto', 'on' or 'off', got {packing!r}")
+    return packing == "on" or (packing == "auto" and attn_implementation == "flash_attention_2")
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
@@ -71,20 +88,23 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
 
 
 def load_causal_lm(path: str, *, attn: str = "auto", device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+                   dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                   attn_device: torch.device | None = None):
     """``AutoModelForCausalLM`` from a local directory with the resolved attention implementation.
 
     Returns the model on ``device`` in ``dtype`` (trainable master weights should stay float32;
-    generation and reference scoring may use bfloat16 on GPU).
+    generation and reference scoring may use bfloat16 on GPU). ``attn_device`` is the device the
+    model will run on when it differs from ``device`` (FSDP loads on CPU, shards, then moves), so
+    ``attn="auto"`` picks the kernel for the right device.
     """
     from transformers import AutoModelForCausalLM
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory not found: {path}")
     device = torch.device(device)
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=resolve_attn(attn, device),
+    attn_device = torch.device(attn_device) if attn_device is not None else None
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=resolve_attn(attn, attn_device or device),
                                                  dtype=dtype, trust_remote_code=trust_remote_code)
-    model.config.use_cache = False
     return model.to(device)
 
 
@@ -125,6 +145,8 @@ class PolicyWithLoss(nn.Module):
     given at construction) with the LM-head weight as seen *inside* this forward, i.e. unsharded
     under ``fully_shard``. Under autocast the hidden states and a copy of the head go to the loss in
     the autocast dtype (the fused op wants one dtype; gradients still reach the float32 weights).
+    ``forward(lm_inputs={...})`` instead runs the whole causal LM on those keyword arguments (used
+    to sample from the policy on-policy, where the sharded parameters must be gathered the same way).
     """
 
     def __init__(self, causal_lm: nn.Module, loss_fn: Callable, *, autocast_dtype: torch.dtype | None = None):
@@ -133,7 +155,13 @@ class PolicyWithLoss(nn.Module):
         self.loss_fn = loss_fn
         self.autocast_dtype = autocast_dtype
 
-    def forward(self, batch: Batch, loss_fn: Callable | None = None, **loss_kwargs):
+    def forward(self, batch: Batch | None = None, loss_fn: Callable | None = None, *, lm_inputs: dict | None = None,
+                **loss_kwargs):
+        if lm_inputs is not None:  # a plain causal-LM call (decoding), still inside the sharded root's forward
+            device_type = lm_inputs["input_ids"].device.type
+            with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16,
+                                enabled=self.autocast_dtype is not None):
+                return self.causal_lm(**lm_inputs)
         device_type = batch.input_ids.device.type
         with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):

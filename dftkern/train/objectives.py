@@ -68,12 +68,15 @@ class ObjectiveConfig:
     beta: float = 0.1
     simpo_gamma: float = 0.5
     unlikelihood_alpha: float = 1.0
-    baseline: str = "mean"
+    baseline: str | float = "mean"
     average: bool = False
 
     def __post_init__(self):
         if self.loss not in LOSS_SPECS:
             raise ValueError(f"loss must be one of {LOSS_NAMES}, got {self.loss!r}")
+        if self.baseline not in ("mean", "none") and (isinstance(self.baseline, bool)
+                                                       or not isinstance(self.baseline, (int, float))):
+            raise ValueError(f"baseline must be 'mean', 'none' or a number, got {self.baseline!r}")
 
     @property
     def spec(self) -> LossSpec:
@@ -115,12 +118,15 @@ class Objective:
 
     ``stats`` holds detached 0-d float tensors: ``pos_logp`` / ``neg_logp`` (mean sequence log-prob of the
     positives / negatives in the batch), and per family ``omega_mean``, ``omega_max``, ``u_mean``
-    (DFT), ``margin_mean`` (pairwise), ``reward_mean`` (group).
+    (DFT), ``margin_mean`` (pairwise), ``reward_mean`` (group: mean reward of the sampled rows);
+    with ``positive_first=False`` ``sample_logp`` replaces ``pos_logp``/``neg_logp``.
     """
 
-    def __init__(self, config: ObjectiveConfig):
+    def __init__(self, config: ObjectiveConfig, *, positive_first: bool = True):
+        """``positive_first=False``: rows are all samples (on-policy group losses), no good answer in row 0."""
         self.config = config
         self.spec = config.spec
+        self.positive_first = positive_first
 
     @property
     def rows(self) -> list[int] | None:
@@ -166,5 +172,7 @@ class Objective:
             hidden, weight, batch.labels, loss=cfg.loss, beta=cfg.beta, rewards=batch.rewards,
             average=cfg.average, baseline=cfg.baseline, cu_seqlens=batch.cu_seqlens, **common)
         seq = stats["seq_logps"].view(g, n)
+        if not self.positive_first:
+            return loss, {"sample_logp": seq.mean(), "reward_mean": batch.rewards.mean()}
         return loss, {"pos_logp": seq[:, 0].mean(), "neg_logp": seq[:, 1:].mean(),
                       "reward_mean": batch.rewards[:, 1:].mean()}

@@ -11,14 +11,15 @@ __all__ = ["read_metrics", "plot_metrics"]
 # (metric keys drawn together, panel title); panels whose keys never appear are skipped
 _PANELS = (
     (("loss",), "loss"),
-    (("pos_logp", "neg_logp", "eval_pos_logp"), "sequence log-prob"),
+    (("pos_logp", "neg_logp", "sample_logp", "eval_pos_logp"), "sequence log-prob"),
     (("omega_mean", "omega_max"), "DFT weights omega"),
     (("u_mean",), "DFT state u (mean)"),
     (("margin_mean",), "pairwise margin"),
-    (("reward_mean",), "reward"),
+    (("reward_mean", "sample_reward"), "reward"),
     (("lr",), "learning rate"),
     (("grad_norm",), "grad norm (before clipping)"),
     (("tokens_per_s",), "tokens / s"),
+    (("peak_mem_mb",), "peak memory (MiB)"),
 )
 
 

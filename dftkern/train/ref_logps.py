@@ -24,9 +24,25 @@ from tqdm.auto import tqdm
 
 import dftkern
 
-from .data import (IGNORE_INDEX, TrainExample, build_examples, collate, examples_fingerprint, read_prompt_records,
-                   read_sample_records, shifted_labels)
-from .model import backbone_hidden, lm_head_params, load_causal_lm, load_tokenizer, logit_softcap, resolve_device
+from .data import (
+    IGNORE_INDEX,
+    TrainExample,
+    build_examples,
+    collate,
+    examples_fingerprint,
+    read_prompt_records,
+    read_sample_records,
+    shifted_labels,
+)
+from .model import (
+    backbone_hidden,
+    lm_head_params,
+    load_causal_lm,
+    load_tokenizer,
+    logit_softcap,
+    resolve_device,
+    use_packing,
+)
 from .util import require_single_process, resolve_dtype
 
 __all__ = ["RefLogpsConfig", "cache_path", "score_examples", "compute_ref_logps", "attach_ref_logps"]
@@ -55,13 +71,6 @@ class RefLogpsConfig:
 def cache_path(directory: str | os.PathLike, fingerprint: str) -> Path:
     """Where the cache for rows with this fingerprint lives in ``directory``."""
     return Path(directory) / f"ref_logps-{fingerprint[:16]}.safetensors"
-
-
-def use_packing(packing: str, attn_implementation: str) -> bool:
-    """``"auto"`` packs exactly when FlashAttention-2 is the attention kernel."""
-    if packing not in ("auto", "on", "off"):
-        raise ValueError(f"packing must be 'auto', 'on' or 'off', got {packing!r}")
-    return packing == "on" or (packing == "auto" and attn_implementation == "flash_attention_2")
 
 
 @torch.no_grad()

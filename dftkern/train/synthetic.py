@@ -34,11 +34,11 @@ _PROMPT_RE = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*=\s*$")
 
 def make_addition_records(num_records: int, *, max_digits: int = 3, seed: int = 0,
                           id_prefix: str = "add", exclude: set[tuple[int, int]] | None = None) -> list[dict]:
-    """Random addition problems ``a+b=`` with answer ``a+b``; operands have 1..``max_digits`` digits.
+    """Random addition problems ``a+b=`` with answer ``a+b``; operands have at most ``max_digits`` digits.
 
     Args:
         num_records: how many distinct problems to draw.
-        max_digits: the largest operand has this many digits (digit counts are drawn uniformly).
+        max_digits: each operand is drawn uniformly below ``10**d`` with ``d`` uniform in 1..max_digits.
         seed: RNG seed (Python ``random``; the records depend on nothing else).
         id_prefix: records get ids ``f"{id_prefix}-{i}"``.
         exclude: operand pairs that must not appear (e.g. the training set when drawing a held-out set).
@@ -107,7 +107,7 @@ def build_char_tokenizer(alphabet: str = ADDITION_ALPHABET, save_dir: str | Path
 def make_tiny_llama(tokenizer, *, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
                     intermediate_size: int | None = None, max_positions: int = 64, seed: int = 0,
                     save_dir: str | Path | None = None):
-    """A random-init ``LlamaForCausalLM`` sized for a 2-core CPU (about 0.8M parameters by default).
+    """A random-init ``LlamaForCausalLM`` sized for a 2-core CPU (1.05M parameters by default).
 
     The embedding and LM head are tied; the vocabulary and special-token ids come from ``tokenizer``.
     When ``save_dir`` is given, the model (safetensors) and the tokenizer are saved there, so the

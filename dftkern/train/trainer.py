@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import time
 from collections.abc import Callable
@@ -27,15 +26,47 @@ from tqdm.auto import tqdm
 
 import dftkern
 
-from .checkpoint import capture_rng_state, latest_checkpoint, read_trainer_state, restore_rng_state, \
-    write_checkpoint
-from .data import (Batch, ExampleOrder, TrainExample, build_examples, collate, examples_fingerprint,
-                   read_prompt_records, read_sample_records)
-from .distributed import (DistContext, full_model_state_dict, full_optimizer_state_dict, gather_objects,
-                          init_distributed, load_optimizer_state, shard_model)
-from .model import PolicyWithLoss, load_causal_lm, load_tokenizer, score_rows
+from .checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    read_trainer_state,
+    restore_rng_state,
+    write_checkpoint,
+)
+from .data import (
+    Batch,
+    ExampleOrder,
+    TrainExample,
+    build_examples,
+    collate,
+    examples_fingerprint,
+    read_prompt_records,
+    read_sample_records,
+)
+from .distributed import (
+    DistContext,
+    full_model_state_dict,
+    full_optimizer_state_dict,
+    gather_objects,
+    init_distributed,
+    load_optimizer_state,
+    shard_model,
+)
+from .model import (
+    PolicyWithLoss,
+    load_causal_lm,
+    load_tokenizer,
+    score_rows,
+    use_packing,
+)
 from .objectives import LOSS_NAMES, Objective, ObjectiveConfig
-from .ref_logps import attach_ref_logps, cache_path, use_packing
+from .onpolicy import (
+    ON_POLICY_LOSSES,
+    OfflineExamples,
+    OnPolicyConfig,
+    OnPolicyExamples,
+)
+from .ref_logps import attach_ref_logps, cache_path
 from .util import atomic_write_json
 
 __all__ = ["TrainConfig", "TrainResult", "train", "warmup_cosine"]
@@ -77,7 +108,7 @@ class TrainConfig:
     beta: float = 0.1
     simpo_gamma: float = 0.5
     unlikelihood_alpha: float = 1.0
-    baseline: str = "mean"
+    baseline: str | float = "mean"
     average: bool = False
     dft_u_init: float = 0.0
     # system
@@ -96,6 +127,16 @@ class TrainConfig:
     eval_every: int | None = None
     resume: str | None = None
     stop_after: int | None = None
+    # on-policy (sample from the current policy every refresh_every steps, score with reward)
+    on_policy: bool = False
+    reward: str | None = None
+    samples_per_prompt: int = 4
+    refresh_every: int = 1
+    sample_max_new_tokens: int = 128
+    sample_temperature: float = 1.0
+    sample_top_k: int = 0
+    sample_top_p: float = 1.0
+    generation_batch_size: int = 64
     plot: bool = True
     progress: bool = True
 
@@ -121,6 +162,25 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        self.objective_config()  # validates the loss hyper-parameters
+        if self.on_policy:
+            if not self.reward:
+                raise ValueError("on_policy needs reward='module:function' (--reward) to score the samples")
+            if self.loss not in ON_POLICY_LOSSES:
+                raise ValueError(f"on_policy supports the losses {ON_POLICY_LOSSES}, not {self.loss!r}")
+            if self.negatives or self.ref_logps:
+                raise ValueError("on_policy samples its own negatives and uses the sampler's log-probs as the "
+                                 "reference: drop negatives/ref_logps (--negatives/--ref-logps)")
+            self.on_policy_config()  # validates the sampling settings
+        elif self.reward:
+            raise ValueError("reward (--reward) is only used with on_policy (--on-policy); for offline group "
+                             "losses, score the negatives in the generate stage (generate --reward)")
+
+    def on_policy_config(self) -> OnPolicyConfig:
+        return OnPolicyConfig(reward=self.reward, samples_per_prompt=self.samples_per_prompt,
+                              refresh_every=self.refresh_every, max_new_tokens=self.sample_max_new_tokens,
+                              temperature=self.sample_temperature, top_k=self.sample_top_k,
+                              top_p=self.sample_top_p, generation_batch_size=self.generation_batch_size)
 
     def objective_config(self) -> ObjectiveConfig:
         return ObjectiveConfig(loss=self.loss, tau=self.tau, gamma=self.gamma, beta=self.beta,
@@ -256,10 +316,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
     if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
                                    and torch.cuda.is_bf16_supported()):
         autocast_dtype = torch.bfloat16
-    source = str(resume_from) if resume_from else cfg.model
-    tokenizer = load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
-    causal_lm = load_causal_lm(source, attn=cfg.attn, device=device, dtype=torch.float32,
-                               trust_remote_code=cfg.trust_remote_code)
+    model_dir = str(resume_from) if resume_from else cfg.model
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
+    # under FSDP2 every rank loads on CPU, shards, then moves only its shard to the device
+    causal_lm = load_causal_lm(model_dir, attn=cfg.attn, device="cpu" if ctx.distributed else device,
+                               attn_device=device, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
     packed = use_packing(cfg.packing, causal_lm.config._attn_implementation)
     if cfg.gradient_checkpointing:
         if hasattr(causal_lm, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -268,24 +329,38 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
             causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     causal_lm.train()
 
-    objective = Objective(cfg.objective_config())
-    examples = load_training_examples(cfg, tokenizer, objective)
+    objective = Objective(cfg.objective_config(),
+                          positive_first=not (cfg.on_policy and cfg.objective_config().spec.family == "group"))
+    if cfg.on_policy:
+        records = read_prompt_records(cfg.data)
+        num_examples = len(records)
+    else:
+        offline = OfflineExamples(load_training_examples(cfg, tokenizer, objective))
+        num_examples = offline.num_examples
     heldout = None
     if cfg.eval_data:
         heldout = build_examples(tokenizer, read_prompt_records(cfg.eval_data), max_length=cfg.max_length,
                                  use_chat_template=cfg.use_chat_template)
     state = None
     if objective.spec.family == "dft":
-        state = dftkern.DFTState(len(examples), init=cfg.dft_u_init).to(device)
+        state = dftkern.DFTState(num_examples, init=cfg.dft_u_init).to(device)
 
     wrapper = PolicyWithLoss(causal_lm, objective, autocast_dtype=autocast_dtype)
     if ctx.distributed:
         shard_model(wrapper, causal_lm)
+        wrapper.to(device)
     optimizer = torch.optim.AdamW(_param_groups(wrapper, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    order = ExampleOrder(len(examples), cfg.batch_size, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
+    order = ExampleOrder(num_examples, cfg.batch_size, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
                          shuffle=cfg.shuffle)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.batches_per_epoch / cfg.grad_accum))
+    if cfg.on_policy:
+        source = OnPolicyExamples(cfg.on_policy_config(), records, tokenizer, objective, order,
+                                  grad_accum=cfg.grad_accum, total_steps=total_steps, seed=cfg.seed,
+                                  max_length=cfg.max_length, use_chat_template=cfg.use_chat_template,
+                                  wrapper=wrapper, causal_lm=causal_lm, ctx=ctx, packed=packed)
+    else:
+        source = offline
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup, cfg.min_lr_ratio))
 
@@ -299,22 +374,25 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         if state is not None:
             state.load_state_dict(resumed["dft_state"])
         restore_rng_state(resumed["rng"][ctx.rank])
+        source.load_state_dict(resumed["source"][ctx.rank])
         step, micro_batch = resumed["step"], resumed["micro_batch"]
     if ctx.is_main:
         atomic_write_json(run_dir / "train_config.json",
                           dict(asdict(cfg), world_size=ctx.world_size, packed=packed,
                                attn=causal_lm.config._attn_implementation, total_steps=total_steps,
-                               num_examples=len(examples), dftkern_version=getattr(dftkern, "__version__", None)))
+                               num_examples=num_examples, dftkern_version=getattr(dftkern, "__version__", None)))
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=step if resumed else None)
 
     def save(at_step: int) -> Path:
         model_state = full_model_state_dict(wrapper, ctx)
         optim_state = full_optimizer_state_dict(wrapper, optimizer, ctx)
         rng_states = gather_objects(capture_rng_state(), ctx)
+        source_states = gather_objects(source.state_dict(), ctx)
         path = None
         if ctx.is_main:
             trainer_state = {"step": at_step, "micro_batch": micro_batch, "optimizer": optim_state,
-                             "scheduler": scheduler.state_dict(), "rng": rng_states, "world_size": ctx.world_size,
+                             "scheduler": scheduler.state_dict(), "rng": rng_states, "source": source_states,
+                             "world_size": ctx.world_size,
                              "dft_state": state.state_dict() if state is not None else None,
                              "config": asdict(cfg)}
             path = write_checkpoint(run_dir, at_step, causal_lm=causal_lm, model_state=model_state,
@@ -330,9 +408,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
     final_checkpoint = resume_from
     while step < total_steps:
         started = time.perf_counter()
+        sampling_stats = source.before_step(step, micro_batch)  # on-policy: fresh samples when a window starts
         losses, step_stats, tokens = [], {}, 0
         for _ in range(cfg.grad_accum):
-            batch: Batch = collate([examples[i] for i in order.batch(micro_batch)], **collate_kwargs).to(device)
+            batch: Batch = collate(source.examples(order.batch(micro_batch)), **collate_kwargs).to(device)
             micro_batch += 1
             loss, stats = wrapper(batch, state=state)
             (loss / cfg.grad_accum).backward()
@@ -350,7 +429,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         step += 1
         elapsed = time.perf_counter() - started
 
-        local = {"loss": torch.stack(losses).mean()}
+        local = {"loss": torch.stack(losses).mean(), **sampling_stats}
         local.update({k: torch.stack(v).max() if k.endswith("_max") else torch.stack(v).mean()
                       for k, v in step_stats.items()})
         record = {"step": step, **ctx.reduce(local), "lr": lr, "grad_norm": float(grad_norm),
@@ -377,5 +456,5 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
     if ctx.is_main and cfg.plot and (run_dir / "metrics.jsonl").exists():
         from .plotting import plot_metrics
 
-        plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{cfg.loss}: {run_dir.name}")
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{run_dir.name} (loss {cfg.loss})")
     return TrainResult(run_dir, Path(final_checkpoint), step, last_metrics)

@@ -7,36 +7,21 @@ the reference log-prob cache of the base model.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+HERE = Path(__file__).resolve().parent
+for path in (HERE.parents[1], HERE):  # `import dftkern`, `import train_helpers`
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
-import transformers  # noqa: E402
+import transformers
+from train_helpers import write_jsonl
 
 transformers.utils.logging.disable_progress_bar()
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return path
-
-
-def subprocess_env() -> dict:
-    """Environment for child processes: the repo importable, quiet progress bars, no GPU."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 @pytest.fixture(autouse=True)

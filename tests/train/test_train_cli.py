@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import subprocess_env, write_jsonl
+from train_helpers import subprocess_env, write_jsonl
 
 from dftkern.train.cli import build_parser, main
 

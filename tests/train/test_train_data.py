@@ -6,11 +6,24 @@ import json
 
 import pytest
 import torch
-from conftest import write_jsonl
+from train_helpers import write_jsonl
 
-from dftkern.train.data import (IGNORE_INDEX, DataError, ExampleOrder, PromptRecord, Row, build_examples, collate,
-                                encode_prompt, encode_response, examples_fingerprint, make_row, read_prompt_records,
-                                read_sample_records, shifted_labels)
+from dftkern.train.data import (
+    IGNORE_INDEX,
+    DataError,
+    ExampleOrder,
+    PromptRecord,
+    Row,
+    build_examples,
+    collate,
+    encode_prompt,
+    encode_response,
+    examples_fingerprint,
+    make_row,
+    read_prompt_records,
+    read_sample_records,
+    shifted_labels,
+)
 
 # --------------------------------------------------------------------------------------------- records
 

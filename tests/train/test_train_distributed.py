@@ -15,8 +15,8 @@ import sys
 
 import pytest
 import torch
-from conftest import subprocess_env
 from safetensors.torch import load_file
+from train_helpers import subprocess_env
 
 from dftkern.train.checkpoint import read_trainer_state
 from dftkern.train.trainer import TrainConfig, train
@@ -45,7 +45,8 @@ def test_torchrun_two_processes_match_one_process_with_double_batch(workspace, t
                                out=str(tmp_path / "single"), loss="dft", batch_size=4, max_steps=3, lr=1e-3,
                                device="cpu", progress=False, plot=False))
     fsdp_ckpt = tmp_path / "fsdp" / "checkpoints" / "step-00000003"
-    a, b = load_file(str(fsdp_ckpt / "model.safetensors")), load_file(str(single.final_checkpoint / "model.safetensors"))
+    a = load_file(str(fsdp_ckpt / "model.safetensors"))
+    b = load_file(str(single.final_checkpoint / "model.safetensors"))
     assert a.keys() == b.keys()  # tied LM head saved once, as in a plain save_pretrained
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=2e-5)
@@ -70,22 +71,37 @@ def _resume_worker(rank: int, port: int, root: str, ws: dict, results) -> None:
         full = train(TrainConfig(out=f"{root}/full", **common))
         train(TrainConfig(out=f"{root}/split", stop_after=2, **common))
         resumed = train(TrainConfig(out=f"{root}/split", resume="auto", **common))
+        common.pop("negatives")  # on-policy: samples drawn through the sharded model, in lockstep
+        on_policy = train(TrainConfig(out=f"{root}/on_policy", on_policy=True, samples_per_prompt=2,
+                                      sample_max_new_tokens=4, reward="dftkern.train.synthetic:addition_reward",
+                                      **dict(common, max_steps=2)))
         if rank == 0:
-            results.put((str(full.final_checkpoint), str(resumed.final_checkpoint), resumed.steps))
+            results.put((str(full.final_checkpoint), str(resumed.final_checkpoint), resumed.steps,
+                         str(on_policy.final_checkpoint)))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_fsdp_run_stopped_and_resumed_matches_uninterrupted_run(workspace, tmp_path):
+def test_fsdp_resume_and_on_policy_sampling(workspace, tmp_path):
+    """Under 2-process FSDP2: a stopped-and-resumed run equals an uninterrupted one bit for bit, and
+    on-policy DFT (sampling through the sharded model) matches 1 process with double batch (sample
+    seeds depend on the prompt, not on the rank)."""
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.SimpleQueue()
     ws = {"model": str(workspace.model), "data": str(workspace.data), "negatives": str(workspace.negatives)}
     torch.multiprocessing.start_processes(_resume_worker, args=(_free_port(), str(tmp_path), ws, results), nprocs=2,
                                           start_method="spawn")
-    full, resumed, steps = results.get()
+    full, resumed, steps, on_policy = results.get()
     assert steps == 4 and full.endswith("step-00000004") and resumed.endswith("step-00000004")
     a, b = load_file(f"{full}/model.safetensors"), load_file(f"{resumed}/model.safetensors")
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert torch.equal(read_trainer_state(full)["dft_state"]["u"], read_trainer_state(resumed)["dft_state"]["u"])
+    single = train(TrainConfig(model=ws["model"], data=ws["data"], out=str(tmp_path / "on_policy_single"), loss="dft",
+                               batch_size=4, max_steps=2, lr=1e-3, device="cpu", progress=False, plot=False,
+                               on_policy=True, samples_per_prompt=2, sample_max_new_tokens=4,
+                               reward="dftkern.train.synthetic:addition_reward"))
+    a, b = load_file(f"{on_policy}/model.safetensors"), load_file(str(single.final_checkpoint / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=2e-5)

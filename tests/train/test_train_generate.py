@@ -7,7 +7,13 @@ import json
 import pytest
 import torch
 
-from dftkern.train.generate import GenerateConfig, SamplingConfig, _filter_logits, decode, generate_samples
+from dftkern.train.generate import (
+    GenerateConfig,
+    SamplingConfig,
+    _filter_logits,
+    decode,
+    generate_samples,
+)
 from dftkern.train.model import load_causal_lm
 
 

@@ -13,11 +13,17 @@ import torch
 import torch.nn.functional as F
 
 import dftkern
-from dftkern.train.data import IGNORE_INDEX, build_examples, collate, read_prompt_records, read_sample_records
+from dftkern.train.data import (
+    IGNORE_INDEX,
+    build_examples,
+    collate,
+    examples_fingerprint,
+    read_prompt_records,
+    read_sample_records,
+)
 from dftkern.train.model import PolicyWithLoss, load_causal_lm
 from dftkern.train.objectives import LOSS_NAMES, Objective, ObjectiveConfig
 from dftkern.train.ref_logps import attach_ref_logps, cache_path
-from dftkern.train.data import examples_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +81,7 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(model, examp
     for packed in (False, True):
         model.zero_grad(set_to_none=True)
         state = dftkern.DFTState(len(examples)) if objective.spec.family == "dft" else None
-        value, stats = wrapper(_batch(examples[:5], objective, packed), state=state)
+        value, _ = wrapper(_batch(examples[:5], objective, packed), state=state)
         value.backward()
         grads = [p.grad.clone() for p in model.parameters()]
         results.append((value.detach(), grads, state.u.clone() if state else None))
@@ -155,9 +161,21 @@ def test_rloo_objective_uses_stored_rewards(model, examples):
     torch.testing.assert_close(value.detach(), -(advantage * s).mean(1).mean(), rtol=1e-4, atol=1e-5)
 
 
+def test_reinforce_with_a_constant_baseline(model, examples):
+    objective = Objective(ObjectiveConfig(loss="reinforce", baseline=0.25))
+    batch = _batch(examples[:3], objective, packed=False)
+    value, _ = PolicyWithLoss(model, objective)(batch)
+    with torch.no_grad():
+        s = full_logit_seq_logps(model, batch).view(3, 3)
+    rewards = torch.tensor([e.rewards for e in examples[:3]])
+    torch.testing.assert_close(value.detach(), -((rewards - 0.25) * s).mean(1).mean(), rtol=1e-4, atol=1e-5)
+
+
 def test_objective_config_rejects_unknown_losses():
     assert set(LOSS_NAMES) >= {"dft", "dft2", "sft", "dpo", "ipo", "simpo", "rwr", "reinforce", "rloo"}
     with pytest.raises(ValueError, match="loss must be one of"):
         ObjectiveConfig(loss="ppo")
+    with pytest.raises(ValueError, match="baseline must be 'mean', 'none' or a number"):
+        ObjectiveConfig(loss="reinforce", baseline="avg")
     assert ObjectiveConfig(loss="dft2").dft_hparams() == (0.3, 0.9)
     assert ObjectiveConfig(loss="dft", tau=2.0).dft_hparams() == (2.0, 0.85)

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from dftkern.train import synthetic
-from dftkern.train.checkpoint import latest_checkpoint, list_checkpoints, write_checkpoint
+from dftkern.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    write_checkpoint,
+)
 from dftkern.train.util import derive_seed, exact_match, load_callable
 
 

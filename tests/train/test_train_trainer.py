@@ -7,10 +7,14 @@ import math
 
 import pytest
 import torch
-from conftest import write_jsonl
 from safetensors.torch import load_file
+from train_helpers import write_jsonl
 
-from dftkern.train.checkpoint import latest_checkpoint, list_checkpoints, read_trainer_state
+from dftkern.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    read_trainer_state,
+)
 from dftkern.train.trainer import TrainConfig, train, warmup_cosine
 
 
