@@ -372,6 +372,16 @@ def _build_dftkern_token(backend: str) -> Callable[[TokenProblem], Built]:
     return build
 
 
+def _build_dftkern_ce(backend: str) -> Callable[[TokenProblem], Built]:
+    def build(p: TokenProblem) -> Built:
+        from dftkern import fused_linear_cross_entropy
+
+        def loss() -> torch.Tensor:
+            return fused_linear_cross_entropy(p.hidden, p.weight, p.labels, reduction="mean", backend=backend)
+        return loss, (p.hidden, p.weight)
+    return build
+
+
 def _build_naive_token(p: TokenProblem) -> Built:
     return (lambda: _naive_token_loss(p.hidden, p.weight, p.labels)), (p.hidden, p.weight)
 
@@ -436,6 +446,14 @@ def token_implementations() -> list[Implementation]:
                        f"dftkern.fused_linear_logprobs(backend='{backend}'), mean of -logp",
                        _dftkern_check(backend), _build_dftkern_token(backend), _chunked_workspace,
                        options={"backend": backend})
+        for backend in ("triton", "torch")
+    ]
+    rows += [
+        Implementation(f"dftkern-{backend}-ce", "dftkern",
+                       f"dftkern.fused_linear_cross_entropy(backend='{backend}'): mean CE, gradients in the "
+                       "forward (6NHV)",
+                       _dftkern_check(backend), _build_dftkern_ce(backend), _chunked_workspace,
+                       options={"backend": backend, "schedule": "fused"})
         for backend in ("triton", "torch")
     ]
     rows += [

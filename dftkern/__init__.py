@@ -8,7 +8,7 @@ Layers (dependencies point down):
     dftkern.kernels                          pure Triton kernels
 """
 
-from .functional import fused_linear_logprobs, grouped_sequence_loss, sequence_logprobs
+from .functional import fused_linear_cross_entropy, fused_linear_logprobs, grouped_sequence_loss, sequence_logprobs
 from .losses import DFTState, fused_dft_loss, fused_preference_loss
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "DFTState",
     "fused_preference_loss",
     "grouped_sequence_loss",
+    "fused_linear_cross_entropy",
 ]
 
 __version__ = "0.1.0"

@@ -30,6 +30,7 @@ from .engines import LogitTransform, MatmulOps, TorchRowEngine, TritonRowEngine
 
 __all__ = [
     "fused_linear_logprobs",
+    "fused_linear_cross_entropy",
     "sequence_logprobs",
     "grouped_sequence_loss",
     "RowLayout",
@@ -137,6 +138,73 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     logp = _LinearLogprobs.apply(hidden2d, weight, bias, labels.reshape(-1), tf, engine, budget)
     return logp.view(labels.shape)
+
+
+class _FusedTokenCrossEntropy(torch.autograd.Function):
+    """``-scale * sum_t logp_t`` with its gradients computed inside the forward (6NHV)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, tf, engine, chunk_ranges, scale):
+        def head(c: int, logp_chunk: torch.Tensor) -> torch.Tensor:
+            return (-scale).to(logp_chunk.dtype).expand_as(logp_chunk)
+
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        logp, grad_h, grad_w, grad_b = forward_with_grad(hidden, weight, bias, labels, tf, engine, chunk_ranges,
+                                                         head, need_hidden=need_h, need_weight=need_w,
+                                                         need_bias=need_b)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return -(logp.sum() * scale.to(logp.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
+        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                               reduction: str = "mean", bias: torch.Tensor | None = None,
+                               ignore_index: int = -100, temperature: float = 1.0,
+                               softcap: float | None = None, backend: str = "auto",
+                               chunk_bytes: int | None = None, validate: bool | None = None) -> torch.Tensor:
+    """Cross-entropy ``-log p(label)`` of the fused head, reduced to a scalar: the SFT token loss.
+
+    Because the loss is a scalar, its gradient w.r.t. every log-prob is known in the forward, so
+    the gradients are computed there from the same logits (6NHV, the matmul floor) and backward
+    only scales them — unlike :func:`fused_linear_logprobs` (8NHV), which accepts any upstream
+    gradient.
+
+    Args:
+        as :func:`fused_linear_logprobs`; reduction: "mean" (over non-ignored tokens; 0 when there
+        are none), "sum", or "none" (per-token ``-logp``, through :func:`fused_linear_logprobs`).
+    Returns:
+        float32 scalar (``labels.shape`` for "none").
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if reduction == "none":
+        return -fused_linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                                      temperature=temperature, softcap=softcap, backend=backend,
+                                      chunk_bytes=chunk_bytes, validate=validate)
+    labels, engine, budget, tf = _prepare(hidden, weight, labels, bias, ignore_index, temperature, softcap,
+                                          backend, chunk_bytes, validate)
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    labels1d = labels.reshape(-1)
+    acc_dtype = MatmulOps(weight).acc_dtype
+    if reduction == "mean":  # a device tensor: no host sync
+        scale = 1.0 / (labels1d != ignore_index).sum().clamp_min(1).to(acc_dtype)
+    else:
+        scale = torch.ones((), dtype=acc_dtype, device=hidden.device)
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if not wants_grad:
+        with torch.no_grad():
+            logp, _ = forward_logprobs(hidden2d, weight, bias, labels1d, tf, engine, budget)
+        return -(logp.sum() * scale).float() if logp.dtype != torch.float64 else -(logp.sum() * scale)
+    ops = MatmulOps(weight)
+    rows = rows_per_chunk(budget, bytes_per_token_row(weight.shape[0], ops, engine.name, tf, bias is not None))
+    n_tokens = hidden2d.shape[0]
+    chunk_ranges = [(t0, min(t0 + rows, n_tokens)) for t0 in range(0, n_tokens, rows)] or [(0, 0)]
+    return _FusedTokenCrossEntropy.apply(hidden2d, weight, bias, labels1d, tf, engine, chunk_ranges, scale)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,209 @@
+"""Tests of the synthetic length study (``python -m dftkern.experiments.length_study``).
+
+* the two length rewards (values, peak, validation, environment fallback) and the modal length;
+* the offline inputs built from reference samples follow the trainer's on-policy row rule;
+* the on-policy arm really resamples from the current policy: reward calls happen in bursts of
+  ``B * n`` separated by exactly ``refresh_every`` optimizer steps (counted on ``AdamW.step``);
+* ``--quick`` end to end through the command line: files, table, sample counts, timing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dftkern.experiments import length_study as ls
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _clear_mode_target():
+    ls.set_mode_length_target(None)
+    yield
+    ls.set_mode_length_target(None)
+
+
+# --------------------------------------------------------------------------------------
+# rewards
+# --------------------------------------------------------------------------------------
+
+
+def test_min_length_reward_is_minus_the_number_of_characters():
+    assert ls.min_length_reward("12+3=", "") == 0.0
+    assert ls.min_length_reward("12+3=", "15") == -2.0
+    assert ls.min_length_reward("12+3=", "1234", "15") == -4.0
+    with pytest.raises(TypeError, match="response must be a str"):
+        ls.min_length_reward("12+3=", None)
+
+
+def test_mode_length_reward_is_peaked_at_the_target():
+    ls.set_mode_length_target(3, width=1.0)
+    values = {n: ls.mode_length_reward("1+2=", "7" * n) for n in range(7)}
+    assert values[3] == 1.0
+    assert values[2] == pytest.approx(math.exp(-1)) and values[4] == pytest.approx(math.exp(-1))
+    assert values[0] == pytest.approx(math.exp(-9))
+    assert max(values, key=values.get) == 3
+    ls.set_mode_length_target(3, width=2.0)
+    assert ls.mode_length_reward("1+2=", "7") == pytest.approx(math.exp(-1))
+
+
+def test_mode_length_reward_needs_a_target_and_validates_it(monkeypatch):
+    monkeypatch.delenv("DFTKERN_LENGTH_MODE", raising=False)
+    with pytest.raises(ValueError, match="no target"):
+        ls.mode_length_reward("1+2=", "3")
+    monkeypatch.setenv("DFTKERN_LENGTH_MODE", "1")
+    assert ls.mode_length_reward("1+2=", "3") == 1.0
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="mode"):
+            ls.set_mode_length_target(bad)
+    with pytest.raises(ValueError, match="width"):
+        ls.set_mode_length_target(2, width=0.0)
+
+
+def test_modal_length_and_call_counter():
+    assert ls.modal_length([3, 2, 3, 1]) == 3
+    assert ls.modal_length([2, 3, 3, 2]) == 2  # ties: the smaller length
+    with pytest.raises(ValueError, match="empty"):
+        ls.modal_length([])
+    before = ls.reward_call_count("min_length")
+    ls.min_length_reward("", "12")
+    assert ls.reward_call_count("min_length") == before + 1
+    with pytest.raises(ValueError, match="name must be one of"):
+        ls.reward_call_count("length")
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        ls.LengthStudyConfig(samples_per_prompt=1).resolved()
+    with pytest.raises(ValueError, match="rewards"):
+        ls.LengthStudyConfig(rewards=("max_length",)).resolved()
+    with pytest.raises(ValueError, match="lr must map every loss"):
+        ls.LengthStudyConfig(lr={"dpo": 1e-4}).resolved()
+    assert ls.LengthStudyConfig(steps=40, num_checkpoints=4).resolved().checkpoint_steps() == [0, 10, 20, 30, 40]
+
+
+# --------------------------------------------------------------------------------------
+# offline inputs
+# --------------------------------------------------------------------------------------
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_offline_files_follow_the_on_policy_row_rule(tmp_path):
+    prompts = _write(tmp_path / "prompts.jsonl", [{"id": "a", "prompt": "12+30=", "response": "42"},
+                                                  {"id": "b", "prompt": "99+1=", "response": "100"}])
+    samples = _write(tmp_path / "samples.jsonl", [
+        {"prompt_id": "a", "responses": ["420", "4", "42"], "response_token_ids": [[7, 5, 3, 2], [7, 2], [7, 5, 2]]},
+        {"prompt_id": "b", "responses": ["100", "1000", "1000"],
+         "response_token_ids": [[4, 3, 3, 2], [4, 3, 3, 3, 2], [4, 3, 3, 3, 2]]}])
+    data, negatives = ls.build_offline_files("dpo", "min_length", prompts, samples, tmp_path / "dpo")
+    data_rows = [json.loads(x) for x in data.read_text().splitlines()]
+    neg_rows = [json.loads(x) for x in negatives.read_text().splitlines()]
+    # a: the sample "4" beats the data answer "42" -> chosen; worst = "420"
+    assert data_rows[0]["response"] == "4" and neg_rows[0]["responses"] == ["420"]
+    assert neg_rows[0]["response_token_ids"] == [[7, 5, 3, 2]] and neg_rows[0]["rewards"] == [-3.0]
+    # b: no sample beats "100" -> the data answer stays chosen; worst = first "1000"
+    assert data_rows[1]["response"] == "100" and neg_rows[1]["response_token_ids"] == [[4, 3, 3, 3, 2]]
+
+    data, negatives = ls.build_offline_files("reinforce", "min_length", prompts, samples, tmp_path / "rf")
+    data_rows = [json.loads(x) for x in data.read_text().splitlines()]
+    neg_rows = [json.loads(x) for x in negatives.read_text().splitlines()]
+    assert [r["response"] for r in data_rows] == ["420", "100"]  # sample 0 becomes row 0 of the group
+    assert neg_rows[0]["positive_reward"] == -3.0 and neg_rows[0]["rewards"] == [-1.0, -2.0]
+    assert neg_rows[1]["responses"] == ["1000", "1000"]
+
+
+# --------------------------------------------------------------------------------------
+# the study
+# --------------------------------------------------------------------------------------
+
+
+def test_on_policy_arm_resamples_from_the_current_policy(tmp_path, monkeypatch):
+    """Reward calls (sampling rounds) interleave with optimizer steps: one round of B*n samples per
+    ``refresh_every`` steps. The offline arm scores nothing while training."""
+    events: list[str] = []
+    original_step = torch.optim.AdamW.step
+
+    def counting_step(self, *args, **kwargs):
+        events.append("step")
+        return original_step(self, *args, **kwargs)
+
+    def recording_reward(prompt, response, reference=None):
+        events.append("reward")
+        return ls._REWARD_FUNCTIONS["min_length"](prompt, response, reference)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+    monkeypatch.setattr(ls, "min_length_reward", recording_reward)  # what the trainer loads by name
+    cfg = ls.LengthStudyConfig(out=str(tmp_path / "out"), work=str(tmp_path / "work"), quick=True,
+                               rewards=("min_length",), losses=("reinforce",), refresh_every=2)
+    results = ls.run_length_study(cfg)
+    resolved = cfg.resolved()
+    steps, per_round = resolved.steps, resolved.prompts_per_step * resolved.refresh_every * resolved.samples_per_prompt
+    assert steps == 4
+
+    # the reference warm-up's steps come first; then offline training (steps only), then on-policy
+    tail = events[events.index("reward"):]
+    rounds, run = [], 0
+    for event in tail:
+        if event == "reward":
+            run += 1
+        elif run:
+            rounds.append(run)
+            run = 0
+    assert rounds == [per_round] * (steps // resolved.refresh_every)
+    # between two rounds: exactly refresh_every optimizer steps
+    text = "".join("R" if e == "reward" else "S" for e in tail)
+    chunks = [c for c in text.split("R") if c]
+    assert chunks == ["S" * resolved.refresh_every] * (steps // resolved.refresh_every)
+    assert events.count("step") - tail.count("step") >= steps  # the offline run trained without scoring
+
+    scored = {r["arm"]: r["samples_scored"] for r in results["runs"]}
+    assert scored == {"offline": 0, "on_policy": steps * resolved.prompts_per_step * resolved.samples_per_prompt}
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end_through_the_command_line(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("DFTKERN_LENGTH_MODE", None)
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "dftkern.experiments.length_study", "--quick", "--out", str(out),
+                           "--work", str(work)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert seconds < 40, f"--quick took {seconds:.1f} s"
+    for name in ("results.md", "results.json", "reward_vs_steps.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    cfg = results["config"]
+    assert len(results["runs"]) == len(ls.LENGTH_REWARDS) * len(ls.LOSSES) * len(ls.ARMS)
+    table = (out / "results.md").read_text()
+    for reward in ls.LENGTH_REWARDS:
+        for loss in ls.LOSSES:
+            for arm in ("offline", "on-policy"):
+                assert f"| {reward} | {loss} | {arm} |" in table
+    reference = results["reference"]
+    assert reference["mode_length"] == ls.modal_length(
+        [int(k) for k, c in reference["length_histogram"].items() for _ in range(c)])
+    for run in results["runs"]:
+        # on-policy: n samples per prompt and step; DPO's pair rule also scores the data's answer once
+        per_prompt = cfg["samples_per_prompt"] + (1 if run["loss"] == "dpo" else 0)
+        expected = cfg["steps"] * cfg["prompts_per_step"] * per_prompt if run["arm"] == "on_policy" else 0
+        assert run["samples_scored"] == expected, run
+        # every arm starts from the reference model, evaluated on the same prompts and seeds
+        assert run["reward_at_step"]["0"] == pytest.approx(reference["reward"][run["reward"]])
+        assert all(math.isfinite(v) for v in run["reward_at_step"].values())
+    # the reference model is reused by a second invocation
+    assert (work / "reference" / "reference.json").exists()
