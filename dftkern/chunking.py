@@ -199,12 +199,12 @@ def backward_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                 if hidden_acc is None:
                     grad_hidden[t0:t1] = ops.grad_hidden(grad_x, v0, v1)
                 else:
-                    hidden_acc[t0:t1] += ops.grad_hidden(grad_x, v0, v1, accumulate=True)
+                    ops.accumulate_product(hidden_acc[t0:t1], grad_x, ops._weight_operand(v0, v1))
             if need_weight:
                 if weight_acc is None:
                     grad_weight[v0:v1] = ops.grad_weight(grad_x, h)
                 else:
-                    weight_acc += ops.grad_weight(grad_x, h, accumulate=True)
+                    ops.accumulate_product(weight_acc, grad_x.t(), ops._hidden_operand(h))
             if need_bias:
                 bias_acc += grad_x.sum(0, dtype=ops.acc_dtype)
             del logits, grad_x
@@ -258,7 +258,7 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
             if single:
                 grad_weight = ops.grad_weight(grad_x, h)
             else:
-                weight_acc += ops.grad_weight(grad_x, h, accumulate=True)
+                ops.accumulate_product(weight_acc, grad_x.t(), ops._hidden_operand(h))
         if need_bias:
             bias_acc += grad_x.sum(0, dtype=ops.acc_dtype)
         del logits, grad_x

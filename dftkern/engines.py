@@ -25,6 +25,9 @@ import torch
 
 __all__ = ["LogitTransform", "TorchRowEngine", "TritonRowEngine", "MatmulOps", "compute_dtype"]
 
+# Whether ``torch.addmm(fp32_acc, half, half, out_dtype=float32, out=fp32_acc)`` works (None: untried).
+_MIXED_ADDMM_IN_PLACE: bool | None = None
+
 
 @dataclass(frozen=True)
 class LogitTransform:
@@ -85,6 +88,22 @@ class MatmulOps:
         if self.native_mixed:
             return torch.mm(a, b, out_dtype=torch.float32)
         return torch.mm(a, b)
+
+    def accumulate_product(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """``acc += a @ b`` with ``acc`` in the compute dtype, in place (cuBLAS beta=1) where the
+        installed torch supports a half x half -> fp32 addmm into its input; else via a temporary."""
+        global _MIXED_ADDMM_IN_PLACE
+        if not self.native_mixed:
+            acc.addmm_(a, b)
+            return
+        if _MIXED_ADDMM_IN_PLACE is not False:
+            try:
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                _MIXED_ADDMM_IN_PLACE = True
+                return
+            except (RuntimeError, TypeError):
+                _MIXED_ADDMM_IN_PLACE = False
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
 
     def grad_hidden(self, grad_logits: torch.Tensor, v0: int = 0, v1: int | None = None,
                     accumulate: bool = False) -> torch.Tensor:

@@ -174,6 +174,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     only scales them — unlike :func:`fused_linear_logprobs` (8NHV), which accepts any upstream
     gradient.
 
+    Its default chunk budget is the sequence losses' (4 GiB on CUDA): fewer chunks mean fewer
+    passes over the fp32 ``dW`` accumulator.
+
     Args:
         as :func:`fused_linear_logprobs`; reduction: "mean" (over non-ignored tokens; 0 when there
         are none), "sum", or "none" (per-token ``-logp``, through :func:`fused_linear_logprobs`).
@@ -187,7 +190,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                       temperature=temperature, softcap=softcap, backend=backend,
                                       chunk_bytes=chunk_bytes, validate=validate)
     labels, engine, budget, tf = _prepare(hidden, weight, labels, bias, ignore_index, temperature, softcap,
-                                          backend, chunk_bytes, validate)
+                                          backend, chunk_bytes, validate, grouped=True)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     labels1d = labels.reshape(-1)
     acc_dtype = MatmulOps(weight).acc_dtype
