@@ -31,6 +31,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text}")
+    return value
+
+
 def _baseline(text: str):
     if text in ("mean", "none"):
         return text
@@ -70,9 +80,10 @@ def _add_generate(sub) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off (default)")
     p.add_argument("--seed", type=int, default=0, help="sample j of prompt p uses seed (seed, p, j) (default: 0)")
-    p.add_argument("--reward", default=None, metavar="MODULE:FUNCTION",
+    p.add_argument("--reward", default=None, metavar="NAME|MODULE:FUNCTION",
                    help="score samples with reward(prompt, response, reference) -> float (needed by rwr/"
-                        "reinforce/rloo), e.g. dftkern.train.synthetic:addition_reward")
+                        "reinforce/rloo): a built-in (exact_match, addition, neg_length, length_peak:MU[:WIDTH]) "
+                        "or MODULE:FUNCTION, e.g. dftkern.train.synthetic:addition_reward")
     p.add_argument("--limit", type=_positive_int, default=None, help="only the first N prompts")
     _add_model_options(p)
     return p
@@ -103,7 +114,8 @@ def _add_train(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (checkpoints/, metrics.jsonl, curves.png)")
     p.add_argument("--loss", default="dft", choices=LOSS_NAMES, help="training objective (default: dft)")
     p.add_argument("--negatives", default=None,
-                   help="generate stage output (every loss except sft, unless --on-policy)")
+                   help="generate stage output (every loss except sft, unless --on-policy; with --on-policy "
+                        "only for --offline-mix)")
     p.add_argument("--ref-logps", default=None,
                    help="reference log-prob cache file, or the directory holding it (default: next to --negatives)")
     p.add_argument("--num-negatives", type=_positive_int, default=None,
@@ -144,8 +156,14 @@ def _add_train(sub) -> argparse.ArgumentParser:
                          "current policy, score them with --reward; losses: reinforce, rloo, rwr (samples only), "
                          "dft/dft2 (fresh negatives), dpo/ipo/hinge/simpo/unlikelihood (online pairs); the "
                          "reference log-probs are the sampling policy's own")
-    op.add_argument("--reward", default=None, metavar="MODULE:FUNCTION",
-                    help="reward(prompt, response, reference) -> float for --on-policy")
+    op.add_argument("--reward", default=None, metavar="NAME",
+                    help="reward(prompt, response, reference) -> float for --on-policy: a built-in "
+                         "(exact_match, addition, neg_length = -characters, length_peak:MU[:WIDTH] = "
+                         "exp(-((characters-MU)/WIDTH)^2), WIDTH default 2) or MODULE:FUNCTION")
+    op.add_argument("--offline-mix", type=_fraction, default=0.0, metavar="FRACTION",
+                    help="fraction f in [0, 1) of every micro-batch's examples taken from the offline negatives "
+                         "(--negatives, and --ref-logps where the loss needs them) instead of fresh samples: "
+                         "floor(f * batch size) per micro-batch (default: 0 = all on-policy)")
     op.add_argument("--samples-per-prompt", type=_positive_int, default=4, help="n samples per prompt (default: 4)")
     op.add_argument("--refresh-every", type=_positive_int, default=1,
                     help="optimizer steps between sampling rounds (default: 1 = fully on-policy)")

@@ -5,7 +5,7 @@ Output: one line per prompt, written once all its K samples exist::
     {"prompt_id": "17", "prompt": "12+5=", "responses": ["17", ...], "response_token_ids": [[4, 10, 2], ...],
      "finished": [true, ...], "rewards": [1.0, ...], "positive_reward": 1.0}
 
-(``rewards``/``positive_reward`` only with ``--reward module:function``). Re-running the same command
+(``rewards``/``positive_reward`` only with ``--reward``: a built-in name or ``module:function``). Re-running the same command
 skips prompts already in the file (a torn last line from a killed run is dropped first). Settings
 are recorded in ``<out>.meta.json``; resuming with different settings is an error.
 
@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 
 from .data import PromptRecord, encode_prompt, has_chat_template, read_prompt_records
 from .model import load_causal_lm, load_tokenizer, resolve_device
+from .rewards import resolve_reward
 from .util import (
     atomic_write_json,
     derive_seed,
-    load_callable,
     require_single_process,
     resolve_dtype,
 )
@@ -214,7 +214,7 @@ def generate_samples(cfg: GenerateConfig) -> Path:
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
-    reward_fn = load_callable(cfg.reward, what="--reward") if cfg.reward else None
+    reward_fn = resolve_reward(cfg.reward) if cfg.reward else None
     records = read_prompt_records(cfg.data)
     if cfg.limit is not None:
         records = records[:cfg.limit]

@@ -1,8 +1,9 @@
 """Where the trainer's examples come from: a fixed offline set, or fresh samples from the policy.
 
-``train --on-policy --reward module:function``: every ``refresh_every`` optimizer steps, the
+``train --on-policy --reward NAME``: every ``refresh_every`` optimizer steps, the
 prompts of the next ``refresh_every`` steps get ``n = samples_per_prompt`` fresh responses sampled
-from the *current* policy, scored by ``reward(prompt, response, reference) -> float``. The
+from the *current* policy, scored by ``reward(prompt, response, reference) -> float`` (a built-in
+name or ``module:function``, see :mod:`.rewards`). The
 reference log-probs that DFT/DPO/IPO/hinge need are the sampling policy's own (computed right
 after sampling, with the same weights), so no reference model is ever loaded. Per loss:
 
@@ -19,12 +20,22 @@ unlikelihood                    higher reward (then the best sample); rejected =
 Sample j of prompt p at step s uses a generator seeded from ``(seed, s, p, j)``; the current window
 of samples is saved in checkpoints, so resuming stays bit-exact. Under FSDP2 every rank samples its
 own prompts through the sharded wrapper, in lockstep (same number of forward calls on every rank).
+
+``offline_mix = f > 0`` (``--offline-mix``): in every micro-batch of ``B`` examples, ``floor(f * B)``
+positions (chosen by a generator seeded from ``(seed, micro-batch number)``, the same on every rank)
+take the example from the offline negatives (the ``--negatives`` file, as in offline training) and
+only the other positions are sampled fresh. Offline examples are cut to the on-policy layout:
+dft/dft2 the good answer then the first n negatives (cached reference log-probs), group losses the
+first n negatives with the rewards stored by ``generate --reward``, pairwise losses the pair (good
+answer, first negative).
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -42,7 +53,8 @@ from .distributed import DistContext
 from .generate import SamplingConfig, decode, eos_token_ids
 from .model import score_rows
 from .objectives import Objective
-from .util import derive_seed, load_callable
+from .rewards import resolve_reward
+from .util import derive_seed
 
 __all__ = ["ON_POLICY_LOSSES", "OnPolicyConfig", "OfflineExamples", "OnPolicyExamples"]
 
@@ -61,6 +73,7 @@ class OnPolicyConfig:
     top_k: int = 0
     top_p: float = 1.0
     generation_batch_size: int = 64
+    offline_mix: float = 0.0
 
     def __post_init__(self):
         for name in ("samples_per_prompt", "refresh_every", "generation_batch_size"):
@@ -68,6 +81,18 @@ class OnPolicyConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ValueError(f"on-policy sampling needs temperature > 0, got {self.temperature}")
+        if isinstance(self.offline_mix, bool) or not isinstance(self.offline_mix, (int, float)) \
+                or not 0 <= self.offline_mix < 1:
+            raise ValueError(f"offline_mix (--offline-mix) must be a number in [0, 1), got {self.offline_mix!r}")
+
+    def offline_per_batch(self, batch_size: int) -> int:
+        """How many of a micro-batch's ``batch_size`` examples come from the offline negatives."""
+        count = math.floor(self.offline_mix * batch_size)
+        if self.offline_mix > 0 and count == 0:
+            raise ValueError(f"offline_mix={self.offline_mix} of batch_size={batch_size} examples rounds down to "
+                             f"0 offline examples per micro-batch: raise --offline-mix to at least "
+                             f"{1 / batch_size:g} or the batch size")
+        return count
 
 
 class OfflineExamples:
@@ -101,16 +126,19 @@ class OnPolicyExamples:
         order / grad_accum / total_steps: which examples the coming micro-batches hold.
         wrapper: the (possibly FSDP-sharded) :class:`~dftkern.train.model.PolicyWithLoss`; sampling
             and scoring go through its forward.
+        offline: the offline training set (same data file, negatives from the generate stage) that
+            ``cfg.offline_mix`` draws from; required when ``cfg.offline_mix > 0``.
     """
 
     def __init__(self, cfg: OnPolicyConfig, records: Sequence[PromptRecord], tokenizer, objective: Objective,
                  order: ExampleOrder, *, grad_accum: int, total_steps: int, seed: int, max_length: int | None,
-                 use_chat_template: bool, wrapper, causal_lm, ctx: DistContext, packed: bool):
+                 use_chat_template: bool, wrapper, causal_lm, ctx: DistContext, packed: bool,
+                 offline: OfflineExamples | None = None):
         self.cfg, self.records, self.tokenizer, self.objective = cfg, list(records), tokenizer, objective
         self.order, self.grad_accum, self.total_steps, self.seed = order, grad_accum, total_steps, seed
         self.max_length, self.packed = max_length, packed
         self.wrapper, self.causal_lm, self.ctx = wrapper, causal_lm, ctx
-        self.reward_fn = load_callable(cfg.reward, what="--reward")
+        self.reward_fn = resolve_reward(cfg.reward, what="--reward")
         self.sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
         self.use_template = use_chat_template and has_chat_template(tokenizer)
         self.prompt_ids = [encode_prompt(tokenizer, r, use_chat_template=self.use_template) for r in self.records]
@@ -120,13 +148,76 @@ class OnPolicyExamples:
         self.family = objective.spec.family
         if objective.spec.name not in ON_POLICY_LOSSES:
             raise ValueError(f"--on-policy supports the losses {ON_POLICY_LOSSES}, not {objective.spec.name!r}")
+        self.offline_per_batch = cfg.offline_per_batch(order.examples_per_batch)
+        self.offline: list[TrainExample] | None = None
+        if self.offline_per_batch:
+            if offline is None:
+                raise ValueError(f"offline_mix={cfg.offline_mix} needs an offline source: pass the generate "
+                                 f"stage's output as --negatives (and --ref-logps where the loss needs them)")
+            self.offline = self._offline_in_on_policy_layout(offline)
+        elif offline is not None:
+            raise ValueError("an offline source was given but offline_mix is 0: set --offline-mix > 0 or drop it")
+        self._next_micro_batch: int | None = None  # set by before_step; examples() walks the micro-batches
 
     @property
     def num_examples(self) -> int:
         return len(self.records)
 
+    # -- offline mix -----------------------------------------------------------------------------
+    def _offline_in_on_policy_layout(self, offline: OfflineExamples) -> list[TrainExample]:
+        """The offline examples cut to the rows an on-policy example of this loss has (see the module doc)."""
+        examples = offline.examples(range(offline.num_examples))
+        if len(examples) != len(self.records) or any(
+                e.index != i or e.prompt_id != r.prompt_id for i, (e, r) in enumerate(zip(examples, self.records))):
+            raise ValueError("the offline examples for --offline-mix must come from the same --data file as the "
+                             "on-policy prompts (same prompts, same order)")
+        n = self.cfg.samples_per_prompt
+        if self.family == "pairwise":
+            keep = [0, 1]  # (good answer, first negative)
+        elif self.family == "group":
+            keep = list(range(1, 1 + n))  # the negatives only, like the n on-policy samples
+        else:
+            keep = list(range(0, 1 + n))  # good answer, then n negatives
+        available = len(examples[0].rows) - 1
+        if max(keep) > available:
+            raise ValueError(f"--offline-mix with loss {self.objective.spec.name!r} and --samples-per-prompt {n} "
+                             f"needs {max(keep)} negatives per prompt in --negatives, but the offline examples "
+                             f"have {available} (see --num-negatives)")
+        if self.family == "group" and any(e.rewards is None for e in examples):
+            raise ValueError(f"--offline-mix with loss {self.objective.spec.name!r} needs rewards for the offline "
+                             f"negatives: generate them with --reward")
+        return [replace(e, rows=[e.rows[r] for r in keep],
+                        ref_logps=None if e.ref_logps is None else [e.ref_logps[r] for r in keep],
+                        rewards=None if e.rewards is None else [e.rewards[r] for r in keep])
+                for e in examples]
+
+    def offline_positions(self, micro_batch: int) -> set[int]:
+        """Positions (0-based, within the micro-batch) whose example comes from the offline negatives.
+
+        Drawn from a generator seeded from ``(seed, micro_batch)`` only, so every rank takes the same
+        number of offline examples and a resumed run makes the same choice.
+        """
+        if not self.offline_per_batch:
+            return set()
+        rng = random.Random(derive_seed(self.seed, "offline-mix", micro_batch))
+        return set(rng.sample(range(self.order.examples_per_batch), self.offline_per_batch))
+
     def examples(self, indices: Sequence[int]) -> list[TrainExample]:
-        return [self.window[i] for i in indices]
+        """The examples of the next micro-batch (``indices`` = ``order.batch(m)`` for consecutive m).
+
+        With an offline mix, calls must follow the trainer's order: the first call after
+        :meth:`before_step` is micro-batch ``first_micro_batch``, the next one the following, and so on.
+        """
+        if not self.offline_per_batch:
+            return [self.window[i] for i in indices]
+        if self._next_micro_batch is None:
+            raise RuntimeError("examples() called before before_step(): the micro-batch number is unknown")
+        micro_batch = self._next_micro_batch
+        if list(indices) != self.order.batch(micro_batch):
+            raise RuntimeError(f"examples() expected the indices of micro-batch {micro_batch}, got {list(indices)}")
+        self._next_micro_batch += 1
+        offline = self.offline_positions(micro_batch)
+        return [self.offline[i] if p in offline else self.window[i] for p, i in enumerate(indices)]
 
     def state_dict(self) -> dict:
         return {"window": self.window, "window_reward": self.window_reward}
@@ -141,10 +232,15 @@ class OnPolicyExamples:
 
         Returns ``{"sample_reward": mean reward of the current window's samples}``.
         """
+        self._next_micro_batch = first_micro_batch
         if not self.window or step % self.cfg.refresh_every == 0:
             last = min(first_micro_batch + self.cfg.refresh_every * self.grad_accum,
                        self.total_steps * self.grad_accum)
-            self._refresh(step, [i for m in range(first_micro_batch, last) for i in self.order.batch(m)])
+            indices = []  # only the positions that are not taken from the offline negatives
+            for m in range(first_micro_batch, last):
+                offline = self.offline_positions(m)
+                indices += [i for p, i in enumerate(self.order.batch(m)) if p not in offline]
+            self._refresh(step, indices)
         return {"sample_reward": self.window_reward}
 
     @torch.no_grad()

@@ -67,6 +67,7 @@ from .onpolicy import (
     OnPolicyExamples,
 )
 from .ref_logps import attach_ref_logps, cache_path
+from .rewards import resolve_reward
 from .util import atomic_write_json
 
 __all__ = ["TrainConfig", "TrainResult", "train", "warmup_cosine"]
@@ -137,6 +138,7 @@ class TrainConfig:
     sample_top_k: int = 0
     sample_top_p: float = 1.0
     generation_batch_size: int = 64
+    offline_mix: float = 0.0
     plot: bool = True
     progress: bool = True
 
@@ -165,13 +167,25 @@ class TrainConfig:
         self.objective_config()  # validates the loss hyper-parameters
         if self.on_policy:
             if not self.reward:
-                raise ValueError("on_policy needs reward='module:function' (--reward) to score the samples")
+                raise ValueError("on_policy needs reward='module:function' or a built-in reward name such as "
+                                 "'exact_match' (--reward) to score the samples")
             if self.loss not in ON_POLICY_LOSSES:
                 raise ValueError(f"on_policy supports the losses {ON_POLICY_LOSSES}, not {self.loss!r}")
-            if self.negatives or self.ref_logps:
+            resolve_reward(self.reward, what="reward (--reward)")  # unknown names fail here, not after loading
+            on_policy = self.on_policy_config()  # validates the sampling settings and offline_mix
+            if on_policy.offline_mix > 0:
+                if not self.negatives:
+                    raise ValueError(f"offline_mix={self.offline_mix} (--offline-mix) takes part of every batch from "
+                                     f"the offline negatives, but there is no offline source: pass negatives "
+                                     f"(--negatives, the generate stage's output)")
+                on_policy.offline_per_batch(self.batch_size)
+            elif self.negatives or self.ref_logps:
                 raise ValueError("on_policy samples its own negatives and uses the sampler's log-probs as the "
-                                 "reference: drop negatives/ref_logps (--negatives/--ref-logps)")
-            self.on_policy_config()  # validates the sampling settings
+                                 "reference: drop negatives/ref_logps (--negatives/--ref-logps), or set "
+                                 "offline_mix (--offline-mix) > 0 to mix them in")
+        elif self.offline_mix:
+            raise ValueError(f"offline_mix (--offline-mix) is only used with on_policy (--on-policy), "
+                             f"got {self.offline_mix}")
         elif self.reward:
             raise ValueError("reward (--reward) is only used with on_policy (--on-policy); for offline group "
                              "losses, score the negatives in the generate stage (generate --reward)")
@@ -180,7 +194,8 @@ class TrainConfig:
         return OnPolicyConfig(reward=self.reward, samples_per_prompt=self.samples_per_prompt,
                               refresh_every=self.refresh_every, max_new_tokens=self.sample_max_new_tokens,
                               temperature=self.sample_temperature, top_k=self.sample_top_k,
-                              top_p=self.sample_top_p, generation_batch_size=self.generation_batch_size)
+                              top_p=self.sample_top_p, generation_batch_size=self.generation_batch_size,
+                              offline_mix=self.offline_mix)
 
     def objective_config(self) -> ObjectiveConfig:
         return ObjectiveConfig(loss=self.loss, tau=self.tau, gamma=self.gamma, beta=self.beta,
@@ -331,9 +346,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
 
     objective = Objective(cfg.objective_config(),
                           positive_first=not (cfg.on_policy and cfg.objective_config().spec.family == "group"))
+    offline = None
     if cfg.on_policy:
         records = read_prompt_records(cfg.data)
         num_examples = len(records)
+        if cfg.offline_mix > 0:  # the offline negatives that part of every batch is drawn from
+            offline = OfflineExamples(load_training_examples(cfg, tokenizer, objective))
     else:
         offline = OfflineExamples(load_training_examples(cfg, tokenizer, objective))
         num_examples = offline.num_examples
@@ -358,7 +376,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         source = OnPolicyExamples(cfg.on_policy_config(), records, tokenizer, objective, order,
                                   grad_accum=cfg.grad_accum, total_steps=total_steps, seed=cfg.seed,
                                   max_length=cfg.max_length, use_chat_template=cfg.use_chat_template,
-                                  wrapper=wrapper, causal_lm=causal_lm, ctx=ctx, packed=packed)
+                                  wrapper=wrapper, causal_lm=causal_lm, ctx=ctx, packed=packed, offline=offline)
     else:
         source = offline
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total_steps)

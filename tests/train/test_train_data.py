@@ -82,7 +82,7 @@ def test_duplicate_ids_and_empty_and_unknown_files(tmp_path):
 
 
 def test_parquet_records_through_datasets(tmp_path):
-    import datasets
+    datasets = pytest.importorskip("datasets", reason="the train extra (datasets) is not installed")
 
     datasets.Dataset.from_list([{"prompt": "1+2=", "response": "3"}, {"prompt": "4+4=", "response": "8"}]) \
         .to_parquet(str(tmp_path / "d.parquet"))

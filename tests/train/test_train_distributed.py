@@ -61,8 +61,9 @@ def _resume_worker(rank: int, port: int, root: str, ws: dict, results) -> None:
 
     import torch.distributed as dist
 
+    # a CPU/gloo test: hide GPUs so nothing picks cuda:LOCAL_RANK on a 1-GPU machine
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+                      LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
