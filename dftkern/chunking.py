@@ -39,6 +39,8 @@ __all__ = [
     "resolve_chunk_bytes",
     "bytes_per_token_row",
     "rows_per_chunk",
+    "tokens_per_chunk",
+    "index_ranges",
     "forward_logprobs",
     "backward_logprobs",
     "forward_with_grad",
@@ -81,14 +83,15 @@ def resolve_chunk_bytes(chunk_bytes: int | None, device: torch.device, *, groupe
     return DEFAULT_GROUPED_CHUNK_BYTES_CUDA if grouped else DEFAULT_CHUNK_BYTES_CUDA
 
 
-def bytes_per_token_row(vocab_size: int, ops: MatmulOps, engine_name: str, tf: LogitTransform,
+def bytes_per_token_row(vocab_size: int, weight: torch.Tensor, engine_name: str, tf: LogitTransform,
                         has_bias: bool) -> int:
-    """Workspace bytes one token row of ``vocab_size`` logits needs."""
-    acc = torch.finfo(ops.acc_dtype).bits // 8
+    """Workspace bytes one token row of ``vocab_size`` logits needs (weight gives dtype and device)."""
+    acc_dtype, grad_dtype = MatmulOps.dtypes(weight)
+    acc = torch.finfo(acc_dtype).bits // 8
     per = acc
     if engine_name == "torch":
-        if ops.grad_dtype != ops.acc_dtype:
-            per += torch.finfo(ops.grad_dtype).bits // 8
+        if grad_dtype != acc_dtype:
+            per += torch.finfo(grad_dtype).bits // 8
         per += acc * (int(has_bias or tf.temperature != 1.0) + int(tf.softcap is not None))
     return vocab_size * per
 
@@ -97,8 +100,16 @@ def rows_per_chunk(budget: int, row_bytes: int) -> int:
     return max(1, budget // max(row_bytes, 1))
 
 
-def _chunk_ranges(n_tokens: int, rows: int) -> list[tuple[int, int]]:
-    return [(s, min(s + rows, n_tokens)) for s in range(0, n_tokens, rows)]
+def tokens_per_chunk(budget: int, weight: torch.Tensor, engine_name: str, tf: LogitTransform,
+                     has_bias: bool) -> int:
+    """Token rows of full-vocabulary logits that fit ``budget`` bytes (at least 1)."""
+    return rows_per_chunk(budget, bytes_per_token_row(weight.shape[0], weight, engine_name, tf, has_bias))
+
+
+def index_ranges(length: int, size: int) -> list[tuple[int, int]]:
+    """``[i0, i1)`` ranges of at most ``size`` covering ``[0, length)`` (none when empty): token
+    chunks, or vocabulary column tiles."""
+    return [(s, min(s + size, length)) for s in range(0, length, size)]
 
 
 def forward_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -113,11 +124,11 @@ def forward_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         ``(logp, lse)``: ``[N]`` each, fp32 (fp64 for fp64 inputs). ``logp`` is 0 where ignored.
     """
     ops = MatmulOps(weight)
-    n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+    n_tokens = hidden.shape[0]
     logp = torch.empty(n_tokens, dtype=ops.acc_dtype, device=hidden.device)
     lse = torch.empty(n_tokens, dtype=ops.acc_dtype, device=hidden.device)
-    rows = rows_per_chunk(budget, bytes_per_token_row(vocab_size, ops, engine.name, tf, bias is not None))
-    for t0, t1 in _chunk_ranges(n_tokens, rows):
+    rows = tokens_per_chunk(budget, weight, engine.name, tf, bias is not None)
+    for t0, t1 in index_ranges(n_tokens, rows):
         logits = ops.logits(hidden[t0:t1])
         logp[t0:t1], lse[t0:t1] = engine.lse_and_logp(logits, bias, labels[t0:t1], tf)
         del logits
@@ -163,10 +174,10 @@ def backward_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     need_bias = need_bias and bias is not None
     grad_logp = torch.where(labels == tf.ignore_index, torch.zeros_like(grad_logp), grad_logp)
     grad_logp = grad_logp.to(ops.acc_dtype)
-    per_column = bytes_per_token_row(1, ops, engine.name, tf, bias is not None)
+    per_column = bytes_per_token_row(1, weight, engine.name, tf, bias is not None)
     tile_rows, tile_cols = backward_tiles(n_tokens, vocab_size, per_column, budget)
-    row_ranges = _chunk_ranges(n_tokens, tile_rows)
-    col_ranges = _chunk_ranges(vocab_size, tile_cols)
+    row_ranges = index_ranges(n_tokens, tile_rows)
+    col_ranges = index_ranges(vocab_size, tile_cols)
 
     grad_hidden = grad_weight = grad_bias = None
     hidden_acc = None
@@ -199,12 +210,12 @@ def backward_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                 if hidden_acc is None:
                     grad_hidden[t0:t1] = ops.grad_hidden(grad_x, v0, v1)
                 else:
-                    ops.accumulate_product(hidden_acc[t0:t1], grad_x, ops._weight_operand(v0, v1))
+                    ops.add_grad_hidden(hidden_acc[t0:t1], grad_x, v0, v1)
             if need_weight:
                 if weight_acc is None:
                     grad_weight[v0:v1] = ops.grad_weight(grad_x, h)
                 else:
-                    ops.accumulate_product(weight_acc, grad_x.t(), ops._hidden_operand(h))
+                    ops.add_grad_weight(weight_acc, grad_x, h)
             if need_bias:
                 bias_acc += grad_x.sum(0, dtype=ops.acc_dtype)
             del logits, grad_x
@@ -258,7 +269,7 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
             if single:
                 grad_weight = ops.grad_weight(grad_x, h)
             else:
-                ops.accumulate_product(weight_acc, grad_x.t(), ops._hidden_operand(h))
+                ops.add_grad_weight(weight_acc, grad_x, h)
         if need_bias:
             bias_acc += grad_x.sum(0, dtype=ops.acc_dtype)
         del logits, grad_x

@@ -57,17 +57,23 @@ class MatmulOps:
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
         self.dtype = weight.dtype
-        self.acc_dtype = compute_dtype(weight.dtype)
-        self.native_mixed = weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16)
-        if self.dtype == self.acc_dtype or self.native_mixed:
-            self.weight_acc = None
-        else:
-            self.weight_acc = weight.to(self.acc_dtype)
+        self.acc_dtype, self.grad_dtype = self.dtypes(weight)
+        self.native_mixed = self._native_mixed(weight)
+        self.weight_acc = None if self.grad_dtype == self.dtype else weight.to(self.acc_dtype)
 
-    @property
-    def grad_dtype(self) -> torch.dtype:
-        """dtype in which the epilogue writes d(logits): the operand dtype of the grad products."""
-        return self.dtype if self.weight_acc is None else self.acc_dtype
+    @staticmethod
+    def _native_mixed(weight: torch.Tensor) -> bool:
+        return weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16)
+
+    @staticmethod
+    def dtypes(weight: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+        """``(acc_dtype, grad_dtype)`` for a weight, without building anything: the compute dtype of
+        logits and accumulators, and the dtype in which the epilogue writes d(logits) (the operand
+        dtype of the gradient products: the input dtype where the device multiplies it into fp32
+        natively, else the compute dtype)."""
+        acc = compute_dtype(weight.dtype)
+        native = weight.dtype == acc or MatmulOps._native_mixed(weight)
+        return acc, (weight.dtype if native else acc)
 
     def _weight_operand(self, v0: int = 0, v1: int | None = None) -> torch.Tensor:
         w = self.weight if self.weight_acc is None else self.weight_acc
@@ -83,13 +89,7 @@ class MatmulOps:
             return torch.mm(hidden, w.t(), out_dtype=torch.float32)
         return torch.mm(self._hidden_operand(hidden), w.t())
 
-    def product_acc(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``a @ b`` for operands in :attr:`grad_dtype`/T, result in the compute dtype (fp32/fp64)."""
-        if self.native_mixed:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        return torch.mm(a, b)
-
-    def accumulate_product(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    def _accumulate(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         """``acc += a @ b`` with ``acc`` in the compute dtype, in place (cuBLAS beta=1) where the
         installed torch supports a half x half -> fp32 addmm into its input; else via a temporary."""
         global _MIXED_ADDMM_IN_PLACE
@@ -105,20 +105,22 @@ class MatmulOps:
                 _MIXED_ADDMM_IN_PLACE = False
         acc.add_(torch.mm(a, b, out_dtype=torch.float32))
 
-    def grad_hidden(self, grad_logits: torch.Tensor, v0: int = 0, v1: int | None = None,
-                    accumulate: bool = False) -> torch.Tensor:
-        """``d(logits) [n, v1-v0] @ W[v0:v1]`` -> ``[n, H]``: compute dtype if accumulate, else dtype T."""
-        w = self._weight_operand(v0, v1)
-        if accumulate:
-            return self.product_acc(grad_logits, w)
-        return torch.mm(grad_logits, w).to(self.dtype)
+    def grad_hidden(self, grad_logits: torch.Tensor, v0: int = 0, v1: int | None = None) -> torch.Tensor:
+        """``d(logits) [n, v1-v0] @ W[v0:v1]`` -> ``[n, H]`` in dtype T."""
+        return torch.mm(grad_logits, self._weight_operand(v0, v1)).to(self.dtype)
 
-    def grad_weight(self, grad_logits: torch.Tensor, hidden: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
-        """``d(logits).T @ hidden`` -> ``[v, H]``: compute dtype if accumulate, else dtype T."""
-        h = self._hidden_operand(hidden)
-        if accumulate:
-            return self.product_acc(grad_logits.t(), h)
-        return torch.mm(grad_logits.t(), h).to(self.dtype)
+    def add_grad_hidden(self, acc: torch.Tensor, grad_logits: torch.Tensor, v0: int = 0,
+                        v1: int | None = None) -> None:
+        """``acc [n, H]`` (compute dtype) += ``d(logits) [n, v1-v0] @ W[v0:v1]``."""
+        self._accumulate(acc, grad_logits, self._weight_operand(v0, v1))
+
+    def grad_weight(self, grad_logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """``d(logits).T @ hidden`` -> ``[v, H]`` in dtype T."""
+        return torch.mm(grad_logits.t(), self._hidden_operand(hidden)).to(self.dtype)
+
+    def add_grad_weight(self, acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+        """``acc [v, H]`` (compute dtype) += ``d(logits).T @ hidden``."""
+        self._accumulate(acc, grad_logits.t(), self._hidden_operand(hidden))
 
 
 class TorchRowEngine:

@@ -20,13 +20,13 @@ import torch
 from ._validation import check_label_range, check_linear_inputs
 from .chunking import (
     backward_logprobs,
-    bytes_per_token_row,
     forward_logprobs,
     forward_with_grad,
+    index_ranges,
     resolve_chunk_bytes,
-    rows_per_chunk,
+    tokens_per_chunk,
 )
-from .engines import LogitTransform, MatmulOps, TorchRowEngine, TritonRowEngine
+from .engines import LogitTransform, TorchRowEngine, TritonRowEngine, compute_dtype
 
 __all__ = [
     "fused_linear_logprobs",
@@ -140,6 +140,17 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     return logp.view(labels.shape)
 
 
+def _input_grads_wanted(hidden, weight, bias) -> bool:
+    """Whether autograd will want gradients of these inputs (decides the in-forward gradient paths)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+
+
+def _scaled_saved_grads(ctx, grad_loss: torch.Tensor) -> tuple:
+    """Backward of a scalar loss whose input gradients were computed in the forward and saved:
+    ``(grad_hidden, grad_weight, grad_bias) * grad_loss`` (None stays None)."""
+    return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+
+
 class _FusedTokenCrossEntropy(torch.autograd.Function):
     """``-scale * sum_t logp_t`` with its gradients computed inside the forward (6NHV)."""
 
@@ -157,9 +168,7 @@ class _FusedTokenCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None, None
+        return _scaled_saved_grads(ctx, grad_loss) + (None,) * 5
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -193,20 +202,17 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                           backend, chunk_bytes, validate, grouped=True)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     labels1d = labels.reshape(-1)
-    acc_dtype = MatmulOps(weight).acc_dtype
+    acc_dtype = compute_dtype(weight.dtype)
     if reduction == "mean":  # a device tensor: no host sync
         scale = 1.0 / (labels1d != ignore_index).sum().clamp_min(1).to(acc_dtype)
     else:
         scale = torch.ones((), dtype=acc_dtype, device=hidden.device)
-    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if not wants_grad:
+    if not _input_grads_wanted(hidden, weight, bias):
         with torch.no_grad():
             logp, _ = forward_logprobs(hidden2d, weight, bias, labels1d, tf, engine, budget)
-        return -(logp.sum() * scale).float() if logp.dtype != torch.float64 else -(logp.sum() * scale)
-    ops = MatmulOps(weight)
-    rows = rows_per_chunk(budget, bytes_per_token_row(weight.shape[0], ops, engine.name, tf, bias is not None))
-    n_tokens = hidden2d.shape[0]
-    chunk_ranges = [(t0, min(t0 + rows, n_tokens)) for t0 in range(0, n_tokens, rows)] or [(0, 0)]
+        return -(logp.sum() * scale)
+    rows = tokens_per_chunk(budget, weight, engine.name, tf, bias is not None)
+    chunk_ranges = index_ranges(hidden2d.shape[0], rows) or [(0, 0)]
     return _FusedTokenCrossEntropy.apply(hidden2d, weight, bias, labels1d, tf, engine, chunk_ranges, scale)
 
 
@@ -370,9 +376,7 @@ class _FusedGroupedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return (scale(grad_h), scale(grad_w), scale(grad_b)) + (None,) * 9
+        return _scaled_saved_grads(ctx, grad_loss) + (None,) * 9
 
 
 def _token_term_sums(head, token_logp: torch.Tensor, valid: torch.Tensor, layout: RowLayout,
@@ -421,14 +425,11 @@ def grouped_sequence_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                          f"size {rows_per_group}")
     n_groups = layout.num_rows // rows_per_group
     counts = layout.segment_sum((labels1d != ignore_index).to(torch.float32))
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    wants_grad = _input_grads_wanted(hidden, weight, bias)
 
     group_chunks = None
     if wants_grad and schedule != "recompute":
-        ops = MatmulOps(weight)
-        max_tokens = rows_per_chunk(budget, bytes_per_token_row(weight.shape[0], ops, engine.name, tf,
-                                                                bias is not None))
+        max_tokens = tokens_per_chunk(budget, weight, engine.name, tf, bias is not None)
         group_chunks = _plan_group_chunks(layout, rows_per_group, max_tokens)
         if group_chunks is None and schedule == "fused":
             raise ValueError(f"schedule='fused' needs every group to fit the chunk budget ({budget} bytes = "

@@ -51,3 +51,27 @@ def no_dftkern_env(monkeypatch):
     """Remove ``DFTKERN_*`` environment overrides for the duration of a test."""
     for name in ("DFTKERN_BACKEND", "DFTKERN_CHUNK_BYTES", "DFTKERN_VALIDATE"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request) -> str:
+    """Both engines; "triton" runs the kernels on CPU tensors (skipped without the interpreter)."""
+    if request.param == "triton":
+        request.getfixturevalue("triton_cpu")
+    return request.param
+
+
+@pytest.fixture
+def forward_chunk_rows(monkeypatch):
+    """Records the number of rows of every chunk the torch engine's forward epilogue sees."""
+    from dftkern.engines import TorchRowEngine
+
+    rows: list[int] = []
+    original = TorchRowEngine.lse_and_logp
+
+    def spy(self, logits, *args, **kwargs):
+        rows.append(int(logits.shape[0]))
+        return original(self, logits, *args, **kwargs)
+
+    monkeypatch.setattr(TorchRowEngine, "lse_and_logp", spy)
+    return rows

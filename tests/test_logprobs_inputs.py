@@ -235,19 +235,6 @@ def test_bad_chunk_bytes_env(inputs, monkeypatch, env_value):
         fused_linear_logprobs(hidden, weight, labels)
 
 
-@pytest.fixture
-def forward_chunk_rows(monkeypatch):
-    rows: list[int] = []
-    original = TorchRowEngine.lse_and_logp
-
-    def spy(self, logits, *args, **kwargs):
-        rows.append(int(logits.shape[0]))
-        return original(self, logits, *args, **kwargs)
-
-    monkeypatch.setattr(TorchRowEngine, "lse_and_logp", spy)
-    return rows
-
-
 @pytest.mark.parametrize("env_value,rows_per_chunk", [("1", 1), ("40000", 10), ("39K", 9), ("1M", 37), ("1G", 37)])
 def test_chunk_bytes_env_is_honoured(monkeypatch, forward_chunk_rows, env_value, rows_per_chunk):
     """V = 1000 fp32 logits without transform: 4000 bytes per token row on the torch engine."""

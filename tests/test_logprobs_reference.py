@@ -350,46 +350,32 @@ def test_tied_input_embedding_and_head_weight_accumulate_gradients():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def chunk_spy(monkeypatch):
-    """Records the number of rows of every chunk the torch engine's forward epilogue sees."""
-    rows: list[int] = []
-    original = TorchRowEngine.lse_and_logp
-
-    def spy(self, logits, *args, **kwargs):
-        rows.append(int(logits.shape[0]))
-        return original(self, logits, *args, **kwargs)
-
-    monkeypatch.setattr(TorchRowEngine, "lse_and_logp", spy)
-    return rows
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_chunk_sizes_give_the_same_answer(dtype, chunk_spy, no_dftkern_env):
+def test_chunk_sizes_give_the_same_answer(dtype, forward_chunk_rows, no_dftkern_env):
     N, H, V = 37, 24, 1000
     hidden, weight, labels, bias = make_inputs(N, H, V, seed=17, dtype=dtype, with_bias=True, ignore_fraction=0.2)
     grad_out = random_upstream(labels.shape)
     kwargs = {"bias": bias, "temperature": 0.8, "softcap": 5.0, "backend": "torch"}
     row_upper = 3 * V * 4  # per-row bytes never exceed 3 fp32 rows (logits + two temporaries)
     baseline = value_and_grads(fused_linear_logprobs, hidden, weight, labels, grad_out, **kwargs)
-    assert chunk_spy == [N]  # the default budget holds everything in one chunk
+    assert forward_chunk_rows == [N]  # the default budget holds everything in one chunk
     ref = reference_token_grads(hidden, weight, labels, grad_out, bias=bias, temperature=0.8, softcap=5.0)
     for chunk_bytes, expect_rows in ((1, 1), (row_upper * 2, None), (row_upper * 5, None),
                                      ((N - 1) * row_upper, None), (1 << 40, N)):
-        chunk_spy.clear()
+        forward_chunk_rows.clear()
         ours = value_and_grads(fused_linear_logprobs, hidden, weight, labels, grad_out, chunk_bytes=chunk_bytes,
                                **kwargs)
         # forward-pass chunks (the spy sees only the forward epilogue): they tile [0, N) in equal
         # chunks (the last may be shorter), use at least a third of the budget and respect it
-        assert sum(chunk_spy) == N
-        assert len(set(chunk_spy[:-1])) <= 1 and chunk_spy[-1] <= chunk_spy[0]
-        assert chunk_spy[0] >= min(N, max(1, chunk_bytes // row_upper))
+        assert sum(forward_chunk_rows) == N
+        assert len(set(forward_chunk_rows[:-1])) <= 1 and forward_chunk_rows[-1] <= forward_chunk_rows[0]
+        assert forward_chunk_rows[0] >= min(N, max(1, chunk_bytes // row_upper))
         if chunk_bytes >= V * 4:
-            assert chunk_spy[0] * V * 4 <= chunk_bytes, "a chunk's fp32 logits exceed the budget"
+            assert forward_chunk_rows[0] * V * 4 <= chunk_bytes, "a chunk's fp32 logits exceed the budget"
         if expect_rows is not None:
-            assert chunk_spy[0] == expect_rows
+            assert forward_chunk_rows[0] == expect_rows
         if chunk_bytes < (1 << 40):
-            assert len(chunk_spy) > 1, f"chunk_bytes={chunk_bytes} should force several chunks"
+            assert len(forward_chunk_rows) > 1, f"chunk_bytes={chunk_bytes} should force several chunks"
         torch.testing.assert_close(ours["logp"], baseline["logp"], rtol=1e-6, atol=1e-6)
         for name in ("hidden", "weight", "bias"):
             assert ours[name].dtype == dtype
@@ -399,10 +385,10 @@ def test_chunk_sizes_give_the_same_answer(dtype, chunk_spy, no_dftkern_env):
                 torch.testing.assert_close(ours[name], baseline[name], rtol=2e-3, atol=1e-4)
         if dtype == torch.float32:
             assert_matches_reference(ours, ref)
-    assert chunk_spy == [N]
-    chunk_spy.clear()
+    assert forward_chunk_rows == [N]
+    forward_chunk_rows.clear()
     fused_linear_logprobs(hidden, weight, labels, chunk_bytes=1, **kwargs)
-    assert chunk_spy == [1] * N, "chunk_bytes=1 must give one row per chunk"
+    assert forward_chunk_rows == [1] * N, "chunk_bytes=1 must give one row per chunk"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -166,14 +166,6 @@ def assert_stats_match(ours: dict, ref: dict):
     assert err <= 1e-4, f"weights relative error {err:.3e}"
 
 
-@pytest.fixture(params=["torch", "triton"])
-def backend(request) -> str:
-    """Both engines; "triton" runs the kernels on CPU tensors (skipped without the interpreter)."""
-    if request.param == "triton":
-        request.getfixturevalue("triton_cpu")
-    return request.param
-
-
 # ---------------------------------------------------------------------------------------------
 # loss, gradients and statistics vs float64
 # ---------------------------------------------------------------------------------------------

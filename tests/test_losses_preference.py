@@ -159,14 +159,6 @@ def assert_matches(ours: dict, ref: dict):
         assert err <= GRAD_TOL, f"{name} relative error {err:.3e} > {GRAD_TOL}"
 
 
-@pytest.fixture(params=["torch", "triton"])
-def backend(request) -> str:
-    """Both engines; "triton" runs the kernels on CPU tensors (skipped without the interpreter)."""
-    if request.param == "triton":
-        request.getfixturevalue("triton_cpu")
-    return request.param
-
-
 # per loss: its hyper-parameters (beta chosen so the loss is far from saturation on these inputs)
 LOSS_KWARGS = {
     "sft": {},
