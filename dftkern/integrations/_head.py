@@ -1,5 +1,5 @@
 """What every integration needs from a Hugging Face causal LM: its backbone, its linear LM head
-(read at call time, so FSDP2/ZeRO-3 see a full weight), and the transform the model applies to
+(used inside the head module's own call, so FSDP2/ZeRO-3 hand over a full weight), and the transform the model applies to
 the logits (Gemma's final softcapping, Cohere's logit scale, Granite's logit divisor).
 
 The head transform is known per ``model_type`` (each listed family is checked against the
@@ -9,8 +9,7 @@ numerical check at patch time (``verify=True`` in :func:`~dftkern.integrations.t
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -108,33 +107,44 @@ def linear_head(model) -> torch.nn.Module:
     return head
 
 
-@contextlib.contextmanager
-def read_head(model, transform: HeadTransform) -> Iterator[LMHead]:
-    """Read the LM head for the duration of one forward call.
+def call_with_head(model, transform: HeadTransform, fn: Callable, hidden: torch.Tensor, labels: torch.Tensor):
+    """Run ``fn(hidden, labels, head: LMHead)`` *as the LM head module's forward* and return its result.
 
-    * FSDP2 with the head in its own ``fully_shard`` unit: its parameters are DTensor shards;
-      ``full_tensor()`` all-gathers them (differentiably: the gradient is reduce-scattered back).
-      With the head in the root unit, FSDP2 has already unsharded it when our forward runs.
-    * DeepSpeed ZeRO-3: the head's parameters are gathered for the duration of the call (the
-      head's own forward hook never fires because its module is not called).
+    The head module is called (its ``forward`` temporarily redirected to ``fn``), so every hook on it
+    fires as if the model had called ``lm_head(hidden)``:
+
+    * FSDP2 with the head in its own ``fully_shard`` unit: the pre-forward hook unshards the weight,
+      and the gradient that ``fn`` produces is reduce-scattered like the head's own. (With the head
+      in the root unit, it is already unsharded while the model's forward runs.)
+    * DeepSpeed ZeRO-3: the hooks gather the partitioned weight for the call and release it after.
+    * ``device_map`` models: ``hidden`` and ``labels`` are moved to the head's device here.
     """
-    head = linear_head(model)
-    weight, bias = head.weight, head.bias
+    module = linear_head(model)
+    saved = module.__dict__.get("forward")
+
+    def redirected(hidden_in: torch.Tensor, labels_in: torch.Tensor):
+        weight, bias = module.weight, module.bias
+        if _is_dtensor(weight):
+            raise RuntimeError("the LM head weight is still a DTensor shard inside its own forward; dftkern needs "
+                               "the full weight (shard the head with fully_shard, or leave it in the root unit)")
+        return fn(hidden_in.to(weight.device), labels_in.to(weight.device), LMHead(weight, bias, transform))
+
+    module.forward = redirected
+    try:
+        return module(hidden, labels)
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
+
+
+def _is_dtensor(tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed
-        DTensor = ()  # noqa: N806
-    if DTensor and isinstance(weight, DTensor):
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
-    params = [p for p in (weight, bias) if p is not None and hasattr(p, "ds_id")]
-    if params:  # pragma: no cover - DeepSpeed is not installed in CI (untested path, see docs/integrations.md)
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield LMHead(weight, bias, transform)
-        return
-    yield LMHead(weight, bias, transform)
+        return False
+    return isinstance(tensor, DTensor)
 
 
 def shift_for_next_token(hidden: torch.Tensor, labels: torch.Tensor | None,

@@ -9,9 +9,9 @@ loss Hugging Face's ``ForCausalLMLoss`` defines — labels unshifted (the shift 
 
 How it works (the approach of Liger-Kernel's ``lce_forward`` and TRL's ``add_fused_lm_head``, written
 anew here): the model's ``forward`` is replaced, on the instance, by one that runs the backbone
-(``model.base_model``), reads the LM head's weight *inside* the forward — so FSDP2 and ZeRO-3 hand
-it over unsharded, see :func:`dftkern.integrations._head.read_head` — and calls dftkern on the
-last hidden states. The model's logit transform (Gemma-2/3 ``final_logit_softcapping``, Cohere's
+(``model.base_model``) and then calls dftkern on the last hidden states *as the LM head module's
+forward* — so the hooks FSDP2 and ZeRO-3 put on the head hand over its full weight and reduce its
+gradient, see :func:`dftkern.integrations._head.call_with_head`. The model's logit transform (Gemma-2/3 ``final_logit_softcapping``, Cohere's
 ``logit_scale``, Granite's ``logits_scaling``) and a head bias are applied inside dftkern.
 
 Integrations (TRL trainers, :mod:`dftkern.integrations.trl`) pass ``dftkern_head=fn`` to the
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .. import fused_linear_cross_entropy, fused_linear_logprobs
-from ._head import HeadTransform, head_transform, linear_head, read_head, shift_for_next_token, unwrap_model
+from ._head import HeadTransform, LMHead, call_with_head, head_transform, linear_head, shift_for_next_token, unwrap_model
 
 __all__ = ["patch_causal_lm", "unpatch_causal_lm", "is_patched", "TokenLogprobsOutput", "token_logprobs"]
 
@@ -184,20 +184,20 @@ def _patched_forward(self, *args, labels=None, shift_labels=None, num_items_in_b
     outputs = self.base_model(**call)
     hidden = outputs[0]
     hidden, shifted = shift_for_next_token(hidden, labels, shift_labels)
-    with read_head(self, state.transform) as head:
-        if dftkern_head is not None:
-            return dftkern_head(hidden, shifted, head)
+    if dftkern_head is not None:
+        return call_with_head(self, state.transform, dftkern_head, hidden, shifted)
+
+    def head_fn(h: torch.Tensor, y: torch.Tensor, head: LMHead):
         common = {"ignore_index": state.ignore_index, "chunk_bytes": state.chunk_bytes, "backend": state.backend,
                   **head.kwargs()}
         if mode == "loss":
-            result = _hf_causal_lm_output(hidden, shifted, head.weight, common, num_items_in_batch, outputs)
-        else:
-            logp, entropy = token_logprobs(hidden, head.weight, shifted, return_entropy=state.return_entropy,
-                                           **common)
-            result = TokenLogprobsOutput(token_logps=logp, entropy=entropy,
-                                         label_mask=shifted != state.ignore_index, cache=_cache_of(outputs),
-                                         hidden_states=getattr(outputs, "hidden_states", None),
-                                         attentions=getattr(outputs, "attentions", None))
+            return _hf_causal_lm_output(h, y, head.weight, common, num_items_in_batch, outputs)
+        logp, entropy = token_logprobs(h, head.weight, y, return_entropy=state.return_entropy, **common)
+        return TokenLogprobsOutput(token_logps=logp, entropy=entropy, label_mask=y != state.ignore_index,
+                                   cache=_cache_of(outputs), hidden_states=getattr(outputs, "hidden_states", None),
+                                   attentions=getattr(outputs, "attentions", None))
+
+    result = call_with_head(self, state.transform, head_fn, hidden, shifted)
     return result.to_tuple() if return_dict is False else result
 
 
