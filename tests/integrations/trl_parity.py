@@ -7,7 +7,7 @@ one on the same data, and returns the largest absolute differences:
 * ``loss``, ``metrics`` and ``grads`` of one ``compute_loss`` + ``backward`` on the first batch;
 * ``log`` — every logged number of a 3-step ``train()`` (lr 1e-2, so the weights move).
 
-Run ``PYTHONPATH=. python tests/integrations/trl_parity.py`` for the table in docs/integrations.md.
+``tests/integrations/parity_report.py`` prints these numbers as the tables in docs/integrations.md.
 """
 
 from __future__ import annotations
@@ -121,14 +121,3 @@ def sft_parity(*, out_dir: str = "/tmp/dftkern-sft-parity") -> dict:
         histories.append(trainer.state.log_history)
     diffs["log"] = _log_diff(*histories)
     return diffs
-
-
-if __name__ == "__main__":
-    rows = [("SFTTrainer nll", sft_parity())]
-    for lt in ("sigmoid", "hinge", "ipo", "sigmoid_norm"):
-        rows.append((f"DPOTrainer {lt}", dpo_parity(lt)))
-    rows.append(("DPOTrainer sigmoid, precompute_ref_log_probs", dpo_parity("sigmoid", precompute=True)))
-    print("| trainer | loss | metrics | grads | 3-step log |")
-    print("|---|---:|---:|---:|---:|")
-    for name, d in rows:
-        print(f"| {name} | {d['loss']:.1e} | {d['metrics']:.1e} | {d['grads']:.1e} | {d['log']:.1e} |")
