@@ -88,6 +88,17 @@ def max_grad_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return worst
 
 
+def assert_same_loss_and_grads(model, ref, seed: int = 0) -> None:
+    """One labelled forward + backward of both models on :func:`batch`: loss to 1e-5, grads to 1e-5."""
+    ids, mask, labels = batch(seed)
+    expected = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    got = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    expected.backward()
+    got.backward()
+    assert max_grad_diff(model, ref) < 1e-5
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from integ_helpers import VOCAB, batch, make_model, max_grad_diff, pair
+from integ_helpers import VOCAB, assert_same_loss_and_grads, batch, make_model, max_grad_diff, pair
 
 pytest.importorskip("transformers")
 
@@ -93,13 +93,7 @@ def test_gradient_checkpointing():
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.train()
     patch_causal_lm(model)
-    ids, mask, labels = batch()
-    expected = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
-    got = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    expected.backward()
-    got.backward()
-    assert max_grad_diff(model, ref) < 1e-5
+    assert_same_loss_and_grads(model, ref)
 
 
 def _reference_logprobs(model, ids, mask, labels):
@@ -171,13 +165,7 @@ def test_peft_lora():
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
     assert patch_causal_lm(model) is model and is_patched(model)
-    ids, mask, labels = batch()
-    expected = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
-    got = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    expected.backward()
-    got.backward()
-    assert max_grad_diff(model, ref) < 1e-5
+    assert_same_loss_and_grads(model, ref)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_A" in n)
 
 

@@ -68,6 +68,18 @@ def _log_diff(history_a: list[dict], history_b: list[dict]) -> float:
     return worst
 
 
+def _compare(make, trl_cls, fused_cls) -> dict:
+    """``make(cls, max_steps)`` builds a trainer; first-batch diffs plus the diff of 3-step train logs."""
+    diffs = _first_batch_diffs([make(trl_cls, 1), make(fused_cls, 1)])
+    histories = []
+    for cls in (trl_cls, fused_cls):
+        trainer = make(cls, 3)
+        trainer.train()
+        histories.append(trainer.state.log_history)
+    diffs["log"] = _log_diff(*histories)
+    return diffs
+
+
 def preference_dataset():
     from datasets import Dataset
 
@@ -88,14 +100,7 @@ def dpo_parity(loss_type: str, *, precompute: bool = False, out_dir: str = "/tmp
         return cls(model=copy.deepcopy(base), ref_model=copy.deepcopy(base), args=args,
                    train_dataset=preference_dataset(), processing_class=tokenizer)
 
-    diffs = _first_batch_diffs([make(DPOTrainer, 1), make(FusedDPOTrainer, 1)])
-    histories = []
-    for cls in (DPOTrainer, FusedDPOTrainer):
-        trainer = make(cls, 3)
-        trainer.train()
-        histories.append(trainer.state.log_history)
-    diffs["log"] = _log_diff(*histories)
-    return diffs
+    return _compare(make, DPOTrainer, FusedDPOTrainer)
 
 
 def sft_parity(*, out_dir: str = "/tmp/dftkern-sft-parity") -> dict:
@@ -113,11 +118,4 @@ def sft_parity(*, out_dir: str = "/tmp/dftkern-sft-parity") -> dict:
                          seed=0, gradient_accumulation_steps=2)
         return cls(model=copy.deepcopy(base), args=args, train_dataset=data, processing_class=tokenizer)
 
-    diffs = _first_batch_diffs([make(SFTTrainer, 1), make(FusedSFTTrainer, 1)])
-    histories = []
-    for cls in (SFTTrainer, FusedSFTTrainer):
-        trainer = make(cls, 3)
-        trainer.train()
-        histories.append(trainer.state.log_history)
-    diffs["log"] = _log_diff(*histories)
-    return diffs
+    return _compare(make, SFTTrainer, FusedSFTTrainer)
