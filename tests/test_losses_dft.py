@@ -210,12 +210,13 @@ def test_stats_contents_shapes_and_detached():
     loss, stats = fused_dft_loss(h, weight, labels, num_negatives=k, ref_logps=ref_logps, bias=bias,
                                  return_stats=True, backend="torch")
     expected_shapes = {"seq_logps": (9,), "token_counts": (9,), "scores": (3, 3), "d": (3, 2),
-                       "weights": (3, 2), "u": (3,), "group_losses": (3,)}
+                       "weights": (3, 2), "u": (3,), "group_losses": (3,), "skipped_groups": ()}
     assert set(stats) == set(expected_shapes)
     for name, shape in expected_shapes.items():
         assert tuple(stats[name].shape) == shape, name
         assert not stats[name].requires_grad, f"{name} must be detached"
-        assert stats[name].dtype == torch.float32, name
+        assert stats[name].dtype == (torch.int64 if name == "skipped_groups" else torch.float32), name
+    assert int(stats["skipped_groups"]) == 0
     torch.testing.assert_close(loss.detach(), stats["group_losses"].mean())
     # without return_stats: just the scalar, the same value
     plain = fused_dft_loss(h, weight, labels, num_negatives=k, ref_logps=ref_logps, bias=bias, backend="torch")
