@@ -520,6 +520,17 @@ ERROR_CASES = {
     "state-wrong-type": (dict(state="u"), TypeError, "state"),
     "schedule-unknown": (dict(schedule="eager"), ValueError, "schedule"),
     "label-out-of-vocabulary": (dict(labels_fill=30), ValueError, "labels"),
+    # strict arguments (issue 9)
+    "return_stats-not-bool": (dict(return_stats="yes"), TypeError, "return_stats must be a bool"),
+    "num_negatives-string": (dict(num_negatives="2"), TypeError, "num_negatives"),
+    "num_negatives-bool": (dict(num_negatives=True), TypeError, "num_negatives"),
+    "tau-tiny": (dict(tau=1e-30), ValueError, r"tau must be a finite number in \[1e-06, 1e\+06\]"),
+    "tau-bool": (dict(tau=True), TypeError, "tau"),
+    "gamma-nan": (dict(gamma=float("nan")), ValueError, r"gamma must be a finite number in \(0, 1\]"),
+    "ref_logps-list": (dict(ref_logps=[[0.0, 0.0], [0.0, 0.0]]), TypeError, "ref_logps"),
+    "ids-list": (dict(ids=[3, 5]), TypeError, "ids"),
+    "cu_seqlens-with-padded-hidden": (dict(cu_seqlens=[0, 4, 8, 12, 16, 20, 24]), ValueError,
+                                      "cu_seqlens is given, so the packed layout is expected"),
 }
 
 

@@ -22,6 +22,10 @@ class DFTState:
         u: float32 ``[num_examples]``.
         num_updates: int64 ``[num_examples]``, how many times each ``u_i`` was updated.
 
+    ``u`` stays finite: :meth:`write` skips non-finite values and the groups the loss marks as not
+    updatable (non-finite scores, no negative response token), and :meth:`load_state_dict` rejects
+    a state with non-finite ``u``.
+
     Under ``torch.distributed`` (initialized, world size > 1) every update is all-gathered so all
     ranks hold identical state after each step, although each rank sees different ids (updates
     are applied in rank order, so a duplicated id resolves identically everywhere).
