@@ -24,7 +24,7 @@ def count_rows(hidden, labels, cu_seqlens) -> int:
         if hidden.dim() != 3:
             raise ValueError(f"hidden must be padded [R, T, H] (or packed [N, H] with cu_seqlens), got "
                              f"{list(hidden.shape)}")
-        if labels.dim() != 2:
+        if tuple(labels.shape) != tuple(hidden.shape[:2]):
             raise ValueError(f"the padded layout (no cu_seqlens) expects labels [R, T] = {list(hidden.shape[:2])}, "
                              f"got {list(labels.shape)}")
         return hidden.shape[0]
@@ -43,7 +43,7 @@ def count_rows(hidden, labels, cu_seqlens) -> int:
     if hidden.dim() != 2:
         raise ValueError(f"cu_seqlens is given, so the packed layout is expected: hidden [N, H] and labels [N]; got "
                          f"hidden {list(hidden.shape)} (for padded rows [R, T, H] leave cu_seqlens=None)")
-    if labels.dim() != 1:
+    if tuple(labels.shape) != (hidden.shape[0],):
         raise ValueError(f"the packed layout (cu_seqlens given) expects labels [N] = [{hidden.shape[0]}], got "
                          f"{list(labels.shape)}")
     if n_bounds < 2:
