@@ -71,7 +71,9 @@ def fused_dft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         return_stats: bool; also return a dict of detached tensors: ``seq_logps [R]`` (sums),
             ``token_counts [R]``, ``scores [G, 1+K]`` (s, or s̄ for dft2), ``d [G, K]``,
             ``weights [G, K]`` (omega), ``u [G]`` (the normalizer used), ``group_losses [G]`` and
-            ``skipped_groups`` (int64 scalar: groups whose ``u`` was not written — see the module doc).
+            ``skipped_groups`` (int64 scalar: groups whose batch estimate is unusable — non-finite,
+            or no negative response token — so that a state keeps their previous ``u``; counted
+            the same way without a state, where nothing is written).
 
     Returns:
         scalar float32 loss (and stats). The loss may be NaN/inf when the inputs are; the state
