@@ -106,19 +106,3 @@ def in_backward_recompute() -> bool:
     """True while the autograd engine runs a backward (e.g. activation-checkpoint recomputation)."""
     return torch._C._current_graph_task_id() != -1
 
-
-def grouped_loss(hidden, weight, labels, *, rows_per_group: int, group_loss, token_term=None, **kwargs):
-    """:func:`dftkern.functional.grouped_sequence_loss` with a group loss and an optional token term.
-
-    The one place that adapts to the engine's calling convention (``group_loss=``/``token_term=``).
-    """
-    from ..functional import grouped_sequence_loss
-
-    if token_term is not None:  # the engine's current API reads the token term from the head
-        def head(*args, **kw):
-            return group_loss(*args, **kw)
-
-        head.token_term = token_term  # type: ignore[attr-defined]
-    else:
-        head = group_loss
-    return grouped_sequence_loss(hidden, weight, labels, rows_per_group=rows_per_group, head=head, **kwargs)

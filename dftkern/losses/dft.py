@@ -25,15 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (
-    check_bool,
-    check_float_tensor,
-    check_ids,
-    check_int,
-    count_rows,
-    grouped_loss,
-    in_backward_recompute,
-)
+from ..grouped import grouped_sequence_loss
+from ._common import check_bool, check_float_tensor, check_ids, check_int, count_rows, in_backward_recompute
 from .formulas import dft_step
 from .registry import get_loss, loss_names
 from .state import DFTState
@@ -131,7 +124,7 @@ def fused_dft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
                  "group_losses": step.per_group.detach(), "skipped": ~step.update}
         return step.per_group, stats
 
-    loss, seq_logps, counts, stats = grouped_loss(
+    loss, seq_logps, counts, stats = grouped_sequence_loss(
         hidden, weight, labels, rows_per_group=1 + k, group_loss=group_loss, cu_seqlens=cu_seqlens, bias=bias,
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
         chunk_bytes=chunk_bytes, schedule=schedule, validate=validate)

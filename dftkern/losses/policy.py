@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from ..functional import fused_token_loss
 from ._common import check_bool, count_rows
 from .formulas import aggregation_weights, policy_token_terms
 from .registry import check_hyperparameter
@@ -87,8 +88,6 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     Returns:
         scalar float32 loss (and stats). 0 when no token is valid.
     """
-    import dftkern  # the engine's fused_token_loss (top level), imported here to keep dftkern.losses light
-
     check_bool("return_stats", return_stats)
     clip_eps = check_hyperparameter("clip_eps", clip_eps)
     clip_eps_high = check_hyperparameter("clip_eps_high", clip_eps_high)
@@ -141,7 +140,7 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
             clip_eps_high=clip_eps_high, kl_beta=kl_beta, entropy_coef=entropy_coef)
         return terms * token_weights[index].to(terms.dtype)
 
-    result = dftkern.fused_token_loss(
+    result = fused_token_loss(
         hidden, weight, labels, token_loss=token_loss, cu_seqlens=cu_seqlens, bias=bias, ignore_index=ignore_index,
         temperature=temperature, softcap=softcap, backend=backend, chunk_bytes=chunk_bytes, validate=validate,
         valid_positions=valid_positions, return_token_values=return_stats)

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_bool, check_float_tensor, count_rows, grouped_loss
+from ..grouped import grouped_sequence_loss
+from ._common import check_bool, check_float_tensor, count_rows
 from .registry import check_hyperparameter, get_loss, loss_names
 
 __all__ = ["fused_preference_loss", "PREFERENCE_LOSSES"]
@@ -135,7 +136,7 @@ def fused_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         stats["group_losses"] = per_group.detach()
         return per_group, stats
 
-    total, seq_logps, counts, stats = grouped_loss(
+    total, seq_logps, counts, stats = grouped_sequence_loss(
         hidden, weight, labels, rows_per_group=group, group_loss=group_loss, token_term=spec.token_term,
         cu_seqlens=cu_seqlens, bias=bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
         backend=backend, chunk_bytes=chunk_bytes, schedule=schedule, validate=validate)
