@@ -28,7 +28,15 @@ unshared layouts also push prompt and padding positions through the LM-head prod
 
 **Attention kernels** (``causal_lm.config._attn_implementation``):
 
-* ``"sdpa"`` — a boolean 4D mask ``[B, 1, S, S]`` (True = attend);
+* ``"dftkern_prefix_sdpa"`` (:data:`PREFIX_SDPA`, set by :func:`use_prefix_sdpa` on an ``sdpa``
+  model; what :func:`prepare_shared_prompt_model` picks) — block-wise SDPA: per layer one call
+  over the groups' prompts (causal) and one over the responses, each response's keys being its
+  group's prompt and its own tokens (:class:`PromptBlocks`). Attention work is the unshared rows'
+  minus the repeated prompt-prompt blocks; no ``S x S`` mask. Unshared batches, generation and
+  scoring go to transformers' SDPA unchanged;
+* ``"sdpa"`` — a boolean 4D mask ``[B, 1, S, S]`` (True = attend). Exact, but SDPA computes every
+  ``S**2`` score of a group (``S = P + sum_j L_j``) — the cross-response blocks too — so with long
+  responses, large K and small models attention can cost more than the tokens saved;
 * ``"eager"`` — the same as an additive float mask (0 / ``finfo(dtype).min``), since HF's eager
   attention adds the mask to the scores (a boolean mask would be silently wrong there);
 * ``"flex_attention"`` — a ``torch.nn.attention.flex_attention.BlockMask`` (no dense mask; blocks
@@ -47,6 +55,10 @@ non-full attention layer types (chunked, linear/recurrent) are rejected. Whether
 honours the mask is *measured*, not assumed: :func:`check_shared_prompt_support` runs a tiny
 probe (shared vs unshared hidden states on random tokens) and raises on any mismatch.
 
+Models that do not pass keyword arguments down to their attention function, or do not dispatch
+through transformers' AttentionInterface, cannot use :data:`PREFIX_SDPA`;
+:func:`prepare_shared_prompt_model` then falls back to the dense SDPA mask with a warning.
+
 Module entry point: ``python -m dftkern.train.prefix_sharing bench`` (CPU timing and peak-RSS of
 one backbone + loss step, shared vs unshared; see :func:`benchmark`) and ``... mask`` (prints the
 mask of a small example).
@@ -55,14 +67,18 @@ mask of a small example).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from .data import Batch, Row, TrainExample, collate
 
 __all__ = [
+    "PREFIX_SDPA",
     "SHARED_PROMPT_ATTENTION",
+    "PromptBlocks",
+    "use_prefix_sdpa",
+    "prepare_shared_prompt_model",
     "SharedPromptUnsupported",
     "SharedPromptBatch",
     "collate_shared",
@@ -76,14 +92,74 @@ __all__ = [
     "benchmark",
 ]
 
-SHARED_PROMPT_ATTENTION = ("sdpa", "eager", "flex_attention")
-"""Attention implementations (``config._attn_implementation``) that take the shared-prompt mask."""
+PREFIX_SDPA = "dftkern_prefix_sdpa"
+"""The block-wise attention kernel :func:`use_prefix_sdpa` registers with transformers' AttentionInterface."""
+
+SHARED_PROMPT_ATTENTION = (PREFIX_SDPA, "sdpa", "eager", "flex_attention")
+"""Attention implementations (``config._attn_implementation``) that run the prompt-shared layout."""
 
 _PAD_SEGMENT = -1
 
 
 class SharedPromptUnsupported(ValueError):
     """The model, its attention kernel or the batch cannot run the prompt-shared layout exactly."""
+
+
+@dataclass
+class PromptBlocks:
+    """Index tensors for block-wise attention over a prompt-shared batch (the ``prefix_sdpa`` kernel).
+
+    Flat positions index the batch's tokens as ``input_ids.reshape(-1)`` (``B * S``). ``G`` groups
+    with prompts padded to ``Pm`` tokens; ``R`` responses padded to ``Lm`` tokens; padding slots
+    repeat the group's first prompt position and are masked off as keys and dropped as queries.
+
+    * ``prompt_index`` int64 ``[G, Pm]``, ``prompt_mask`` bool ``[G, 1, Pm, Pm]`` (causal, real keys);
+    * ``response_index`` int64 ``[R, Lm]``, ``response_group`` int64 ``[R]`` (its group),
+      ``response_mask`` bool ``[R, 1, Lm, Pm + Lm]`` over the keys ``[group's prompt, response]``
+      (every real prompt key, and the response's own keys causally);
+    * ``prompt_slots`` / ``response_slots`` int64: the real slots of ``prompt_index.reshape(-1)`` /
+      ``response_index.reshape(-1)``; ``prompt_dest`` / ``response_dest`` int64: their flat positions.
+    """
+
+    prompt_index: torch.Tensor
+    prompt_mask: torch.Tensor
+    prompt_slots: torch.Tensor
+    prompt_dest: torch.Tensor
+    response_index: torch.Tensor
+    response_group: torch.Tensor
+    response_mask: torch.Tensor
+    response_slots: torch.Tensor
+    response_dest: torch.Tensor
+
+    def to(self, device) -> PromptBlocks:
+        return PromptBlocks(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
+
+
+def _prompt_blocks(prompts: list[list[int]], responses: list[list[int]], response_group: list[int]) -> PromptBlocks:
+    """:class:`PromptBlocks` from the flat positions of each group's prompt and of each response."""
+    pm = max(len(p) for p in prompts)
+    lm = max(1, max(len(r) for r in responses))
+
+    def pad(positions: list[list[int]], width: int, filler: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor([row + [fill] * (width - len(row)) for row, fill in zip(positions, filler)],
+                             dtype=torch.int64).reshape(len(positions), width)
+        lengths = torch.tensor([len(row) for row in positions])
+        return index, lengths
+
+    prompt_index, prompt_len = pad(prompts, pm, [p[0] for p in prompts])
+    groups = torch.tensor(response_group, dtype=torch.int64)
+    response_index, response_len = pad(responses, lm, [prompts[g][0] for g in response_group])
+    q, k = torch.arange(pm)[:, None], torch.arange(pm)[None, :]
+    prompt_mask = (k <= q) & (k < prompt_len[:, None, None])
+    qr, kr = torch.arange(lm)[:, None], torch.arange(lm)[None, :]
+    own = (kr <= qr) & (kr < response_len[:, None, None])                       # [R, Lm, Lm]
+    shared = (torch.arange(pm) < prompt_len[groups][:, None]).unsqueeze(1)      # [R, 1, Pm]
+    response_mask = torch.cat([shared.expand(-1, lm, -1), own], dim=2)
+    prompt_slots = (torch.arange(pm) < prompt_len[:, None]).reshape(-1).nonzero().flatten()
+    response_slots = (torch.arange(lm) < response_len[:, None]).reshape(-1).nonzero().flatten()
+    return PromptBlocks(prompt_index, prompt_mask[:, None], prompt_slots, prompt_index.reshape(-1)[prompt_slots],
+                        response_index, groups, response_mask[:, None], response_slots,
+                        response_index.reshape(-1)[response_slots])
 
 
 @dataclass
@@ -110,7 +186,8 @@ class SharedPromptBatch:
 
     ``num_tokens`` counts the tokens of the unshared rows (what ``collate`` reports, so tokens/s
     stays comparable); ``backbone_tokens`` the non-padding tokens the backbone actually runs
-    over; ``max_row_length`` the longest unshared row (``P + L_j``), for sliding-window checks.
+    over; ``max_row_length`` the longest unshared row (``P + L_j``), for sliding-window checks;
+    ``blocks`` the index tensors of the block-wise ``prefix_sdpa`` kernel.
     """
 
     input_ids: torch.Tensor
@@ -122,6 +199,7 @@ class SharedPromptBatch:
     num_tokens: int
     backbone_tokens: int
     max_row_length: int
+    blocks: PromptBlocks
 
     @property
     def packed_groups(self) -> bool:
@@ -141,7 +219,7 @@ class SharedPromptBatch:
             return t.to(device, non_blocking=True)
         return SharedPromptBatch(move(self.input_ids), move(self.position_ids), move(self.sequence_ids),
                                  move(self.segment_ids), move(self.gather_index), self.loss_batch.to(device),
-                                 self.num_tokens, self.backbone_tokens, self.max_row_length)
+                                 self.num_tokens, self.backbone_tokens, self.max_row_length, self.blocks.to(device))
 
 
 def _shared_prompt(example: TrainExample, keep: Sequence[int]) -> tuple[int, ...]:
@@ -186,11 +264,12 @@ def collate_shared(examples: Sequence[TrainExample], *, pad_token_id: int, rows:
     row_starts = unshared.cu_seqlens.tolist()
     groups = []        # per group: (token ids, position ids, segment ids)
     local_gather = []  # per group: positions within the group's sequence, row-major over its rows
+    spans = []         # per group: (prompt length, [(start, length) of each response in the group's sequence])
     unshared_index, loss_bounds, max_row_length = [], [0], 0
     for g, example in enumerate(examples):
         prompt = _shared_prompt(example, keep)
         p = len(prompt)
-        ids, pos, seg, gather = list(prompt), list(range(p)), [0] * p, []
+        ids, pos, seg, gather, response_spans = list(prompt), list(range(p)), [0] * p, [], []
         for j, r in enumerate(keep):
             row = example.rows[r]
             response = row.input_ids[p:]
@@ -201,11 +280,13 @@ def collate_shared(examples: Sequence[TrainExample], *, pad_token_id: int, rows:
             unshared_index += range(start + p - 1, start + p - 1 + n)
             loss_bounds.append(loss_bounds[-1] + n)
             max_row_length = max(max_row_length, p + n)
+            response_spans.append((len(ids), n))
             ids += response
             pos += range(p, p + n)
             seg += [j + 1] * n
         groups.append((ids, pos, seg))
         local_gather.append(gather)
+        spans.append((p, response_spans))
 
     if pack_groups:
         offsets = [0]
@@ -231,6 +312,9 @@ def collate_shared(examples: Sequence[TrainExample], *, pad_token_id: int, rows:
             sequence_ids[g, :n] = 0
     gather_index = torch.tensor([offsets[g] + t for g, gather in enumerate(local_gather) for t in gather],
                                 dtype=torch.int64)
+    blocks = _prompt_blocks([list(range(o, o + p)) for o, (p, _) in zip(offsets, spans)],
+                            [list(range(o + a, o + a + n)) for o, (_, rs) in zip(offsets, spans) for a, n in rs],
+                            [g for g, (_, rs) in enumerate(spans) for _ in rs])
     index = torch.tensor(unshared_index, dtype=torch.int64)
     loss_batch = Batch(input_ids=input_ids.reshape(-1)[gather_index][None], labels=unshared.labels[index],
                        example_ids=unshared.example_ids, rows_per_example=unshared.rows_per_example, packed=True,
@@ -239,7 +323,7 @@ def collate_shared(examples: Sequence[TrainExample], *, pad_token_id: int, rows:
                        rewards=unshared.rewards, num_tokens=unshared.num_tokens)
     return SharedPromptBatch(input_ids, position_ids, sequence_ids, segment_ids, gather_index, loss_batch,
                              num_tokens=unshared.num_tokens, backbone_tokens=sum(len(ids) for ids, _, _ in groups),
-                             max_row_length=max_row_length)
+                             max_row_length=max_row_length, blocks=blocks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +383,92 @@ def _unsupported_attention(attn_implementation: str) -> SharedPromptUnsupported:
         f"the prompt-shared layout needs an attention kernel that takes a custom mask, one of "
         f"{SHARED_PROMPT_ATTENTION}; this model uses attn_implementation={attn_implementation!r} ({why}). "
         f"Load it with attn='sdpa' (or 'flex_attention' on CUDA), or train without --share-prompt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-wise attention (prefix_sdpa)
+# ---------------------------------------------------------------------------------------------
+
+_BLOCKS_KWARG = "dftkern_prompt_blocks"
+
+
+def _prefix_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                           **kwargs):
+    """transformers attention function: block-wise SDPA on prompt-shared batches, plain SDPA otherwise.
+
+    ``query`` ``[B, Hq, S, D]``, ``key``/``value`` ``[B, Hkv, S, D]`` (after RoPE). With the
+    ``dftkern_prompt_blocks`` keyword (a :class:`PromptBlocks`, passed through the model's forward
+    kwargs): one SDPA call over every group's prompt (causal) and one over every response, whose
+    keys are its group's prompt followed by its own tokens — so the attention work is that of the
+    unshared rows without their repeated prompt-prompt block, not ``S**2`` per group as with a
+    dense mask. Returns ``([B, S, Hq, D], None)`` like transformers' SDPA function; padding
+    positions of the layout get zeros.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    blocks = kwargs.pop(_BLOCKS_KWARG, None)
+    if blocks is None:
+        if attention_mask is not None and attention_mask.numel() == 0:
+            raise SharedPromptUnsupported(f"{type(module).__name__} did not pass the prompt-block keyword through "
+                                          f"to its attention function; use attn='sdpa' with the dense mask instead")
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    for name in ("softcap", "position_bias", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise SharedPromptUnsupported(f"{PREFIX_SDPA} does not implement attention {name!r} "
+                                          f"({type(module).__name__}); use attn='eager' or 'flex_attention'")
+    b, hq, s, _ = query.shape
+    rep = hq // key.shape[1]
+
+    def tokens(x):  # [B, H, S, D] -> [B*S, H, D]
+        return x.transpose(1, 2).reshape(b * s, x.shape[1], x.shape[-1])
+
+    def block(x, index):  # [B*S, H, D] at index [n, m] -> [n, H, m, D]
+        return x[index].transpose(1, 2)
+
+    q, k, v = tokens(query), tokens(key), tokens(value)
+    kp, vp = block(k, blocks.prompt_index), block(v, blocks.prompt_index)
+    kr = torch.cat([kp.index_select(0, blocks.response_group), block(k, blocks.response_index)], dim=2)
+    vr = torch.cat([vp.index_select(0, blocks.response_group), block(v, blocks.response_index)], dim=2)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    out_p = sdpa(block(q, blocks.prompt_index), kp.repeat_interleave(rep, 1), vp.repeat_interleave(rep, 1),
+                 attn_mask=blocks.prompt_mask, dropout_p=dropout, scale=scaling)
+    out_r = sdpa(block(q, blocks.response_index), kr.repeat_interleave(rep, 1), vr.repeat_interleave(rep, 1),
+                 attn_mask=blocks.response_mask, dropout_p=dropout, scale=scaling)
+    dv = value.shape[-1]
+    out = q.new_zeros(b * s, hq, dv)
+    out = out.index_copy(0, blocks.prompt_dest, out_p.transpose(1, 2).reshape(-1, hq, dv)[blocks.prompt_slots])
+    out = out.index_copy(0, blocks.response_dest, out_r.transpose(1, 2).reshape(-1, hq, dv)[blocks.response_slots])
+    return out.view(b, s, hq, dv), None
+
+
+def use_prefix_sdpa(causal_lm) -> None:
+    """Switch ``causal_lm`` from ``sdpa`` to the block-wise :data:`PREFIX_SDPA` kernel (in place).
+
+    Registers :func:`_prefix_sdpa_attention` (and SDPA's mask builder) under :data:`PREFIX_SDPA`
+    with transformers' ``AttentionInterface``/``AttentionMaskInterface``, then
+    ``causal_lm.set_attn_implementation(PREFIX_SDPA)``. Every call without prompt blocks (unshared
+    batches, generation, scoring) still runs transformers' SDPA with the masks it builds, so the
+    model behaves exactly as before; the setting is not saved with the config.
+
+    Raises:
+        SharedPromptUnsupported: the model does not use ``sdpa`` (or already the kernel), or it cannot
+            switch attention implementations (not written against the AttentionInterface).
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    impl = getattr(causal_lm.config, "_attn_implementation", None)
+    if impl == PREFIX_SDPA:
+        return
+    if impl != "sdpa":
+        raise SharedPromptUnsupported(f"{PREFIX_SDPA} replaces the 'sdpa' attention kernel; this model uses {impl!r}")
+    AttentionInterface.register(PREFIX_SDPA, _prefix_sdpa_attention)
+    AttentionMaskInterface.register(PREFIX_SDPA, sdpa_mask)
+    causal_lm.set_attn_implementation(PREFIX_SDPA)
+    if causal_lm.config._attn_implementation != PREFIX_SDPA:
+        raise SharedPromptUnsupported(f"{type(causal_lm).__name__} cannot switch its attention implementation to "
+                                      f"{PREFIX_SDPA} (it does not dispatch through transformers' AttentionInterface)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,10 +549,16 @@ def shared_backbone_hidden(causal_lm, batch: SharedPromptBatch) -> torch.Tensor:
         SharedPromptUnsupported: see :func:`check_attention_support`.
     """
     impl = check_attention_support(causal_lm, batch)
-    mask_dtype = causal_lm.get_input_embeddings().weight.dtype
-    mask = shared_attention_mask(batch, impl, dtype=mask_dtype)
+    extra = {}
+    if impl == PREFIX_SDPA:
+        # an empty 4D mask: transformers passes a prepared 4D mask through untouched (no dense mask is built),
+        # and the kernel raises if it ever reaches an attention call without the blocks
+        mask = torch.ones(batch.input_ids.shape[0], 1, 0, 0, dtype=torch.bool, device=batch.input_ids.device)
+        extra[_BLOCKS_KWARG] = batch.blocks
+    else:
+        mask = shared_attention_mask(batch, impl, dtype=causal_lm.get_input_embeddings().weight.dtype)
     out = causal_lm.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask,
-                               use_cache=False)
+                               use_cache=False, **extra)
     hidden = out.last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.gather_index)
 
@@ -460,6 +636,36 @@ def check_shared_prompt_support(causal_lm, *, tolerance: float | None = None, se
     return worst
 
 
+def prepare_shared_prompt_model(causal_lm, *, block_attention: bool = True) -> str:
+    """Get ``causal_lm`` ready for prompt-shared batches and prove it on the probe; returns the kernel.
+
+    With ``block_attention`` and an ``sdpa`` model, switches to :data:`PREFIX_SDPA`
+    (:func:`use_prefix_sdpa`); if the model cannot take it (it does not dispatch through the
+    AttentionInterface, or does not pass keyword arguments down to attention), it goes back to
+    ``sdpa`` with the dense mask and warns. Then :func:`check_shared_prompt_support`. Call it once,
+    after loading and before sharding (FSDP2) or compiling.
+
+    Returns:
+        the attention implementation the model now uses (``config._attn_implementation``).
+    Raises:
+        SharedPromptUnsupported: the model cannot run the layout exactly with any kernel tried.
+    """
+    import warnings
+
+    if block_attention and getattr(causal_lm.config, "_attn_implementation", None) == "sdpa":
+        try:
+            use_prefix_sdpa(causal_lm)
+            check_shared_prompt_support(causal_lm)
+            return PREFIX_SDPA
+        except SharedPromptUnsupported as err:
+            if causal_lm.config._attn_implementation == PREFIX_SDPA:
+                causal_lm.set_attn_implementation("sdpa")
+            warnings.warn(f"prefix sharing: block-wise attention unavailable ({err}); using SDPA with a dense "
+                          f"[B, 1, S, S] mask (exact, but attention costs S**2 per group)", stacklevel=2)
+    check_shared_prompt_support(causal_lm)
+    return causal_lm.config._attn_implementation
+
+
 # ---------------------------------------------------------------------------------------------
 # Pictures and the CPU benchmark
 # ---------------------------------------------------------------------------------------------
@@ -498,7 +704,7 @@ def _rss_kib(field: str) -> int:
 
 def benchmark(*, ks: Sequence[int] = (2, 4, 8), shapes: Sequence[tuple[int, int]] = ((128, 128), (256, 64)),
               groups: int = 2, hidden_size: int = 128, num_layers: int = 4, vocab_size: int = 1024,
-              repeats: int = 3, attn: str = "sdpa", loss: str = "dft2", seed: int = 0) -> list[dict]:
+              repeats: int = 3, attn: str = "prefix_sdpa", loss: str = "dft2", seed: int = 0) -> list[dict]:
     """CPU timing and peak-RSS growth of one backbone + fused-loss step (forward + backward), shared vs unshared.
 
     Model: random-init Llama (``hidden_size``, ``num_layers``, 4 heads, MLP 4x, vocabulary
@@ -506,12 +712,15 @@ def benchmark(*, ks: Sequence[int] = (2, 4, 8), shapes: Sequence[tuple[int, int]
     responses of ``L`` random tokens; unshared = :func:`collate` padded (all rows of equal length,
     so no padding) through :func:`~dftkern.train.model.backbone_hidden`; shared = one group per row
     through :func:`shared_backbone_hidden`. Loss: the trainer's :class:`Objective` for ``loss``.
-    Time: median of ``repeats`` steps after one warm-up. Memory: growth of the resident set's peak
-    (``VmHWM`` after the step minus ``VmRSS`` before it, peak mark reset by ``/proc/self/clear_refs``;
-    run with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed buffers leave the resident set).
+    Time: median of ``repeats`` steps after one warm-up, wall clock (``step_s``) and this process's
+    CPU time (``cpu_s``; with one thread it is insensitive to other load on the machine). Memory:
+    growth of the resident set's peak (``VmHWM`` after the step minus ``VmRSS`` before it, peak
+    mark reset by ``/proc/self/clear_refs``; run with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed
+    buffers leave the resident set). ``attn``: ``"prefix_sdpa"`` (block-wise kernel), ``"sdpa"`` or
+    ``"eager"`` (dense shared mask); the unshared layout runs plain SDPA/eager in every case.
 
     Returns one dict per (P, L, K, layout): ``P, L, K, layout, row_tokens, backbone_tokens,
-    step_s, row_tokens_per_s, peak_rss_mib`` (None where the peak mark cannot be reset).
+    step_s, cpu_s, row_tokens_per_cpu_s, peak_rss_mib`` (None where the peak mark cannot be reset).
     """
     import time
 
@@ -519,15 +728,17 @@ def benchmark(*, ks: Sequence[int] = (2, 4, 8), shapes: Sequence[tuple[int, int]
 
     from dftkern import DFTState
 
-    from .model import backbone_hidden, lm_head_params
+    from .model import lm_head_params
     from .objectives import Objective, ObjectiveConfig
 
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
                          max_position_embeddings=max(p + n for p, n in shapes), tie_word_embeddings=True)
-    config._attn_implementation = attn
+    config._attn_implementation = "sdpa" if attn == "prefix_sdpa" else attn
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).train()
+    if attn == "prefix_sdpa":  # unshared batches still run plain SDPA
+        use_prefix_sdpa(model)
     weight, bias = lm_head_params(model)
     objective = Objective(ObjectiveConfig(loss=loss))
     gen = torch.Generator().manual_seed(seed)
@@ -546,37 +757,35 @@ def benchmark(*, ks: Sequence[int] = (2, 4, 8), shapes: Sequence[tuple[int, int]
                        "shared": collate_shared(examples, pad_token_id=0, **needs)}
             for name, batch in layouts.items():
                 def step():
-                    if name == "shared":
-                        hidden, loss_batch = shared_backbone_hidden(model, batch), batch.loss_batch
-                    else:
-                        hidden, loss_batch = backbone_hidden(model, batch), batch
+                    hidden, loss_batch = shared_forward(model, batch)
                     value, _ = objective(hidden, weight, bias, loss_batch, state=DFTState(groups))
                     value.backward()
                     model.zero_grad(set_to_none=True)
 
                 step()  # warm-up
-                times, peak = [], None
+                times, cpu_times, peak = [], [], None
                 for _ in range(repeats):
                     can_reset = _peak_rss_reset()
                     before = _rss_kib("VmRSS")
-                    started = time.perf_counter()
+                    started, cpu_started = time.perf_counter(), time.process_time()
                     step()
                     times.append(time.perf_counter() - started)
+                    cpu_times.append(time.process_time() - cpu_started)
                     if can_reset:
                         growth = (_rss_kib("VmHWM") - before) / 1024
                         peak = growth if peak is None else max(peak, growth)
-                times.sort()
-                step_s = times[len(times) // 2]
+                step_s, cpu_s = sorted(times)[len(times) // 2], sorted(cpu_times)[len(cpu_times) // 2]
                 backbone = batch.backbone_tokens if name == "shared" else batch.num_tokens
                 results.append(dict(P=p, L=n, K=k, layout=name, row_tokens=batch.num_tokens,
-                                    backbone_tokens=backbone, step_s=step_s,
-                                    row_tokens_per_s=batch.num_tokens / step_s, peak_rss_mib=peak))
+                                    backbone_tokens=backbone, step_s=step_s, cpu_s=cpu_s,
+                                    row_tokens_per_cpu_s=batch.num_tokens / cpu_s, peak_rss_mib=peak))
     return results
 
 
 def _format_benchmark(results: list[dict]) -> str:
-    lines = ["| P/L | K | row tokens | backbone tokens (shared) | unshared step s | shared step s | speedup | "
-             "unshared tok/s | shared tok/s | unshared peak MiB | shared peak MiB |",
+    lines = ["| P/L | K | row tokens | backbone tokens (shared) | unshared step s (CPU s) | "
+             "shared step s (CPU s) | speedup wall (CPU) | unshared row tok/CPU-s | shared row tok/CPU-s | "
+             "unshared peak MiB | shared peak MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     by_case: dict = {}
     for r in results:
@@ -587,9 +796,10 @@ def _format_benchmark(results: list[dict]) -> str:
         def mib(v):
             return "n/a" if v is None else f"{v:.0f}"
 
-        lines.append(f"| {p}/{n} | {k} | {u['row_tokens']} | {s['backbone_tokens']} | {u['step_s']:.3f} | "
-                     f"{s['step_s']:.3f} | {u['step_s'] / s['step_s']:.2f}x | {u['row_tokens_per_s']:.0f} | "
-                     f"{s['row_tokens_per_s']:.0f} | {mib(u['peak_rss_mib'])} | {mib(s['peak_rss_mib'])} |")
+        lines.append(f"| {p}/{n} | {k} | {u['row_tokens']} | {s['backbone_tokens']} | {u['step_s']:.3f} "
+                     f"({u['cpu_s']:.3f}) | {s['step_s']:.3f} ({s['cpu_s']:.3f}) | {u['step_s'] / s['step_s']:.2f}x "
+                     f"({u['cpu_s'] / s['cpu_s']:.2f}x) | {u['row_tokens_per_cpu_s']:.0f} | "
+                     f"{s['row_tokens_per_cpu_s']:.0f} | {mib(u['peak_rss_mib'])} | {mib(s['peak_rss_mib'])} |")
     return "\n".join(lines)
 
 
@@ -607,7 +817,8 @@ def _main(argv: Sequence[str] | None = None) -> None:
     bench.add_argument("--layers", type=int, default=4)
     bench.add_argument("--vocab", type=int, default=1024)
     bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    bench.add_argument("--attn", default="prefix_sdpa", choices=["prefix_sdpa", "sdpa", "eager"],
+                       help="prefix_sdpa: block-wise kernel; sdpa/eager: dense shared mask (default: prefix_sdpa)")
     bench.add_argument("--loss", default="dft2")
     bench.add_argument("--threads", type=int, default=1)
     mask = sub.add_parser("mask", help="print the mask of a small example")
@@ -630,7 +841,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
     print(_format_benchmark(results))
     print(f"(torch {torch.__version__}, {torch.get_num_threads()} thread(s), attn={args.attn}, loss={args.loss}, "
           f"{args.groups} groups, hidden {args.hidden_size} x {args.layers} layers, vocab {args.vocab}; "
-          f"row tokens/s = tokens of the unshared rows per second)")
+          f"row tok/CPU-s = tokens of the unshared rows per second of CPU time)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Prefix sharing under FSDP2 (2 processes, gloo, CPU) and with FlexAttention (CPU, no gradients).
 
-FSDP2: every rank builds the same tiny model, probes it (before sharding), shards it the way the
+FSDP2: every rank builds the same tiny model, prepares and probes it (``prepare_shared_prompt_model``:
+the block-wise kernel or the dense SDPA mask) before sharding, shards it the way the
 trainer does (``shard_model``: decoder layers, then the wrapper as root), and runs one step on its
 own groups in the padded unshared layout and in the prompt-shared layouts, through a wrapper whose
 forward is the proposed trainer integration (``shared_forward`` inside the sharded root's forward,
@@ -22,7 +23,7 @@ from dftkern import DFTState
 from dftkern.train.data import collate
 from dftkern.train.model import lm_head_params
 from dftkern.train.objectives import Objective, ObjectiveConfig
-from dftkern.train.prefix_sharing import check_shared_prompt_support, collate_shared, shared_forward
+from dftkern.train.prefix_sharing import PREFIX_SDPA, collate_shared, prepare_shared_prompt_model, shared_forward
 
 
 def _free_port() -> int:
@@ -55,10 +56,11 @@ def _fsdp_worker(rank: int, port: int, results) -> None:
     torch.set_num_threads(1)
     out = {}
     try:
-        for family, loss_name, checkpointing in (("llama", "dft", False), ("qwen2", "rloo", True),
-                                                 ("llama", "dpo", True)):
+        for family, loss_name, checkpointing, block in (("llama", "dft", False, False), ("qwen2", "rloo", True, True),
+                                                        ("llama", "dpo", True, True)):
             model = tiny_model(family)
-            check_shared_prompt_support(model)  # the probe runs before sharding
+            kernel = prepare_shared_prompt_model(model, block_attention=block)  # the probe runs before sharding
+            assert kernel == (PREFIX_SDPA if block else "sdpa")
             if checkpointing:
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             objective = Objective(ObjectiveConfig(loss=loss_name))
@@ -79,7 +81,7 @@ def _fsdp_worker(rank: int, port: int, results) -> None:
             ref_loss, ref_grads = runs["padded"]
             for layout in ("shared", "shared_packed"):
                 loss, grads = runs[layout]
-                out[(family, loss_name, checkpointing, layout)] = (
+                out[(family, loss_name, checkpointing, kernel, layout)] = (
                     float((loss - ref_loss).abs()) / max(1.0, float(ref_loss.abs())), max_rel_diff(grads, ref_grads),
                     len(grads))
         results.put((rank, out))
