@@ -202,11 +202,6 @@ class SharedPromptBatch:
     blocks: PromptBlocks
 
     @property
-    def packed_groups(self) -> bool:
-        """True when all groups share one row (``B == 1``) rather than one row each."""
-        return self.input_ids.shape[0] == 1 and self.loss_batch.num_examples > 1
-
-    @property
     def num_examples(self) -> int:
         return self.loss_batch.num_examples
 
@@ -735,8 +730,9 @@ def benchmark(*, ks: Sequence[int] = (2, 4, 8), shapes: Sequence[tuple[int, int]
                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
                          max_position_embeddings=max(p + n for p, n in shapes), tie_word_embeddings=True)
     config._attn_implementation = "sdpa" if attn == "prefix_sdpa" else attn
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).train()
     if attn == "prefix_sdpa":  # unshared batches still run plain SDPA
         use_prefix_sdpa(model)
     weight, bias = lm_head_params(model)

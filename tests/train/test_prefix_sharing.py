@@ -1,7 +1,8 @@
 """Prefix sharing (issue 16): the prompt-shared layout, its mask, its errors, and its exactness.
 
 Exactness is checked two ways on tiny random-init Llama and Qwen2 models (GQA; Qwen2 has q/k/v
-biases), against both unshared layouts of ``collate`` (padded and packed):
+biases), with the block-wise kernel (``prefix_sdpa``) and the dense masks (``sdpa``, ``eager``),
+against both unshared layouts of ``collate`` (padded and packed):
 
 * float64 model, a float64 linear functional of the loss-position hidden states: hidden states
   and every parameter gradient agree to float64 rounding (the shared prompt's last position is one
@@ -435,6 +436,24 @@ def test_uniform_lengths_and_one_group():
             diffs = compare_layouts(tiny_model("qwen2", attn=attn), "rloo", batch_examples)
             for layout, (loss_diff, grad_diff) in diffs.items():
                 assert loss_diff <= LOSS_RTOL and grad_diff <= GRAD_RTOL, (attn, layout, loss_diff, grad_diff)
+
+
+def test_mask_picture_and_benchmark_smoke(capsys):
+    from dftkern.train.prefix_sharing import _main, benchmark, mask_picture
+
+    _main(["mask", "--prompt", "2", "--responses", "1", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["p", "p", "0", "1", "1"]
+    batch = collate_shared([TrainExample(0, "x", [Row((1, 2, 3), 2), Row((1, 2, 4, 5), 2)])], pad_token_id=0)
+    assert lines == mask_picture(batch).splitlines()
+    grid = [[c == "#" for c in line.split()[2:]] for line in lines[1:]]
+    assert torch.equal(torch.tensor(grid), dense_shared_mask(batch)[0])
+    results = benchmark(ks=(2,), shapes=((6, 3),), groups=2, hidden_size=16, num_layers=1, vocab_size=32, repeats=1)
+    assert [r["layout"] for r in results] == ["unshared", "shared"]
+    unshared, shared = results
+    assert unshared["row_tokens"] == shared["row_tokens"] == 2 * 3 * 9
+    assert unshared["backbone_tokens"] == 54 and shared["backbone_tokens"] == 2 * (6 + 3 * 3)
+    assert shared["step_s"] > 0 and shared["cpu_s"] > 0
 
 
 def test_wrong_mask_would_be_caught():
