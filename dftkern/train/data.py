@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .serialization import register_record
+
 __all__ = [
     "IGNORE_INDEX",
     "DataError",
@@ -302,6 +304,7 @@ def encode_response(tokenizer, record: PromptRecord, response: str | None = None
 # ---------------------------------------------------------------------------------------------
 
 
+@register_record
 @dataclass(frozen=True)
 class Row:
     """One sequence: ``input_ids`` (prompt then response) of which the first ``prompt_len`` are prompt."""
@@ -341,6 +344,7 @@ def shifted_labels(row: Row) -> list[int]:
     return labels
 
 
+@register_record
 @dataclass
 class TrainExample:
     """One prompt with its rows: the good answer first, then its K sampled negatives (if any).

@@ -282,8 +282,8 @@ def _resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     if resume == "auto":
         return latest_checkpoint(run_dir)
     path = Path(resume)
-    if not (path / "trainer_state.pt").is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no trainer_state.pt)")
+    if not ((path / "trainer_state.json").is_file() or (path / "trainer_state.pt").is_file()):
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no trainer_state.json)")
     return path
 
 
