@@ -25,7 +25,6 @@ import os
 import random
 import re
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ import torch
 from .serialization import StateFileError, load_state, save_state, state_files
 
 __all__ = ["CheckpointError", "CheckpointWarning", "checkpoint_dir", "list_checkpoints", "checkpoint_candidates",
-           "latest_checkpoint", "write_checkpoint", "read_trainer_state", "check_checkpoint_files",
+           "latest_checkpoint", "write_checkpoint", "read_trainer_state", "check_trainer_state", "check_checkpoint_files",
            "remove_stale_temporaries", "set_aside", "capture_rng_state", "restore_rng_state"]
 
 TRAINER_STATE = "trainer_state"  # stem: trainer_state.json + trainer_state.safetensors
@@ -272,8 +271,3 @@ def check_checkpoint_files(checkpoint: str | os.PathLike) -> None:
             if not (checkpoint / shard).is_file():
                 raise CheckpointError(f"{checkpoint / shard}: missing (listed in {index.name})")
 
-
-def warn_skipped(checkpoint: Path, err: Exception) -> None:
-    """Warn (once per checkpoint) that resuming skips a damaged checkpoint."""
-    warnings.warn(f"resume: skipping checkpoint {checkpoint}: {err}; falling back to the newest older intact "
-                  f"checkpoint", CheckpointWarning, stacklevel=3)

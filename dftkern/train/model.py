@@ -89,13 +89,15 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
 
 def load_causal_lm(path: str, *, attn: str = "auto", device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                   attn_device: torch.device | None = None):
+                   attn_device: torch.device | None = None, strict: bool = False):
     """``AutoModelForCausalLM`` from a local directory with the resolved attention implementation.
 
     Returns the model on ``device`` in ``dtype`` (trainable master weights should stay float32;
     generation and reference scoring may use bfloat16 on GPU). ``attn_device`` is the device the
     model will run on when it differs from ``device`` (FSDP loads on CPU, shards, then moves), so
-    ``attn="auto"`` picks the kernel for the right device.
+    ``attn="auto"`` picks the kernel for the right device. ``strict=True`` (used when resuming):
+    safetensors weights only, and any missing, unexpected or wrongly shaped weight is a
+    ``ValueError`` naming them instead of a freshly initialized tensor.
     """
     from transformers import AutoModelForCausalLM
 
@@ -103,8 +105,18 @@ def load_causal_lm(path: str, *, attn: str = "auto", device: torch.device | str 
         raise FileNotFoundError(f"model directory not found: {path}")
     device = torch.device(device)
     attn_device = torch.device(attn_device) if attn_device is not None else None
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=resolve_attn(attn, attn_device or device),
-                                                 dtype=dtype, trust_remote_code=trust_remote_code)
+    kwargs = dict(attn_implementation=resolve_attn(attn, attn_device or device), dtype=dtype,
+                  trust_remote_code=trust_remote_code)
+    if not strict:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    model, info = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, output_loading_info=True, **kwargs)
+    problems = {kind: sorted(map(str, info.get(kind) or ())) for kind in ("missing_keys", "unexpected_keys",
+                                                                          "mismatched_keys", "error_msgs")}
+    problems = {kind: names for kind, names in problems.items() if names}
+    if problems:
+        detail = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                           for kind, names in problems.items())
+        raise ValueError(f"{path}: the weights do not match config.json ({detail})")
     return model.to(device)
 
 

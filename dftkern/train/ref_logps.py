@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import dftkern
 
 from .data import (
     IGNORE_INDEX,
+    DataError,
     TrainExample,
     build_examples,
     collate,
@@ -45,7 +47,7 @@ from .model import (
 )
 from .util import require_single_process, resolve_dtype
 
-__all__ = ["RefLogpsConfig", "cache_path", "score_examples", "compute_ref_logps", "attach_ref_logps"]
+__all__ = ["RefLogpsConfig", "cache_path", "score_examples", "compute_ref_logps", "read_ref_logps", "attach_ref_logps"]
 
 
 @dataclass
@@ -115,7 +117,11 @@ def compute_ref_logps(cfg: RefLogpsConfig) -> Path:
     fingerprint = examples_fingerprint(examples)
     out = cache_path(cfg.out_dir or Path(cfg.negatives).parent, fingerprint)
     if out.exists():
-        return out
+        try:
+            read_ref_logps(out, examples)
+            return out
+        except (DataError, ValueError) as err:
+            warnings.warn(f"ref-logps: recomputing the damaged cache {out} ({err})", stacklevel=2)
     device = resolve_device(cfg.device)
     model = load_causal_lm(cfg.model, attn=cfg.attn, device=device, dtype=resolve_dtype(cfg.dtype, device),
                            trust_remote_code=cfg.trust_remote_code)
@@ -131,24 +137,50 @@ def compute_ref_logps(cfg: RefLogpsConfig) -> Path:
     return out
 
 
-def attach_ref_logps(examples: list[TrainExample], path: str | os.PathLike) -> None:
-    """Load a cache file and set ``example.ref_logps`` (one float per row) on every example.
+def read_ref_logps(path: str | os.PathLike, examples: list[TrainExample]) -> torch.Tensor:
+    """The ``row_logps`` float32 ``[N, n]`` of a cache file, checked against ``examples``.
 
     Raises:
-        ValueError: the cache was computed for different rows (fingerprint mismatch).
+        FileNotFoundError: no such file.
+        DataError: the file is truncated or not a cache (naming it), or a value is not finite
+            (naming the record's file and line).
+        ValueError: the cache was computed for different rows (fingerprint or shape mismatch).
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference log-prob cache not found: {path} (run the ref-logps stage)")
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
-        row_logps = handle.get_tensor("row_logps")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            row_logps = handle.get_tensor("row_logps")
+    except (SafetensorError, OSError) as err:
+        raise DataError(f"{path}: cannot read the reference log-prob cache ({err}); delete it and rerun the "
+                        f"ref-logps stage") from None
     fingerprint = examples_fingerprint(examples)
     if meta.get("fingerprint") != fingerprint:
         raise ValueError(f"{path} holds reference log-probs for other rows (fingerprint "
                          f"{str(meta.get('fingerprint'))[:16]}, these rows: {fingerprint[:16]}); rerun ref-logps "
                          f"with the same --data/--negatives/--num-negatives/--max-length as training")
-    for example, values in zip(examples, row_logps.tolist()):
+    expected = (len(examples), len(examples[0].rows) if examples else 0)
+    if tuple(row_logps.shape) != expected:
+        raise DataError(f"{path}: field 'row_logps' has shape {tuple(row_logps.shape)}, expected {expected} for "
+                        f"these rows; delete it and rerun the ref-logps stage")
+    bad = (~torch.isfinite(row_logps)).nonzero()
+    if len(bad):
+        i, j = bad[0].tolist()
+        raise DataError(f"{path}: field 'row_logps[{i}][{j}]' (prompt id {examples[i].prompt_id!r}, row {j}) is "
+                        f"{row_logps[i, j].item()}, not a finite log-prob; delete it and rerun the ref-logps stage")
+    return row_logps.float()
+
+
+def attach_ref_logps(examples: list[TrainExample], path: str | os.PathLike) -> None:
+    """Load a cache file and set ``example.ref_logps`` (one float per row) on every example.
+
+    Raises:
+        ValueError: the cache was computed for different rows (fingerprint mismatch); a
+            :class:`DataError` when the file is damaged (see :func:`read_ref_logps`).
+    """
+    for example, values in zip(examples, read_ref_logps(path, examples).tolist()):
         example.ref_logps = values

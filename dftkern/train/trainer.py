@@ -7,7 +7,10 @@ autocast on GPU, optional gradient checkpointing, FSDP2 under torchrun (:mod:`.d
 
 Resuming (``resume="auto"`` or a checkpoint path) restores weights, optimizer, scheduler, RNG,
 DFTState and the data position; on CPU a resumed run ends with exactly the weights of an
-uninterrupted one. Output in ``out``: ``checkpoints/``, ``metrics.jsonl`` (one line per logged
+uninterrupted one. ``resume="auto"`` checks the newest checkpoint completely (every file opens,
+the weights and optimizer moments have the model's shapes, the settings match) and, if it is
+damaged, warns naming the bad file and falls back to the newest intact one; stale ``.tmp-*``
+directories of a killed save are removed first. Output in ``out``: ``checkpoints/``, ``metrics.jsonl`` (one line per logged
 step), ``curves.png``, ``train_config.json``.
 """
 
@@ -17,6 +20,7 @@ import json
 import math
 import resource
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,10 +31,17 @@ from tqdm.auto import tqdm
 import dftkern
 
 from .checkpoint import (
+    CheckpointError,
+    CheckpointWarning,
     capture_rng_state,
+    check_checkpoint_files,
+    check_trainer_state,
+    checkpoint_candidates,
     latest_checkpoint,
     read_trainer_state,
+    remove_stale_temporaries,
     restore_rng_state,
+    set_aside,
     write_checkpoint,
 )
 from .data import (
@@ -276,15 +287,126 @@ def load_training_examples(cfg: TrainConfig, tokenizer, objective: Objective) ->
     return examples
 
 
-def _resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+# settings that decide the data order and the rows of every batch: a resumed run must share them
+RESUME_KEYS = ("loss", "batch_size", "grad_accum", "seed", "shuffle", "num_negatives", "max_length", "on_policy",
+               "samples_per_prompt", "refresh_every", "offline_mix")
+
+
+@dataclass
+class _ResumePoint:
+    """A checkpoint that passed every check, with its trainer state and its model already loaded."""
+
+    checkpoint: Path
+    state: dict
+    causal_lm: torch.nn.Module
+    tokenizer: object
+
+
+def _resume_candidates(resume: str | None, run_dir: Path) -> tuple[list[Path], bool]:
+    """The checkpoints to try, newest first, and whether a damaged one may be skipped for an older one."""
     if resume is None:
-        return None
+        return [], False
     if resume == "auto":
-        return latest_checkpoint(run_dir)
+        return checkpoint_candidates(run_dir), True
     path = Path(resume)
     if not ((path / "trainer_state.json").is_file() or (path / "trainer_state.pt").is_file()):
         raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no trainer_state.json)")
-    return path
+    return [path], False
+
+
+def _check_same_settings(saved: dict, cfg: TrainConfig, world_size: int, checkpoint: Path) -> None:
+    """A resumed run must keep the number of processes and every setting in :data:`RESUME_KEYS`."""
+    if saved["world_size"] != world_size:
+        raise ValueError(f"{checkpoint} was written by {saved['world_size']} process(es); resume with the "
+                         f"same number (this run has {world_size}) to continue the same data order")
+    current = asdict(cfg)
+    changed = [f"{key}={saved['config'][key]!r} (now {current[key]!r})" for key in RESUME_KEYS
+               if key in saved["config"] and saved["config"][key] != current[key]]
+    if changed:
+        raise ValueError(f"{checkpoint} was written with {', '.join(changed)}; resume with the same settings, "
+                         f"or train into a new --out")
+
+
+def _check_optimizer_shapes(optimizer_state: dict, causal_lm: torch.nn.Module, checkpoint: Path) -> None:
+    """Every optimizer moment must have its parameter's shape (keys: positions, or names under FSDP2)."""
+    ordered = [p for group in _param_groups(causal_lm, 0.0) for p in group["params"]]
+    named = dict(causal_lm.named_parameters())
+    where = checkpoint / "trainer_state.safetensors"
+    entries = optimizer_state.get("state")
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{where}: the optimizer state has no 'state' mapping")
+    for key, entry in entries.items():
+        if isinstance(key, int) and not isinstance(key, bool):
+            param = ordered[key] if 0 <= key < len(ordered) else None
+        else:
+            param = named.get(str(key).removeprefix("causal_lm."))
+        if param is None or not isinstance(entry, dict):
+            raise CheckpointError(f"{where}: optimizer state for parameter {key!r}, which the model does not have")
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != param.shape:
+                raise CheckpointError(f"{where}: optimizer '{name}' of parameter {key!r} has shape "
+                                      f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _open_checkpoint(checkpoint: Path, cfg: TrainConfig, world_size: int, load_model) -> _ResumePoint:
+    """Check one checkpoint completely (files, state, settings, weights, optimizer shapes) and load it.
+
+    Raises:
+        CheckpointError: a damaged checkpoint (the message names the file); resuming may fall back.
+        ValueError: settings differ from the run's (falling back would not help).
+    """
+    check_checkpoint_files(checkpoint)
+    state = read_trainer_state(checkpoint)
+    check_trainer_state(state, checkpoint)
+    _check_same_settings(state, cfg, world_size, checkpoint)
+    try:
+        tokenizer = load_tokenizer(str(checkpoint), trust_remote_code=cfg.trust_remote_code)
+        causal_lm = load_model(str(checkpoint))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # anything the loaders raise on a damaged directory
+        raise CheckpointError(f"{checkpoint}: cannot load the model ({type(err).__name__}: {_one_line(err)})") from None
+    _check_optimizer_shapes(state["optimizer"], causal_lm, checkpoint)
+    return _ResumePoint(checkpoint, state, causal_lm, tokenizer)
+
+
+def _load_resume_point(cfg: TrainConfig, run_dir: Path, ctx: DistContext, load_model) -> _ResumePoint | None:
+    """The newest intact checkpoint to resume from (None: start fresh).
+
+    With ``resume="auto"`` a damaged checkpoint is skipped: after all processes agree on the
+    checkpoint, each skipped one is renamed ``corrupt-step-N`` (so that pruning and later resumes
+    ignore it) and a :class:`CheckpointWarning` names its bad file. No intact checkpoint at all is
+    a :class:`CheckpointError` listing why each was rejected. An explicit checkpoint path must be intact.
+    """
+    candidates, may_fall_back = _resume_candidates(cfg.resume, run_dir)
+    skipped: list[tuple[Path, CheckpointError]] = []
+    point = None
+    for checkpoint in candidates:
+        try:
+            point = _open_checkpoint(checkpoint, cfg, ctx.world_size, load_model)
+            break
+        except CheckpointError as err:
+            if not may_fall_back:
+                raise
+            skipped.append((checkpoint, err))
+    if point is None and skipped:
+        reasons = "; ".join(f"{path.name}: {_one_line(err)}" for path, err in skipped)
+        raise CheckpointError(f"resume: no intact checkpoint in {run_dir / 'checkpoints'} ({reasons})")
+    step = point.state["step"] if point else 0
+    if ctx.distributed and ctx.sum(step) != step * ctx.world_size:
+        raise RuntimeError("resume: the processes found different newest intact checkpoints (is the run "
+                           "directory on a shared file system?)")
+    if ctx.is_main:
+        for checkpoint, err in skipped:
+            moved = set_aside(checkpoint)
+            warnings.warn(f"resume: checkpoint {checkpoint} is damaged ({_one_line(err)}); renamed it to "
+                          f"{moved.name} and resumed from {point.checkpoint}", CheckpointWarning, stacklevel=3)
+    ctx.barrier()
+    return point
 
 
 @torch.no_grad()
@@ -321,21 +443,29 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
     run_dir = Path(cfg.out)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir)  # .tmp-*/.old-* left by a save that was killed
     ctx.barrier()
-    resume_from = _resolve_resume(cfg.resume, run_dir)
-    resumed = read_trainer_state(resume_from) if resume_from else None
+    device = ctx.device
+
+    def load_model(path: str, strict: bool = True):
+        # under FSDP2 every rank loads on CPU, shards, then moves only its shard to the device
+        return load_causal_lm(path, attn=cfg.attn, device="cpu" if ctx.distributed else device, attn_device=device,
+                              dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, strict=strict)
+
+    resume = _load_resume_point(cfg, run_dir, ctx, load_model)
+    resume_from = resume.checkpoint if resume else None
+    resumed = resume.state if resume else None
     torch.manual_seed(cfg.seed)
 
-    device = ctx.device
     autocast_dtype = None
     if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
                                    and torch.cuda.is_bf16_supported()):
         autocast_dtype = torch.bfloat16
-    model_dir = str(resume_from) if resume_from else cfg.model
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
-    # under FSDP2 every rank loads on CPU, shards, then moves only its shard to the device
-    causal_lm = load_causal_lm(model_dir, attn=cfg.attn, device="cpu" if ctx.distributed else device,
-                               attn_device=device, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    if resume:
+        tokenizer, causal_lm = resume.tokenizer, resume.causal_lm
+    else:
+        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        causal_lm = load_model(cfg.model, strict=False)
     packed = use_packing(cfg.packing, causal_lm.config._attn_implementation)
     if cfg.gradient_checkpointing:
         if hasattr(causal_lm, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -384,14 +514,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
 
     step, micro_batch = 0, 0
     if resumed is not None:
-        if resumed["world_size"] != ctx.world_size:
-            raise ValueError(f"{resume_from} was written by {resumed['world_size']} process(es); resume with the "
-                             f"same number (this run has {ctx.world_size}) to continue the same data order")
+        if resumed.get("num_examples", num_examples) != num_examples:
+            raise ValueError(f"{resume_from} was written for {resumed['num_examples']} training examples, the data "
+                             f"now gives {num_examples}; resume with the same data, or train into a new --out")
         load_optimizer_state(wrapper, optimizer, resumed["optimizer"], ctx)
         scheduler.load_state_dict(resumed["scheduler"])
         if state is not None:
             state.load_state_dict(resumed["dft_state"])
-        restore_rng_state(resumed["rng"][ctx.rank])
+        restore_rng_state(resumed["rng"][ctx.rank], source=resume_from)
         source.load_state_dict(resumed["source"][ctx.rank])
         step, micro_batch = resumed["step"], resumed["micro_batch"]
     if ctx.is_main:
@@ -410,7 +540,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         if ctx.is_main:
             trainer_state = {"step": at_step, "micro_batch": micro_batch, "optimizer": optim_state,
                              "scheduler": scheduler.state_dict(), "rng": rng_states, "source": source_states,
-                             "world_size": ctx.world_size,
+                             "world_size": ctx.world_size, "num_examples": num_examples,
                              "dft_state": state.state_dict() if state is not None else None,
                              "config": asdict(cfg)}
             path = write_checkpoint(run_dir, at_step, causal_lm=causal_lm, model_state=model_state,
