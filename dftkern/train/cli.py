@@ -183,6 +183,9 @@ def _add_train(sub) -> argparse.ArgumentParser:
     s.add_argument("--log-every", type=_positive_int, default=1, help="metrics.jsonl every N steps (default: 1)")
     s.add_argument("--save-every", type=_positive_int, default=None, help="checkpoint every N steps (and at the end)")
     s.add_argument("--keep-checkpoints", type=_positive_int, default=2, help="newest checkpoints kept (default: 2)")
+    s.add_argument("--max-nonfinite-steps", type=_positive_int, default=3, metavar="N",
+                   help="an optimizer step with a non-finite loss or gradient norm is skipped (no update, logged "
+                        "as skipped); stop with an error after N such steps in a row (default: 3)")
     s.add_argument("--eval-data", default=None, help="held-out data: log eval_pos_logp (mean log-prob of answers)")
     s.add_argument("--eval-every", type=_positive_int, default=None, help="held-out log-prob every N steps")
     s.add_argument("--resume", nargs="?", const="auto", default=None,
@@ -258,12 +261,14 @@ def _stage_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the stage. Input problems (bad data, missing files, invalid settings)
     are reported as one ``error:`` line with exit status 2; set ``DFTKERN_TRACEBACK=1`` for the traceback."""
+    from .trainer import NonFiniteLossError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     options = _stage_options(parser, args)
     try:
         return _run(args.stage, options)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
         if os.environ.get("DFTKERN_TRACEBACK") == "1":
             raise
         print(f"{parser.prog}: error: {err}", file=sys.stderr)

@@ -10,7 +10,13 @@ DFTState and the data position; on CPU a resumed run ends with exactly the weigh
 uninterrupted one. ``resume="auto"`` checks the newest checkpoint completely (every file opens,
 the weights and optimizer moments have the model's shapes, the settings match) and, if it is
 damaged, warns naming the bad file and falls back to the newest intact one; stale ``.tmp-*``
-directories of a killed save are removed first. Output in ``out``: ``checkpoints/``, ``metrics.jsonl`` (one line per logged
+directories of a killed save are removed first. An optimizer step whose loss or gradient norm is not finite (on any process) is skipped: no
+weight or optimizer update (the schedule and the data position still advance), a
+``"skipped": true`` line in ``metrics.jsonl`` with the non-finite values as ``null`` and listed
+under ``"nonfinite"``; ``max_nonfinite_steps`` such steps in a row stop training with
+:class:`NonFiniteLossError`.
+
+Output in ``out``: ``checkpoints/``, ``metrics.jsonl`` (one line per logged
 step), ``curves.png``, ``train_config.json``.
 """
 
@@ -81,7 +87,7 @@ from .ref_logps import attach_ref_logps, cache_path
 from .rewards import resolve_reward
 from .util import atomic_write_json
 
-__all__ = ["TrainConfig", "TrainResult", "train", "warmup_cosine"]
+__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "train", "warmup_cosine"]
 
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 
@@ -135,6 +141,7 @@ class TrainConfig:
     log_every: int = 1
     save_every: int | None = None
     keep_checkpoints: int | None = 2
+    max_nonfinite_steps: int = 3
     eval_data: str | None = None
     eval_every: int | None = None
     resume: str | None = None
@@ -158,7 +165,7 @@ class TrainConfig:
             raise ValueError(f"loss must be one of {LOSS_NAMES}, got {self.loss!r}")
         if self.precision not in PRECISION_CHOICES:
             raise ValueError(f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
-        for name in ("batch_size", "grad_accum", "log_every"):
+        for name in ("batch_size", "grad_accum", "log_every", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "save_every", "eval_every", "keep_checkpoints", "num_negatives", "stop_after"):
@@ -230,6 +237,18 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float) -> C
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return multiplier
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped: too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+def _with_finite_values(record: dict) -> dict:
+    """``record`` with every non-finite float replaced by None and listed under ``"nonfinite"`` (strict JSON)."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return record
+    return {**{k: None if k in bad else v for k, v in record.items()}, "nonfinite": bad}
 
 
 def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -512,7 +531,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup, cfg.min_lr_ratio))
 
-    step, micro_batch = 0, 0
+    step, micro_batch, nonfinite_run = 0, 0, 0
     if resumed is not None:
         if resumed.get("num_examples", num_examples) != num_examples:
             raise ValueError(f"{resume_from} was written for {resumed['num_examples']} training examples, the data "
@@ -524,6 +543,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         restore_rng_state(resumed["rng"][ctx.rank], source=resume_from)
         source.load_state_dict(resumed["source"][ctx.rank])
         step, micro_batch = resumed["step"], resumed["micro_batch"]
+        nonfinite_run = int(resumed.get("nonfinite_run", 0))
     if ctx.is_main:
         atomic_write_json(run_dir / "train_config.json",
                           dict(asdict(cfg), world_size=ctx.world_size, packed=packed,
@@ -538,7 +558,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         source_states = gather_objects(source.state_dict(), ctx)
         path = None
         if ctx.is_main:
-            trainer_state = {"step": at_step, "micro_batch": micro_batch, "optimizer": optim_state,
+            trainer_state = {"step": at_step, "micro_batch": micro_batch, "nonfinite_run": nonfinite_run,
+                             "optimizer": optim_state,
                              "scheduler": scheduler.state_dict(), "rng": rng_states, "source": source_states,
                              "world_size": ctx.world_size, "num_examples": num_examples,
                              "dft_state": state.state_dict() if state is not None else None,
@@ -570,9 +591,18 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         grad_norm = torch.nn.utils.clip_grad_norm_(wrapper.parameters(), cfg.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        # a non-finite loss or gradient on any process: skip the update (weights and moments unchanged)
+        finite = ctx.all_true(bool(torch.isfinite(torch.stack(losses)).all()) and math.isfinite(grad_norm))
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
+        if finite:
+            optimizer.step()
+            nonfinite_run = 0
+        else:
+            nonfinite_run += 1
+        with warnings.catch_warnings():  # torch warns when the very first optimizer step was skipped
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         elapsed = time.perf_counter() - started
@@ -580,17 +610,27 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         local = {"loss": torch.stack(losses).mean(), **sampling_stats}
         local.update({k: torch.stack(v).max() if k.endswith("_max") else torch.stack(v).mean()
                       for k, v in step_stats.items()})
-        record = {"step": step, **ctx.reduce(local), "lr": lr, "grad_norm": float(grad_norm),
+        record = {"step": step, **ctx.reduce(local), "lr": lr, "grad_norm": grad_norm,
                   "epoch": micro_batch / order.batches_per_epoch,
                   "tokens_per_s": ctx.sum(tokens) / elapsed, "peak_mem_mb": _peak_memory_mb(device)}
+        if not finite:
+            record["skipped"] = True
         if heldout is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
             record["eval_pos_logp"] = _heldout_pos_logp(wrapper, heldout, ctx, batch_size=cfg.batch_size,
                                                         pad_token_id=tokenizer.pad_token_id, packed=packed)
-        if step % cfg.log_every == 0 or step == total_steps or "eval_pos_logp" in record:
+        record = _with_finite_values(record)
+        if step % cfg.log_every == 0 or step == total_steps or "eval_pos_logp" in record or not finite:
             log.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss="skipped" if record["loss"] is None else f"{record['loss']:.4f}", lr=f"{lr:.2e}")
         bar.update(1)
         last_metrics = record
+        if nonfinite_run >= cfg.max_nonfinite_steps:
+            bar.close()
+            raise NonFiniteLossError(
+                f"train: {nonfinite_run} optimizer step(s) in a row ({step - nonfinite_run + 1}-{step}) had a "
+                f"non-finite loss or gradient norm and were skipped (--max-nonfinite-steps {cfg.max_nonfinite_steps}); "
+                f"stopping. The weights were not updated by them; metrics.jsonl marks them 'skipped'. Look for "
+                f"bad data or reference log-probs, lower --lr, or resume from the newest checkpoint")
         stopping = cfg.stop_after is not None and step >= cfg.stop_after
         if step == total_steps or stopping or (cfg.save_every and step % cfg.save_every == 0):
             final_checkpoint = save(step)
