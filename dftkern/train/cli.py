@@ -99,6 +99,9 @@ def _add_ref_logps(sub) -> argparse.ArgumentParser:
     p.add_argument("--num-negatives", type=_positive_int, default=None,
                    help="use the first K samples per prompt (default: all); must match train")
     p.add_argument("--max-length", type=_positive_int, default=None, help="truncate rows as train does")
+    p.add_argument("--overlong", default="truncate", choices=("truncate", "drop"),
+                   help="rows longer than --max-length: truncate them, or drop their examples; as train does "
+                        "(default: truncate)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="rows per forward (default: 64)")
     p.add_argument("--packing", default="auto", choices=("auto", "on", "off"),
                    help="packed variable-length batches; auto = on with flash_attention_2 (default: auto)")
@@ -122,6 +125,9 @@ def _add_train(sub) -> argparse.ArgumentParser:
                    help="first K samples per prompt (default: all)")
     p.add_argument("--max-length", type=_positive_int, default=None,
                    help="truncate rows to this many tokens (response end cut first)")
+    p.add_argument("--overlong", default="truncate", choices=("truncate", "drop"),
+                   help="rows longer than --max-length: 'truncate' cuts them, 'drop' skips their whole example; "
+                        "the count is printed either way (default: truncate)")
     o = p.add_argument_group("optimization")
     o.add_argument("--batch-size", type=_positive_int, default=8,
                    help="examples (prompts) per micro-batch per process; DFT rows = examples * (1+K) (default: 8)")
@@ -208,6 +214,9 @@ def _add_eval(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=64, help="prompts per batch (default: 64)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="default: 128")
     p.add_argument("--max-length", type=_positive_int, default=None, help="truncate answer rows for the log-prob")
+    p.add_argument("--overlong", default="truncate", choices=("truncate", "drop"),
+                   help="answer rows longer than --max-length: truncate them, or leave them out of the log-prob "
+                        "(default: truncate)")
     p.add_argument("--limit", type=_positive_int, default=None, help="only the first N prompts")
     _add_model_options(p)
     return p

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ __all__ = [
     "encode_prompt",
     "encode_response",
     "make_row",
+    "OVERLONG_CHOICES",
+    "OverlongReport",
     "build_examples",
     "examples_fingerprint",
     "shifted_labels",
@@ -110,18 +113,52 @@ class SampleRecord:
     where: str = ""
 
 
+def _undecodable_field(value, name: str = "") -> tuple[str, int] | None:
+    """``(field path, byte)`` of the first string in a parsed JSON value holding a byte that was not
+    UTF-8 (decoded with ``surrogateescape``, such a byte is the character U+DC80 + byte)."""
+    if isinstance(value, str):
+        for char in value:
+            if "\udc80" <= char <= "\udcff":
+                return name, ord(char) - 0xDC00
+        return None
+    if isinstance(value, dict):
+        items = ((f"{name}.{k}" if name else str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{name}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for child_name, child in items:
+        found = _undecodable_field(child, child_name)
+        if found:
+            return found
+    return None
+
+
 def _iter_json_lines(path: Path) -> Iterable[tuple[int, dict]]:
-    """Yield (1-based line number, object) for each non-blank line; bad JSON is a DataError."""
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    """Yield (1-based line number, object) for each non-blank line; bad JSON or bytes that are not
+    UTF-8 are a DataError naming the line (and the field, when the bad bytes are inside a string)."""
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+                raw = raw[3:]
+            line = raw.decode("utf-8", errors="surrogateescape")
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    raise DataError(f"{path}:{line_no}: not valid UTF-8 (byte 0x{raw[bad.start]:02x} at byte "
+                                    f"{bad.start + 1} of the line)") from None
                 raise DataError(f"{path}:{line_no}: invalid JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+            found = _undecodable_field(obj)
+            if found:
+                raise DataError(f"{path}:{line_no}: field '{found[0]}' is not valid UTF-8 (byte 0x{found[1]:02x}); "
+                                f"data files must be UTF-8")
             yield line_no, obj
 
 
@@ -214,11 +251,15 @@ def _float_list(value, where: str, name: str, length: int) -> tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
-def read_sample_records(path: str | os.PathLike) -> dict[str, SampleRecord]:
+def read_sample_records(path: str | os.PathLike, *, vocab_size: int | None = None) -> dict[str, SampleRecord]:
     """Read a ``generate`` output file into ``{prompt_id: SampleRecord}``.
 
     Each line: ``{"prompt_id", "responses": [str] * K, "response_token_ids": [[int]] * K}`` plus the
-    optional ``"rewards": [float] * K`` and ``"positive_reward": float``.
+    optional ``"rewards": [float] * K`` and ``"positive_reward": float``. Every token list must be
+    non-empty and, with ``vocab_size`` (the model's vocabulary size V), hold ids in ``[0, V)``.
+
+    Raises:
+        DataError: naming the file, the line and the field.
     """
     samples: dict[str, SampleRecord] = {}
     for where, obj in _iter_rows(path):
@@ -237,6 +278,13 @@ def read_sample_records(path: str | os.PathLike) -> dict[str, SampleRecord]:
             if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
                                                              and t >= 0 for t in ids):
                 raise DataError(f"{where}: field 'response_token_ids[{j}]' must be a list of token ids (ints >= 0)")
+            if not ids:
+                raise DataError(f"{where}: field 'response_token_ids[{j}]' is empty (a response needs at least one "
+                                f"token)")
+            if vocab_size is not None and max(ids) >= vocab_size:
+                t = next(t for t, token in enumerate(ids) if token >= vocab_size)
+                raise DataError(f"{where}: field 'response_token_ids[{j}][{t}]' is {ids[t]}, outside the model's "
+                                f"vocabulary [0, {vocab_size}) (negatives sampled with another model or tokenizer?)")
         rewards = obj.get("rewards")
         if rewards is not None:
             rewards = _float_list(rewards, where, "rewards", len(responses))
@@ -360,24 +408,76 @@ class TrainExample:
     rewards: list[float] | None = None
 
 
+OVERLONG_CHOICES = ("truncate", "drop")
+
+
+@dataclass
+class OverlongReport:
+    """What :func:`build_examples` (or the on-policy sampler) did with rows longer than ``max_length``.
+
+    ``rows``: rows built; ``truncated``: rows cut to ``max_length`` (policy ``"truncate"``);
+    ``dropped_examples``/``dropped_rows``: examples skipped with all their rows (policy ``"drop"``).
+    """
+
+    max_length: int | None = None
+    policy: str = "truncate"
+    rows: int = 0
+    truncated: int = 0
+    dropped_examples: int = 0
+    dropped_rows: int = 0
+
+    def message(self, what: str) -> str | None:
+        """One line for the user (None when every row fitted)."""
+        if self.dropped_examples:
+            return (f"{what}: dropped {self.dropped_examples} example(s) ({self.dropped_rows} rows) with a row "
+                    f"longer than --max-length {self.max_length} tokens (--overlong drop)")
+        if self.truncated:
+            return (f"{what}: {self.truncated} of {self.rows} rows are longer than --max-length {self.max_length} "
+                    f"tokens and were truncated (the response's end is cut; a prompt that alone is too long loses "
+                    f"its start); --overlong drop skips such examples instead")
+        return None
+
+
+def _check_token_ids(ids: Sequence[int], vocab_size: int | None, where: str, field: str) -> None:
+    if not ids:
+        raise DataError(f"{where}: field '{field}' gives no tokens (a {field} needs at least one token)")
+    if vocab_size is not None and max(ids) >= vocab_size:
+        raise DataError(f"{where}: field '{field}' tokenizes to id {max(ids)}, outside the model's vocabulary "
+                        f"[0, {vocab_size}) (the tokenizer does not match the model)")
+
+
 def build_examples(tokenizer, records: Sequence[PromptRecord], samples: dict[str, SampleRecord] | None = None, *,
                    num_negatives: int | None = None, max_length: int | None = None,
-                   use_chat_template: bool = True) -> list[TrainExample]:
+                   use_chat_template: bool = True, overlong: str = "truncate", vocab_size: int | None = None,
+                   report: OverlongReport | None = None) -> list[TrainExample]:
     """Tokenize records (and their negatives) into :class:`TrainExample` s, positive row first.
 
     Args:
         samples: ``{prompt_id: SampleRecord}`` from :func:`read_sample_records`; None for positives only.
         num_negatives: keep the first K samples of each prompt (default: all; every prompt must have
             at least K, and all prompts the same count).
+        max_length / overlong: rows longer than ``max_length`` tokens are cut (``"truncate"``, see
+            :func:`make_row`) or their whole example is skipped (``"drop"``; the examples' ``index``
+            stays consecutive). Counted in ``report``; without a report a ``UserWarning`` says how
+            many, so truncation is never silent.
+        vocab_size: the model's vocabulary size; token ids outside ``[0, vocab_size)`` are an error.
     Raises:
-        DataError: a record has no samples, or too few.
+        DataError: a record has no samples, or too few; a prompt or response gives no tokens or ids
+            outside the vocabulary (naming the record's file and line and the field).
     """
+    if overlong not in OVERLONG_CHOICES:
+        raise ValueError(f"overlong must be one of {OVERLONG_CHOICES}, got {overlong!r}")
+    own_report = report is None
+    report = OverlongReport(max_length, overlong) if own_report else report
+    report.max_length, report.policy = max_length, overlong
     examples = []
-    for index, record in enumerate(records):
+    for record in records:
         prompt_ids = encode_prompt(tokenizer, record, use_chat_template=use_chat_template)
-        rows = [make_row(prompt_ids, encode_response(tokenizer, record, use_chat_template=use_chat_template),
-                         max_length)]
-        rewards = None
+        _check_token_ids(prompt_ids, vocab_size, record.where, "prompt" if record.prompt is not None else "messages")
+        response_ids = encode_response(tokenizer, record, use_chat_template=use_chat_template)
+        _check_token_ids(response_ids, vocab_size, record.where, "response" if record.prompt is not None
+                         else "messages")
+        responses, rewards = [response_ids], None
         if samples is not None:
             sample = samples.get(record.prompt_id)
             if sample is None:
@@ -390,11 +490,26 @@ def build_examples(tokenizer, records: Sequence[PromptRecord], samples: dict[str
             if examples and len(examples[0].rows) != 1 + k:
                 raise DataError(f"{sample.where}: prompt id {record.prompt_id!r} has {k} samples but earlier "
                                 f"prompts have {len(examples[0].rows) - 1}; pass --num-negatives")
-            rows += [make_row(prompt_ids, ids, max_length) for ids in sample.response_token_ids[:k]]
+            for j, ids in enumerate(sample.response_token_ids[:k]):
+                _check_token_ids(ids, vocab_size, sample.where, f"response_token_ids[{j}]")
+            responses += [list(ids) for ids in sample.response_token_ids[:k]]
             if sample.rewards is not None:
                 positive = 1.0 if sample.positive_reward is None else sample.positive_reward
                 rewards = [positive] + list(sample.rewards[:k])
-        examples.append(TrainExample(index, record.prompt_id, rows, rewards=rewards))
+        too_long = 0 if max_length is None else sum(len(prompt_ids) + len(r) > max_length for r in responses)
+        if too_long and overlong == "drop":
+            report.dropped_examples += 1
+            report.dropped_rows += len(responses)
+            continue
+        report.rows += len(responses)
+        report.truncated += too_long
+        rows = [make_row(prompt_ids, ids, max_length) for ids in responses]
+        examples.append(TrainExample(len(examples), record.prompt_id, rows, rewards=rewards))
+    if not examples and report.dropped_examples:
+        raise DataError(f"no example is left: all {report.dropped_examples} have a row longer than max_length "
+                        f"{max_length} (--overlong drop); raise --max-length")
+    if own_report and report.message("build_examples"):
+        warnings.warn(report.message("build_examples"), stacklevel=2)
     return examples
 
 

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import (
+    OverlongReport,
     PromptRecord,
     build_examples,
     encode_prompt,
@@ -25,12 +26,13 @@ from .data import (
     read_prompt_records,
 )
 from .generate import SamplingConfig, decode, eos_token_ids
-from .model import load_causal_lm, load_tokenizer, resolve_device
+from .model import load_causal_lm, load_tokenizer, resolve_device, vocab_size
 from .ref_logps import score_examples
 from .util import (
     atomic_write_json,
     exact_match,
     load_callable,
+    note,
     require_single_process,
     resolve_dtype,
 )
@@ -51,6 +53,7 @@ class EvalConfig:
     max_length: int | None = None
     limit: int | None = None
     use_chat_template: bool = True
+    overlong: str = "truncate"
     device: str = "auto"
     dtype: str = "auto"
     attn: str = "auto"
@@ -61,11 +64,15 @@ class EvalConfig:
 @torch.no_grad()
 def evaluate_model(model, tokenizer, records: Sequence[PromptRecord], *, metric: Callable = exact_match,
                    max_new_tokens: int = 128, batch_size: int = 64, max_length: int | None = None,
-                   use_chat_template: bool = True, progress: bool = False) -> dict:
+                   use_chat_template: bool = True, progress: bool = False, overlong: str = "truncate",
+                   report: OverlongReport | None = None) -> dict:
     """Greedy-decode every prompt, score it, and measure the positives' log-probs.
 
-    Returns ``{"task_metric", "pos_logp", "pos_logp_per_token", "num_prompts", "predictions"}`` where
-    ``predictions`` is a list of ``{"prompt_id", "prompt", "response", "reference", "score"}``.
+    Returns ``{"task_metric", "pos_logp", "pos_logp_per_token", "num_prompts", "predictions",
+    "overlong"}`` where ``predictions`` is a list of ``{"prompt_id", "prompt", "response",
+    "reference", "score"}`` and ``overlong`` counts the answer rows longer than ``max_length``
+    (``{"truncated", "dropped"}``; ``overlong="drop"`` leaves them out of the log-probs), also
+    added to ``report`` when given.
     """
     use_template = use_chat_template and has_chat_template(tokenizer)
     eos_ids = eos_token_ids(model, tokenizer)
@@ -80,13 +87,16 @@ def evaluate_model(model, tokenizer, records: Sequence[PromptRecord], *, metric:
             score = float(metric(record.prompt_text(), response, record.response))
             predictions.append({"prompt_id": record.prompt_id, "prompt": record.prompt_text(), "response": response,
                                 "reference": record.response, "score": score})
-    examples = build_examples(tokenizer, records, max_length=max_length, use_chat_template=use_template)
+    report = OverlongReport() if report is None else report
+    examples = build_examples(tokenizer, records, max_length=max_length, use_chat_template=use_template,
+                              overlong=overlong, vocab_size=vocab_size(model), report=report)
     row_logps, row_tokens = score_examples(model, examples, pad_token_id=tokenizer.pad_token_id,
                                            rows_per_batch=batch_size)
     return {"task_metric": sum(p["score"] for p in predictions) / len(predictions),
             "pos_logp": float(row_logps[:, 0].mean()),
             "pos_logp_per_token": float(row_logps[:, 0].sum() / row_tokens[:, 0].sum().clamp_min(1)),
-            "num_prompts": len(predictions), "predictions": predictions}
+            "num_prompts": len(predictions), "predictions": predictions,
+            "overlong": {"truncated": report.truncated, "dropped": report.dropped_examples}}
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -100,9 +110,12 @@ def run_eval(cfg: EvalConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model = load_causal_lm(cfg.model, attn=cfg.attn, device=device, dtype=resolve_dtype(cfg.dtype, device),
                            trust_remote_code=cfg.trust_remote_code)
+    report = OverlongReport()
     result = evaluate_model(model, tokenizer, records, metric=metric, max_new_tokens=cfg.max_new_tokens,
                             batch_size=cfg.batch_size, max_length=cfg.max_length,
-                            use_chat_template=cfg.use_chat_template, progress=cfg.progress)
+                            use_chat_template=cfg.use_chat_template, progress=cfg.progress, overlong=cfg.overlong,
+                            report=report)
+    note(report.message("eval"))
     result["metric"] = cfg.metric or "exact_match"
     result["model"] = str(cfg.model)
     if cfg.out:

@@ -28,6 +28,8 @@ __all__ = [
     "backbone_hidden",
     "lm_head_params",
     "logit_softcap",
+    "vocab_size",
+    "config_vocab_size",
     "PolicyWithLoss",
     "score_rows",
 ]
@@ -126,6 +128,22 @@ def lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise TypeError(f"{type(model).__name__} has no linear LM head (get_output_embeddings() is {head!r})")
     return head.weight, getattr(head, "bias", None)
+
+
+def vocab_size(model) -> int:
+    """Token ids a loaded model accepts: ``[0, V)`` with V the smaller of its embedding and LM-head rows."""
+    sizes = [module.weight.shape[0] for module in (model.get_input_embeddings(), model.get_output_embeddings())
+             if module is not None and isinstance(getattr(module, "weight", None), torch.Tensor)]
+    return min(sizes) if sizes else int(model.config.vocab_size)
+
+
+def config_vocab_size(path: str, *, trust_remote_code: bool = False) -> int | None:
+    """``vocab_size`` from a model directory's config (without loading weights); None if it has none."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    value = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)
+    return int(value) if value else None
 
 
 def logit_softcap(model) -> float | None:

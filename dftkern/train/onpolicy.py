@@ -41,6 +41,7 @@ import torch
 
 from .data import (
     ExampleOrder,
+    OverlongReport,
     PromptRecord,
     TrainExample,
     collate,
@@ -143,6 +144,7 @@ class OnPolicyExamples:
         self.use_template = use_chat_template and has_chat_template(tokenizer)
         self.prompt_ids = [encode_prompt(tokenizer, r, use_chat_template=self.use_template) for r in self.records]
         self.eos_ids = eos_token_ids(causal_lm, tokenizer)
+        self.overlong = OverlongReport(max_length)  # sampled rows cut to max_length
         self.window: dict[int, TrainExample] = {}
         self.window_reward = 0.0
         self.family = objective.spec.family
@@ -278,6 +280,9 @@ class OnPolicyExamples:
     def _example(self, index: int, record: PromptRecord, samples: list[list[int]], rewards: list[float]):
         prompt = self.prompt_ids[index]
         sample_rows = [make_row(prompt, s, self.max_length) for s in samples]
+        self.overlong.rows += len(samples)
+        if self.max_length is not None:
+            self.overlong.truncated += sum(len(prompt) + len(s) > self.max_length for s in samples)
         if self.family == "group":
             return TrainExample(index, record.prompt_id, sample_rows, rewards=rewards)
         positive = make_row(prompt, encode_response(self.tokenizer, record, use_chat_template=self.use_template),

@@ -28,6 +28,7 @@ import dftkern
 from .data import (
     IGNORE_INDEX,
     DataError,
+    OverlongReport,
     TrainExample,
     build_examples,
     collate,
@@ -38,6 +39,7 @@ from .data import (
 )
 from .model import (
     backbone_hidden,
+    config_vocab_size,
     lm_head_params,
     load_causal_lm,
     load_tokenizer,
@@ -45,7 +47,7 @@ from .model import (
     resolve_device,
     use_packing,
 )
-from .util import require_single_process, resolve_dtype
+from .util import note, require_single_process, resolve_dtype
 
 __all__ = ["RefLogpsConfig", "cache_path", "score_examples", "compute_ref_logps", "read_ref_logps", "attach_ref_logps"]
 
@@ -63,6 +65,7 @@ class RefLogpsConfig:
     batch_size: int = 64
     packing: str = "auto"
     use_chat_template: bool = True
+    overlong: str = "truncate"
     device: str = "auto"
     dtype: str = "auto"
     attn: str = "auto"
@@ -110,10 +113,14 @@ def compute_ref_logps(cfg: RefLogpsConfig) -> Path:
 
     require_single_process("ref-logps")
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    vocab = config_vocab_size(cfg.model, trust_remote_code=cfg.trust_remote_code)
     records = read_prompt_records(cfg.data)
-    examples = build_examples(tokenizer, records, read_sample_records(cfg.negatives),
+    report = OverlongReport()
+    examples = build_examples(tokenizer, records, read_sample_records(cfg.negatives, vocab_size=vocab),
                               num_negatives=cfg.num_negatives, max_length=cfg.max_length,
-                              use_chat_template=cfg.use_chat_template)
+                              use_chat_template=cfg.use_chat_template, overlong=cfg.overlong, vocab_size=vocab,
+                              report=report)
+    note(report.message("ref-logps"))
     fingerprint = examples_fingerprint(examples)
     out = cache_path(cfg.out_dir or Path(cfg.negatives).parent, fingerprint)
     if out.exists():

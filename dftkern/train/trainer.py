@@ -51,8 +51,10 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .data import (
+    OVERLONG_CHOICES,
     Batch,
     ExampleOrder,
+    OverlongReport,
     TrainExample,
     build_examples,
     collate,
@@ -75,6 +77,7 @@ from .model import (
     load_tokenizer,
     score_rows,
     use_packing,
+    vocab_size,
 )
 from .objectives import LOSS_NAMES, Objective, ObjectiveConfig
 from .onpolicy import (
@@ -85,7 +88,7 @@ from .onpolicy import (
 )
 from .ref_logps import attach_ref_logps, cache_path
 from .rewards import resolve_reward
-from .util import atomic_write_json
+from .util import atomic_write_json, note
 
 __all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "train", "warmup_cosine"]
 
@@ -136,6 +139,7 @@ class TrainConfig:
     packing: str = "auto"
     gradient_checkpointing: bool = False
     use_chat_template: bool = True
+    overlong: str = "truncate"
     trust_remote_code: bool = False
     # bookkeeping
     log_every: int = 1
@@ -163,6 +167,12 @@ class TrainConfig:
     def __post_init__(self):
         if self.loss not in LOSS_NAMES:
             raise ValueError(f"loss must be one of {LOSS_NAMES}, got {self.loss!r}")
+        if self.overlong not in OVERLONG_CHOICES:
+            raise ValueError(f"overlong must be one of {OVERLONG_CHOICES}, got {self.overlong!r}")
+        if self.on_policy and self.overlong == "drop":
+            raise ValueError("overlong='drop' (--overlong drop) is not supported with on_policy: sampled rows cannot "
+                             "be dropped without changing the group size; use 'truncate' (the default), which "
+                             "counts and reports every cut row")
         if self.precision not in PRECISION_CHOICES:
             raise ValueError(f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
         for name in ("batch_size", "grad_accum", "log_every", "max_nonfinite_steps"):
@@ -284,15 +294,21 @@ class MetricsLog:
                 handle.write(json.dumps(record) + "\n")
 
 
-def load_training_examples(cfg: TrainConfig, tokenizer, objective: Objective) -> list[TrainExample]:
-    """Tokenized examples with negatives, reference log-probs and rewards as the loss needs them."""
+def load_training_examples(cfg: TrainConfig, tokenizer, objective: Objective, *, vocab_size: int | None = None,
+                           report: OverlongReport | None = None) -> list[TrainExample]:
+    """Tokenized examples with negatives, reference log-probs and rewards as the loss needs them.
+
+    ``vocab_size``: the model's; token ids outside ``[0, vocab_size)`` are a :class:`DataError`.
+    ``report`` counts the rows longer than ``cfg.max_length`` (see :func:`build_examples`).
+    """
     spec = objective.spec
     if spec.needs_negatives and not cfg.negatives:
         raise ValueError(f"loss {cfg.loss!r} needs sampled negatives: pass --negatives (the generate stage's output)")
     records = read_prompt_records(cfg.data)
-    samples = read_sample_records(cfg.negatives) if spec.needs_negatives else None
+    samples = read_sample_records(cfg.negatives, vocab_size=vocab_size) if spec.needs_negatives else None
     examples = build_examples(tokenizer, records, samples, num_negatives=cfg.num_negatives,
-                              max_length=cfg.max_length, use_chat_template=cfg.use_chat_template)
+                              max_length=cfg.max_length, use_chat_template=cfg.use_chat_template,
+                              overlong=cfg.overlong, vocab_size=vocab_size, report=report)
     if spec.needs_ref_logps:
         location = Path(cfg.ref_logps) if cfg.ref_logps else Path(cfg.negatives).parent
         path = cache_path(location, examples_fingerprint(examples)) if location.is_dir() else location
@@ -307,8 +323,8 @@ def load_training_examples(cfg: TrainConfig, tokenizer, objective: Objective) ->
 
 
 # settings that decide the data order and the rows of every batch: a resumed run must share them
-RESUME_KEYS = ("loss", "batch_size", "grad_accum", "seed", "shuffle", "num_negatives", "max_length", "on_policy",
-               "samples_per_prompt", "refresh_every", "offline_mix")
+RESUME_KEYS = ("loss", "batch_size", "grad_accum", "seed", "shuffle", "num_negatives", "max_length", "overlong",
+               "on_policy", "samples_per_prompt", "refresh_every", "offline_mix")
 
 
 @dataclass
@@ -495,19 +511,23 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
 
     objective = Objective(cfg.objective_config(),
                           positive_first=not (cfg.on_policy and cfg.objective_config().spec.family == "group"))
-    offline = None
+    vocab = vocab_size(causal_lm)
+    overlong = OverlongReport()
+    offline = None  # the offline training set (with --on-policy only for --offline-mix)
+    if not cfg.on_policy or cfg.offline_mix > 0:
+        offline = OfflineExamples(load_training_examples(cfg, tokenizer, objective, vocab_size=vocab, report=overlong))
     if cfg.on_policy:
         records = read_prompt_records(cfg.data)
         num_examples = len(records)
-        if cfg.offline_mix > 0:  # the offline negatives that part of every batch is drawn from
-            offline = OfflineExamples(load_training_examples(cfg, tokenizer, objective))
     else:
-        offline = OfflineExamples(load_training_examples(cfg, tokenizer, objective))
         num_examples = offline.num_examples
     heldout = None
     if cfg.eval_data:
         heldout = build_examples(tokenizer, read_prompt_records(cfg.eval_data), max_length=cfg.max_length,
-                                 use_chat_template=cfg.use_chat_template)
+                                 use_chat_template=cfg.use_chat_template, overlong=cfg.overlong, vocab_size=vocab,
+                                 report=overlong)
+    if ctx.is_main:
+        note(overlong.message("train"))
     state = None
     if objective.spec.family == "dft":
         state = dftkern.DFTState(num_examples, init=cfg.dft_u_init).to(device)
@@ -597,12 +617,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         lr = scheduler.get_last_lr()[0]
         if finite:
             optimizer.step()
+            scheduler.step()
             nonfinite_run = 0
         else:
             nonfinite_run += 1
-        with warnings.catch_warnings():  # torch warns when the very first optimizer step was skipped
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-            scheduler.step()
+            with warnings.catch_warnings():  # torch warns when the very first optimizer step was skipped
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         elapsed = time.perf_counter() - started
@@ -639,6 +660,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         if stopping:
             break
     bar.close()
+    if ctx.is_main and isinstance(source, OnPolicyExamples):
+        note(source.overlong.message("train (on-policy samples)"))
     if final_checkpoint is None:  # nothing left to do (resumed at the end): keep the checkpoint we have
         final_checkpoint = latest_checkpoint(run_dir)
     if ctx.is_main and cfg.plot and (run_dir / "metrics.jsonl").exists():

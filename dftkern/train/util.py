@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["load_callable", "resolve_dtype", "derive_seed", "atomic_write_text", "atomic_write_json",
-           "exact_match", "require_single_process"]
+           "exact_match", "require_single_process", "note"]
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
@@ -81,3 +82,9 @@ def require_single_process(stage: str) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError(f"the {stage} stage runs in a single process; launch it with python, not torchrun "
                            f"(only 'train' is distributed)")
+
+
+def note(message: str | None) -> None:
+    """Print a one-line notice for the user on stderr (nothing for None)."""
+    if message:
+        print(f"dftkern.train: {message}", file=sys.stderr, flush=True)
