@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import (
+    OVERLONG_CHOICES,
     OverlongReport,
     PromptRecord,
     build_examples,
@@ -26,7 +27,19 @@ from .data import (
     read_prompt_records,
 )
 from .generate import SamplingConfig, decode, eos_token_ids
-from .model import load_causal_lm, load_tokenizer, resolve_device, vocab_size
+from .model import (
+    attn_option,
+    chat_template_option,
+    device_option,
+    dtype_option,
+    load_causal_lm,
+    load_tokenizer,
+    progress_option,
+    resolve_device,
+    trust_remote_code_option,
+    vocab_size,
+)
+from .options import Choice, Function, Integer, Text, option, validate
 from .ref_logps import score_examples
 from .util import (
     atomic_write_json,
@@ -42,23 +55,29 @@ __all__ = ["EvalConfig", "evaluate_model", "run_eval"]
 
 @dataclass
 class EvalConfig:
-    """Options of the eval stage (see ``python -m dftkern.train eval --help``)."""
+    """Options of the eval stage (``python -m dftkern.train eval --help`` lists them)."""
 
-    model: str
-    data: str
-    out: str | None = None
-    metric: str | None = None
-    batch_size: int = 64
-    max_new_tokens: int = 128
-    max_length: int | None = None
-    limit: int | None = None
-    use_chat_template: bool = True
-    overlong: str = "truncate"
-    device: str = "auto"
-    dtype: str = "auto"
-    attn: str = "auto"
-    trust_remote_code: bool = False
-    progress: bool = True
+    model: str = option(spec=Text(), help="model directory (e.g. a checkpoint)")
+    data: str = option(spec=Text(), help="held-out JSONL/Parquet of {prompt, response} or {messages}")
+    out: str | None = option(None, Text(optional=True), "JSON summary path (predictions go to <out "
+                             "stem>.predictions.jsonl)")
+    metric: str | None = option(None, Function(optional=True), "metric(prompt, response, reference) -> float",
+                                metavar="MODULE:FUNCTION", default_text="exact match")
+    batch_size: int = option(64, Integer(low=1), "prompts per batch")
+    max_new_tokens: int = option(128, Integer(low=1), "longest answer, in tokens")
+    max_length: int | None = option(None, Integer(low=2, optional=True), "truncate answer rows for the log-prob")
+    overlong: str = option("truncate", Choice(OVERLONG_CHOICES), "answer rows longer than --max-length: truncate "
+                           "them, or leave them out of the log-prob")
+    limit: int | None = option(None, Integer(low=1, optional=True), "only the first N prompts")
+    use_chat_template: bool = chat_template_option()
+    device: str = device_option()
+    dtype: str = dtype_option()
+    attn: str = attn_option()
+    trust_remote_code: bool = trust_remote_code_option()
+    progress: bool = progress_option()
+
+    def __post_init__(self):
+        validate(self)
 
 
 @torch.no_grad()
@@ -102,7 +121,8 @@ def evaluate_model(model, tokenizer, records: Sequence[PromptRecord], *, metric:
 def run_eval(cfg: EvalConfig) -> dict:
     """Run the eval stage; writes ``cfg.out`` (JSON summary) and ``<out>.predictions.jsonl`` when given."""
     require_single_process("eval")
-    metric = load_callable(cfg.metric, what="--metric") if cfg.metric else exact_match
+    metric = exact_match if cfg.metric is None else cfg.metric if callable(cfg.metric) else \
+        load_callable(cfg.metric, what="--metric")
     records = read_prompt_records(cfg.data)
     if cfg.limit is not None:
         records = records[:cfg.limit]

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from .data import Batch
+from .options import Choice, Device, Flag, option
+from .util import DTYPE_CHOICES
 
 __all__ = [
     "ATTN_CHOICES",
@@ -35,6 +37,42 @@ __all__ = [
 ]
 
 ATTN_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager")
+PACKING_CHOICES = ("auto", "on", "off")
+
+
+# -- the model options every stage shares (declared once, used by each stage config) ----------------
+def device_option():
+    return option("auto", Device(), "'auto' (CUDA if available, cuda:LOCAL_RANK under torchrun; else CPU), 'cpu', "
+                  "'cuda:N'", group="model")
+
+
+def attn_option():
+    return option("auto", Choice(ATTN_CHOICES), "attention kernel; auto = flash_attention_2 when flash-attn is "
+                  "importable on CUDA, else sdpa", group="model")
+
+
+def trust_remote_code_option():
+    return option(False, Flag(), "allow model/tokenizer code from the model directory (off by default)",
+                  group="model")
+
+
+def chat_template_option():
+    return option(True, Flag(), "do not apply the tokenizer's chat template even if it has one",
+                  flag="--no-chat-template", group="model")
+
+
+def progress_option():
+    return option(True, Flag(), "hide progress bars", flag="--no-progress", group="model")
+
+
+def dtype_option():
+    return option("auto", Choice(DTYPE_CHOICES), "weights dtype for inference; auto = bfloat16 on CUDA, float32 on "
+                  "CPU", group="model")
+
+
+def packing_option(help_suffix: str = ""):
+    return option("auto", Choice(PACKING_CHOICES), "packed variable-length batches (position_ids/cu_seqlens); "
+                  "auto = on with flash_attention_2, padding otherwise" + help_suffix)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -70,7 +108,7 @@ def _flash_attn_importable() -> bool:
 
 def use_packing(packing: str, attn_implementation: str) -> bool:
     """``"auto"`` packs exactly when FlashAttention-2 is the attention kernel."""
-    if packing not in ("auto", "on", "off"):
+    if packing not in PACKING_CHOICES:
         raise ValueError(f"packing must be 'auto', 'on' or 'off', got {packing!r}")
     return packing == "on" or (packing == "auto" and attn_implementation == "flash_attention_2")
 

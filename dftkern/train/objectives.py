@@ -27,6 +27,7 @@ import dftkern
 from dftkern.losses import DFT_DEFAULTS
 
 from .data import Batch
+from .options import AnyOf, Choice, Flag, Number, option, validate
 
 __all__ = ["LOSS_NAMES", "LossSpec", "LOSS_SPECS", "ObjectiveConfig", "Objective"]
 
@@ -62,21 +63,22 @@ LOSS_NAMES = tuple(LOSS_SPECS)
 class ObjectiveConfig:
     """Loss hyper-parameters (None = the loss's default: DFT tau 1.0 / gamma 0.85, DFT2 0.3 / 0.9)."""
 
-    loss: str = "dft"
-    tau: float | None = None
-    gamma: float | None = None
-    beta: float = 0.1
-    simpo_gamma: float = 0.5
-    unlikelihood_alpha: float = 1.0
-    baseline: str | float = "mean"
-    average: bool = False
+    loss: str = option("dft", Choice(LOSS_NAMES), "training objective")
+    tau: float | None = option(None, Number(low=0, low_open=True, optional=True), "DFT temperature",
+                               group="loss", default_text="dft 1.0, dft2 0.3")
+    gamma: float | None = option(None, Number(low=0, high=1, low_open=True, optional=True),
+                                 "DFT moving-average weight", group="loss", default_text="dft 0.85, dft2 0.9")
+    beta: float = option(0.1, Number(low=0, low_open=True), "dpo/ipo/hinge strength, simpo scale, rwr temperature",
+                         group="loss")
+    simpo_gamma: float = option(0.5, Number(), "SimPO margin", group="loss")
+    unlikelihood_alpha: float = option(1.0, Number(low=0), "unlikelihood weight", group="loss")
+    baseline: str | float = option("mean", AnyOf((Choice(("mean", "none")), Number()),
+                                                 text="'mean', 'none' or a number"),
+                                   "reinforce baseline: mean | none | a number", group="loss")
+    average: bool = option(False, Flag(), "preference losses: mean token log-prob instead of sum", group="loss")
 
     def __post_init__(self):
-        if self.loss not in LOSS_SPECS:
-            raise ValueError(f"loss must be one of {LOSS_NAMES}, got {self.loss!r}")
-        if self.baseline not in ("mean", "none") and (isinstance(self.baseline, bool)
-                                                       or not isinstance(self.baseline, (int, float))):
-            raise ValueError(f"baseline must be 'mean', 'none' or a number, got {self.baseline!r}")
+        validate(self)
 
     @property
     def spec(self) -> LossSpec:

@@ -54,7 +54,8 @@ from .distributed import DistContext
 from .generate import SamplingConfig, decode, eos_token_ids
 from .model import score_rows
 from .objectives import Objective
-from .rewards import resolve_reward
+from .options import Function, Integer, Number, option, validate
+from .rewards import RewardFn, resolve_reward
 from .util import derive_seed
 
 __all__ = ["ON_POLICY_LOSSES", "OnPolicyConfig", "OfflineExamples", "OnPolicyExamples"]
@@ -66,25 +67,31 @@ ON_POLICY_LOSSES = ("reinforce", "rloo", "rwr", "dft", "dft2", "dpo", "ipo", "hi
 class OnPolicyConfig:
     """Sampling settings of ``--on-policy`` training."""
 
-    reward: str
-    samples_per_prompt: int = 4
-    refresh_every: int = 1
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    generation_batch_size: int = 64
-    offline_mix: float = 0.0
+    reward: RewardFn | str = option(spec=Function(), help="reward(prompt, response, reference) -> float for "
+                                    "--on-policy: a built-in (exact_match, addition, neg_length = -characters, "
+                                    "length_peak:MU[:WIDTH] = exp(-((characters-MU)/WIDTH)^2), WIDTH default 2) or "
+                                    "MODULE:FUNCTION", metavar="NAME", group="on_policy")
+    samples_per_prompt: int = option(4, Integer(low=1), "n samples per prompt", group="on_policy")
+    refresh_every: int = option(1, Integer(low=1), "optimizer steps between sampling rounds (1 = fully on-policy)",
+                                group="on_policy")
+    max_new_tokens: int = option(128, Integer(low=1), "longest sample, in tokens", group="on_policy",
+                                 name="sample_max_new_tokens")
+    temperature: float = option(1.0, Number(low=0, low_open=True), "sampling temperature", group="on_policy",
+                                name="sample_temperature", why="on-policy sampling needs temperature > 0")
+    top_k: int = option(0, Integer(low=0), "keep the k most likely tokens; 0 = off", group="on_policy",
+                        name="sample_top_k")
+    top_p: float = option(1.0, Number(low=0, high=1, low_open=True), "nucleus sampling mass; 1.0 = off",
+                          group="on_policy", name="sample_top_p")
+    generation_batch_size: int = option(64, Integer(low=1), "sequences decoded together when sampling",
+                                        group="on_policy")
+    offline_mix: float = option(0.0, Number(low=0, high=1, high_open=True, text="a number in [0, 1)"),
+                                "fraction f in [0, 1) of every micro-batch's examples taken from the offline "
+                                "negatives (--negatives, and --ref-logps where the loss needs them) instead of "
+                                "fresh samples: floor(f * batch size) per micro-batch (0 = all on-policy)",
+                                metavar="FRACTION", group="on_policy", label="offline_mix (--offline-mix)")
 
     def __post_init__(self):
-        for name in ("samples_per_prompt", "refresh_every", "generation_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ValueError(f"on-policy sampling needs temperature > 0, got {self.temperature}")
-        if isinstance(self.offline_mix, bool) or not isinstance(self.offline_mix, (int, float)) \
-                or not 0 <= self.offline_mix < 1:
-            raise ValueError(f"offline_mix (--offline-mix) must be a number in [0, 1), got {self.offline_mix!r}")
+        validate(self)
 
     def offline_per_batch(self, batch_size: int) -> int:
         """How many of a micro-batch's ``batch_size`` examples come from the offline negatives."""

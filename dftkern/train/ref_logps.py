@@ -27,6 +27,7 @@ import dftkern
 
 from .data import (
     IGNORE_INDEX,
+    OVERLONG_CHOICES,
     DataError,
     OverlongReport,
     TrainExample,
@@ -38,8 +39,15 @@ from .data import (
     shifted_labels,
 )
 from .model import (
+    attn_option,
     backbone_hidden,
+    chat_template_option,
     config_vocab_size,
+    device_option,
+    dtype_option,
+    packing_option,
+    progress_option,
+    trust_remote_code_option,
     lm_head_params,
     load_causal_lm,
     load_tokenizer,
@@ -47,6 +55,7 @@ from .model import (
     resolve_device,
     use_packing,
 )
+from .options import Choice, Integer, Text, option, validate
 from .util import note, require_single_process, resolve_dtype
 
 __all__ = ["RefLogpsConfig", "cache_path", "score_examples", "compute_ref_logps", "read_ref_logps", "attach_ref_logps"]
@@ -54,23 +63,29 @@ __all__ = ["RefLogpsConfig", "cache_path", "score_examples", "compute_ref_logps"
 
 @dataclass
 class RefLogpsConfig:
-    """Options of the ref-logps stage (see ``python -m dftkern.train ref-logps --help``)."""
+    """Options of the ref-logps stage (``python -m dftkern.train ref-logps --help`` lists them)."""
 
-    model: str
-    data: str
-    negatives: str
-    out_dir: str | None = None
-    num_negatives: int | None = None
-    max_length: int | None = None
-    batch_size: int = 64
-    packing: str = "auto"
-    use_chat_template: bool = True
-    overlong: str = "truncate"
-    device: str = "auto"
-    dtype: str = "auto"
-    attn: str = "auto"
-    trust_remote_code: bool = False
-    progress: bool = True
+    model: str = option(spec=Text(), help="the reference model directory (usually the model that sampled)")
+    data: str = option(spec=Text(), help="the training data file (as given to train)")
+    negatives: str = option(spec=Text(), help="the generate stage's output")
+    out_dir: str | None = option(None, Text(optional=True), "where ref_logps-<hash>.safetensors goes",
+                                 default_text="next to --negatives")
+    num_negatives: int | None = option(None, Integer(low=1, optional=True), "use the first K samples per prompt; "
+                                       "must match train", default_text="all")
+    max_length: int | None = option(None, Integer(low=2, optional=True), "truncate rows as train does")
+    batch_size: int = option(64, Integer(low=1), "rows per forward")
+    packing: str = packing_option()
+    use_chat_template: bool = chat_template_option()
+    overlong: str = option("truncate", Choice(OVERLONG_CHOICES), "rows longer than --max-length: truncate them, "
+                           "or drop their examples; as train does")
+    device: str = device_option()
+    dtype: str = dtype_option()
+    attn: str = attn_option()
+    trust_remote_code: bool = trust_remote_code_option()
+    progress: bool = progress_option()
+
+    def __post_init__(self):
+        validate(self)
 
 
 def cache_path(directory: str | os.PathLike, fingerprint: str) -> Path:

@@ -95,16 +95,19 @@ def _number(text: str, what: str, spec: str) -> float:
     return value
 
 
-def resolve_reward(spec: str, *, what: str = "--reward") -> RewardFn:
-    """The reward function named by ``spec``: a built-in name (see the module docstring) or ``module:function``.
+def resolve_reward(spec: RewardFn | str, *, what: str = "--reward") -> RewardFn:
+    """The reward function named by ``spec``: a built-in name (see the module docstring) or ``module:function``;
+    a callable is returned as it is.
 
     Raises:
         ValueError: an unknown or malformed name, bad ``length_peak`` parameters, or a module/function
             that cannot be imported.
     """
+    if callable(spec):
+        return spec
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"{what} must be a built-in reward {BUILTIN_REWARDS} or 'package.module:function', "
-                         f"got {spec!r}")
+        raise ValueError(f"{what} must be a built-in reward {BUILTIN_REWARDS} or 'package.module:function' (or a "
+                         f"callable), got {spec!r}")
     spec = spec.strip()
     if spec in _SIMPLE:
         return _SIMPLE[spec]

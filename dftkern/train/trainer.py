@@ -72,20 +72,27 @@ from .distributed import (
     shard_model,
 )
 from .model import (
+    PACKING_CHOICES,
     PolicyWithLoss,
+    attn_option,
+    chat_template_option,
+    device_option,
     load_causal_lm,
     load_tokenizer,
+    progress_option,
     score_rows,
+    trust_remote_code_option,
     use_packing,
     vocab_size,
 )
-from .objectives import LOSS_NAMES, Objective, ObjectiveConfig
+from .objectives import Objective, ObjectiveConfig
 from .onpolicy import (
     ON_POLICY_LOSSES,
     OfflineExamples,
     OnPolicyConfig,
     OnPolicyExamples,
 )
+from .options import Choice, Flag, Integer, Number, Text, option, validate
 from .ref_logps import attach_ref_logps, cache_path
 from .rewards import resolve_reward
 from .util import atomic_write_json, note
@@ -97,33 +104,49 @@ PRECISION_CHOICES = ("auto", "fp32", "bf16")
 
 @dataclass
 class TrainConfig:
-    """Options of the train stage (see ``python -m dftkern.train train --help`` for each one)."""
+    """Options of the train stage (``python -m dftkern.train train --help`` lists them).
 
-    model: str
-    data: str
-    out: str
+    The loss hyper-parameters (``loss``, ``tau`` ... ``average``) are :class:`ObjectiveConfig`'s
+    and the ``--on-policy`` sampling settings (``reward``, ``samples_per_prompt``,
+    ``sample_max_new_tokens`` ...) :class:`OnPolicyConfig`'s; they are checked there.
+    """
+
+    model: str = option(spec=Text(), help="initial model directory (policy)")
+    data: str = option(spec=Text(), help="training data: JSONL/Parquet of {prompt, response} or {messages}")
+    out: str = option(spec=Text(), help="run directory (checkpoints/, metrics.jsonl, curves.png)")
     loss: str = "dft"
-    negatives: str | None = None
-    ref_logps: str | None = None
-    num_negatives: int | None = None
-    max_length: int | None = None
+    negatives: str | None = option(None, Text(optional=True), "generate stage output (every loss except sft, "
+                                   "unless --on-policy; with --on-policy only for --offline-mix)")
+    ref_logps: str | None = option(None, Text(optional=True), "reference log-prob cache file, or the directory "
+                                   "holding it", default_text="next to --negatives")
+    num_negatives: int | None = option(None, Integer(low=1, optional=True), "first K samples per prompt",
+                                       default_text="all")
+    max_length: int | None = option(None, Integer(low=2, optional=True), "truncate rows to this many tokens "
+                                    "(response end cut first)")
+    overlong: str = option("truncate", Choice(OVERLONG_CHOICES), "rows longer than --max-length: 'truncate' cuts "
+                           "them, 'drop' skips their whole example; the count is printed either way")
     # optimization
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int | None = None
-    epochs: float = 1.0
-    lr: float = 1e-5
-    min_lr_ratio: float = 0.1
-    warmup_steps: int | None = None
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    shuffle: bool = True
-    # loss hyper-parameters (None: the loss's default)
+    batch_size: int = option(8, Integer(low=1), "examples (prompts) per micro-batch per process; DFT rows = "
+                             "examples * (1+K)", group="optim")
+    grad_accum: int = option(1, Integer(low=1), "micro-batches per optimizer step", group="optim")
+    max_steps: int | None = option(None, Integer(low=1, optional=True), "optimizer steps", group="optim",
+                                   default_text="from --epochs")
+    epochs: float = option(1.0, Number(low=0, low_open=True), "passes over the data if --max-steps is unset",
+                           group="optim")
+    lr: float = option(1e-5, Number(low=0, low_open=True), "peak learning rate", group="optim")
+    min_lr_ratio: float = option(0.1, Number(low=0, high=1), "cosine floor as a fraction of --lr", group="optim")
+    warmup_steps: int | None = option(None, Integer(low=0, optional=True), "linear warmup steps", group="optim",
+                                      default_text="from --warmup-ratio")
+    warmup_ratio: float = option(0.05, Number(low=0, high=1, high_open=True), "warmup as a fraction of all steps",
+                                 group="optim")
+    weight_decay: float = option(0.0, Number(low=0), "AdamW weight decay on matrices", group="optim")
+    adam_beta1: float = option(0.9, Number(low=0, high=1, high_open=True), "AdamW beta1", group="optim")
+    adam_beta2: float = option(0.95, Number(low=0, high=1, high_open=True), "AdamW beta2", group="optim")
+    adam_eps: float = option(1e-8, Number(low=0, low_open=True), "AdamW epsilon", group="optim")
+    max_grad_norm: float = option(1.0, Number(low=0, low_open=True), "gradient clipping norm", group="optim")
+    seed: int = option(0, Integer(low=0), "data order seed", group="optim")
+    shuffle: bool = option(True, Flag(), "visit examples in file order", flag="--no-shuffle", group="optim")
+    # loss hyper-parameters: ObjectiveConfig's (None: the loss's default)
     tau: float | None = None
     gamma: float | None = None
     beta: float = 0.1
@@ -131,27 +154,41 @@ class TrainConfig:
     unlikelihood_alpha: float = 1.0
     baseline: str | float = "mean"
     average: bool = False
-    dft_u_init: float = 0.0
+    dft_u_init: float = option(0.0, Number(), "initial DFTState u", group="loss")
     # system
-    device: str = "auto"
-    precision: str = "auto"
-    attn: str = "auto"
-    packing: str = "auto"
-    gradient_checkpointing: bool = False
-    use_chat_template: bool = True
-    overlong: str = "truncate"
-    trust_remote_code: bool = False
+    device: str = device_option()
+    precision: str = option("auto", Choice(PRECISION_CHOICES), "auto = bf16 autocast on CUDA (fp32 master "
+                            "weights), fp32 on CPU", group="system")
+    attn: str = attn_option()
+    packing: str = option("auto", Choice(PACKING_CHOICES), "packed variable-length batches (position_ids/"
+                          "cu_seqlens); auto = on with flash_attention_2, padding otherwise", group="system")
+    gradient_checkpointing: bool = option(False, Flag(), "recompute decoder layers in backward", group="system")
+    use_chat_template: bool = chat_template_option()
+    trust_remote_code: bool = trust_remote_code_option()
     # bookkeeping
-    log_every: int = 1
-    save_every: int | None = None
-    keep_checkpoints: int | None = 2
-    max_nonfinite_steps: int = 3
-    eval_data: str | None = None
-    eval_every: int | None = None
-    resume: str | None = None
-    stop_after: int | None = None
-    # on-policy (sample from the current policy every refresh_every steps, score with reward)
-    on_policy: bool = False
+    log_every: int = option(1, Integer(low=1), "metrics.jsonl every N steps", group="system")
+    save_every: int | None = option(None, Integer(low=1, optional=True), "checkpoint every N steps (and at the end)",
+                                    group="system")
+    keep_checkpoints: int | None = option(2, Integer(low=1, optional=True), "newest checkpoints kept",
+                                          group="system")
+    max_nonfinite_steps: int = option(3, Integer(low=1), "an optimizer step with a non-finite loss or gradient "
+                                      "norm is skipped (no update, logged as skipped); stop with an error after N "
+                                      "such steps in a row", metavar="N", group="system")
+    eval_data: str | None = option(None, Text(optional=True), "held-out data: log eval_pos_logp (mean log-prob of "
+                                   "answers)", group="system")
+    eval_every: int | None = option(None, Integer(low=1, optional=True), "held-out log-prob every N steps",
+                                    group="system")
+    resume: str | None = option(None, Text(optional=True), "continue from the newest intact checkpoint in --out "
+                                "(or the given checkpoint directory)", nargs="?", const="auto", group="system")
+    stop_after: int | None = option(None, Integer(low=1, optional=True), "checkpoint and exit after this step (the "
+                                    "schedule still spans --max-steps); continue later with --resume, e.g. to fit "
+                                    "job time limits", metavar="STEP", group="system")
+    # on-policy (sample from the current policy every refresh_every steps, score with reward): OnPolicyConfig's
+    on_policy: bool = option(False, Flag(), "every --refresh-every steps sample --samples-per-prompt responses per "
+                             "prompt from the current policy, score them with --reward; losses: reinforce, rloo, "
+                             "rwr (samples only), dft/dft2 (fresh negatives), dpo/ipo/hinge/simpo/unlikelihood "
+                             "(online pairs); the reference log-probs are the sampling policy's own",
+                             group="on_policy")
     reward: str | None = None
     samples_per_prompt: int = 4
     refresh_every: int = 1
@@ -161,37 +198,15 @@ class TrainConfig:
     sample_top_p: float = 1.0
     generation_batch_size: int = 64
     offline_mix: float = 0.0
-    plot: bool = True
-    progress: bool = True
+    plot: bool = option(True, Flag(), "skip curves.png", flag="--no-plot", group="system")
+    progress: bool = progress_option()
 
     def __post_init__(self):
-        if self.loss not in LOSS_NAMES:
-            raise ValueError(f"loss must be one of {LOSS_NAMES}, got {self.loss!r}")
-        if self.overlong not in OVERLONG_CHOICES:
-            raise ValueError(f"overlong must be one of {OVERLONG_CHOICES}, got {self.overlong!r}")
+        validate(self)
         if self.on_policy and self.overlong == "drop":
             raise ValueError("overlong='drop' (--overlong drop) is not supported with on_policy: sampled rows cannot "
                              "be dropped without changing the group size; use 'truncate' (the default), which "
                              "counts and reports every cut row")
-        if self.precision not in PRECISION_CHOICES:
-            raise ValueError(f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
-        for name in ("batch_size", "grad_accum", "log_every", "max_nonfinite_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "save_every", "eval_every", "keep_checkpoints", "num_negatives", "stop_after"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 (or unset), got {value}")
-        if not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         self.objective_config()  # validates the loss hyper-parameters
         if self.on_policy:
             if not self.reward:
