@@ -3,7 +3,9 @@
 ``python -m dftkern.train --help`` documents every stage and option; ``docs/trainer.md`` walks
 through the default run, a real-model recipe and a torchrun launch. One module per stage:
 
-* :mod:`.data`        — records (JSONL/Parquet), tokenization with prompt masking, batches
+* :mod:`.records`     — read and validate records (JSONL/Parquet) and negatives (errors name file, line, field)
+* :mod:`.batching`    — tokenization with prompt masking, label shifting, batches, data order
+  (:mod:`.data` re-exports both)
 * :mod:`.generate`    — stage 1: K sampled negatives per prompt (resumable JSONL)
 * :mod:`.ref_logps`   — stage 2: reference log-probs, cached by data hash
 * :mod:`.trainer`     — stage 3: the training loop (AdamW, cosine, accumulation, checkpoints)
@@ -22,7 +24,7 @@ The stage functions are importable and take one config dataclass each, e.g.
 ``train(TrainConfig(model=..., data=..., out=..., loss="dft", negatives=...))``.
 """
 
-from .data import DataError
+from .records import DataError
 from .evaluate import EvalConfig, evaluate_model, run_eval
 from .generate import GenerateConfig, SamplingConfig, generate_samples
 from .objectives import LOSS_NAMES

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import synthetic
-from .data import read_prompt_records, read_sample_records
+from .records import read_prompt_records, read_sample_records
 from .evaluate import evaluate_model
 from .generate import GenerateConfig, generate_samples
 from .model import load_causal_lm, load_tokenizer

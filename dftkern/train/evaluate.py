@@ -17,15 +17,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import (
-    OVERLONG_CHOICES,
-    OverlongReport,
-    PromptRecord,
-    build_examples,
-    encode_prompt,
-    has_chat_template,
-    read_prompt_records,
-)
+from .batching import OVERLONG_CHOICES, OverlongReport, build_examples, encode_prompt, has_chat_template
+from .records import PromptRecord, read_prompt_records
 from .generate import SamplingConfig, decode, eos_token_ids
 from .model import (
     attn_option,

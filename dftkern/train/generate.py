@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import PromptRecord, encode_prompt, has_chat_template, read_prompt_records
+from .batching import encode_prompt, has_chat_template
+from .records import PromptRecord, read_prompt_records
 from .model import (
     attn_option,
     chat_template_option,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .data import Batch
+from .batching import Batch
 from .options import Choice, Device, Flag, option
 from .util import DTYPE_CHOICES
 

@@ -26,7 +26,7 @@ import torch
 import dftkern
 from dftkern.losses import DFT_DEFAULTS
 
-from .data import Batch
+from .batching import Batch
 from .options import AnyOf, Choice, Flag, Number, option, validate
 
 __all__ = ["LOSS_NAMES", "LossSpec", "LOSS_SPECS", "ObjectiveConfig", "Objective"]

@@ -39,10 +39,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .data import (
+from .batching import (
     ExampleOrder,
     OverlongReport,
-    PromptRecord,
     TrainExample,
     collate,
     encode_prompt,
@@ -50,6 +49,7 @@ from .data import (
     has_chat_template,
     make_row,
 )
+from .records import PromptRecord
 from .distributed import DistContext
 from .generate import SamplingConfig, decode, eos_token_ids
 from .model import score_rows

@@ -25,19 +25,17 @@ from tqdm.auto import tqdm
 
 import dftkern
 
-from .data import (
+from .batching import (
     IGNORE_INDEX,
     OVERLONG_CHOICES,
-    DataError,
     OverlongReport,
     TrainExample,
     build_examples,
     collate,
     examples_fingerprint,
-    read_prompt_records,
-    read_sample_records,
     shifted_labels,
 )
+from .records import DataError, read_prompt_records, read_sample_records
 from .model import (
     attn_option,
     backbone_hidden,

@@ -50,7 +50,7 @@ from .checkpoint import (
     set_aside,
     write_checkpoint,
 )
-from .data import (
+from .batching import (
     OVERLONG_CHOICES,
     Batch,
     ExampleOrder,
@@ -59,9 +59,8 @@ from .data import (
     build_examples,
     collate,
     examples_fingerprint,
-    read_prompt_records,
-    read_sample_records,
 )
+from .records import read_prompt_records, read_sample_records
 from .distributed import (
     DistContext,
     full_model_state_dict,
