@@ -34,31 +34,24 @@ _GROUPS = {
 }
 
 
-def _stage_configs() -> dict[str, tuple[type, ...]]:
-    """The config classes whose options each stage takes (the train stage: three)."""
+def _stage_configs() -> dict[str, type]:
+    """The config class of each stage (nested configs bring their own options)."""
     from .default_run import DefaultRunConfig
     from .evaluate import EvalConfig
     from .generate import GenerateConfig
-    from .objectives import ObjectiveConfig
-    from .onpolicy import OnPolicyConfig
     from .ref_logps import RefLogpsConfig
     from .trainer import TrainConfig
 
-    return {"generate": (GenerateConfig,), "ref-logps": (RefLogpsConfig,),
-            "train": (TrainConfig, ObjectiveConfig, OnPolicyConfig), "eval": (EvalConfig,),
-            "default": (DefaultRunConfig,)}
+    return {"generate": GenerateConfig, "ref-logps": RefLogpsConfig, "train": TrainConfig, "eval": EvalConfig,
+            "default": DefaultRunConfig}
 
 
-# command-line defaults that differ from the config defaults: None = not given
-_CLI_DEFAULTS = {"train": {"reward": None}, "default": {"warmup_steps": None, "steps": None, "num_negatives": None}}
+# the default run's size options override the (--quick) sizes only when given
+_OVERRIDES = {"warmup_steps": None, "steps": None, "num_negatives": None}
 
 
 def _add_stage_options(parser: argparse.ArgumentParser, stage: str) -> None:
-    add_arguments(parser, *_stage_configs()[stage], groups=_GROUPS, defaults=_CLI_DEFAULTS.get(stage))
-
-
-def _stage_option_names(stage: str) -> set[str]:
-    return set().union(*(option_names(cls) for cls in _stage_configs()[stage]))
+    add_arguments(parser, _stage_configs()[stage], groups=_GROUPS, defaults=_OVERRIDES if stage == "default" else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    names = _stage_option_names(args.stage or "default")
+    names = option_names(_stage_configs()[args.stage or "default"])
     options = {k: v for k, v in vars(args).items() if k in names}
     try:
         return _run(args.stage, options)
@@ -114,9 +107,7 @@ def _run(stage: str | None, options: dict) -> int:
     if stage in (None, "default"):
         from .default_run import DefaultRunConfig, run_default_experiment
 
-        overrides = {k: options.pop(k) for k in _CLI_DEFAULTS["default"] if options[k] is not None}
-        for key in _CLI_DEFAULTS["default"]:
-            options.pop(key, None)
+        overrides = {k: v for k in _OVERRIDES if (v := options.pop(k)) is not None}
         run_default_experiment(replace(DefaultRunConfig(**options).resolved(), quick=False, **overrides))
         return 0
     if stage == "generate":

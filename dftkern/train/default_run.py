@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from . import synthetic
-from .records import read_prompt_records, read_sample_records
 from .evaluate import evaluate_model
 from .generate import GenerateConfig, generate_samples
 from .model import load_causal_lm, load_tokenizer
 from .options import Device, Flag, Integer, Number, Text, option, validate
+from .records import read_prompt_records, read_sample_records
 from .ref_logps import RefLogpsConfig, compute_ref_logps
 from .trainer import TrainConfig, train
 

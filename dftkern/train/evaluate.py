@@ -18,55 +18,47 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import OVERLONG_CHOICES, OverlongReport, build_examples, encode_prompt, has_chat_template
-from .records import PromptRecord, read_prompt_records
 from .generate import SamplingConfig, decode, eos_token_ids
 from .model import (
-    attn_option,
-    chat_template_option,
-    device_option,
+    ModelConfig,
     dtype_option,
     load_causal_lm,
     load_tokenizer,
     progress_option,
     resolve_device,
-    trust_remote_code_option,
     vocab_size,
 )
-from .options import Choice, Function, Integer, Text, option, validate
+from .options import Choice, FlatKeywords, Function, Integer, Text, nested, option, validate
+from .records import PromptRecord, read_prompt_records
 from .ref_logps import score_examples
-from .util import (
-    atomic_write_json,
-    exact_match,
-    load_callable,
-    note,
-    require_single_process,
-    resolve_dtype,
-)
+from .rewards import RewardFn, exact_match, resolve_reward, reward_name
+from .util import atomic_write_json, note, require_single_process, resolve_dtype
 
 __all__ = ["EvalConfig", "evaluate_model", "run_eval"]
 
 
-@dataclass
-class EvalConfig:
-    """Options of the eval stage (``python -m dftkern.train eval --help`` lists them)."""
+@dataclass(init=False)
+class EvalConfig(FlatKeywords):
+    """Options of the eval stage (``python -m dftkern.train eval --help`` lists them).
 
-    model: str = option(spec=Text(), help="model directory (e.g. a checkpoint)")
+    ``model`` is a :class:`~.model.ModelConfig` or, flat, its path; ``metric`` a
+    :data:`~.rewards.RewardFn` or its name (a built-in reward or ``module:function``).
+    """
+
+    model: ModelConfig = nested(ModelConfig, help_for={"model": "model directory (e.g. a checkpoint)"})
     data: str = option(spec=Text(), help="held-out JSONL/Parquet of {prompt, response} or {messages}")
     out: str | None = option(None, Text(optional=True), "JSON summary path (predictions go to <out "
                              "stem>.predictions.jsonl)")
-    metric: str | None = option(None, Function(optional=True), "metric(prompt, response, reference) -> float",
-                                metavar="MODULE:FUNCTION", default_text="exact match")
+    metric: RewardFn | str | None = option(None, Function(optional=True), "metric(prompt, response, reference) -> "
+                                           "float: a built-in reward name or MODULE:FUNCTION",
+                                           metavar="NAME|MODULE:FUNCTION", default_text="exact_match")
     batch_size: int = option(64, Integer(low=1), "prompts per batch")
     max_new_tokens: int = option(128, Integer(low=1), "longest answer, in tokens")
     max_length: int | None = option(None, Integer(low=2, optional=True), "truncate answer rows for the log-prob")
     overlong: str = option("truncate", Choice(OVERLONG_CHOICES), "answer rows longer than --max-length: truncate "
                            "them, or leave them out of the log-prob")
     limit: int | None = option(None, Integer(low=1, optional=True), "only the first N prompts")
-    use_chat_template: bool = chat_template_option()
-    device: str = device_option()
     dtype: str = dtype_option()
-    attn: str = attn_option()
-    trust_remote_code: bool = trust_remote_code_option()
     progress: bool = progress_option()
 
     def __post_init__(self):
@@ -114,23 +106,23 @@ def evaluate_model(model, tokenizer, records: Sequence[PromptRecord], *, metric:
 def run_eval(cfg: EvalConfig) -> dict:
     """Run the eval stage; writes ``cfg.out`` (JSON summary) and ``<out>.predictions.jsonl`` when given."""
     require_single_process("eval")
-    metric = exact_match if cfg.metric is None else cfg.metric if callable(cfg.metric) else \
-        load_callable(cfg.metric, what="--metric")
+    metric = exact_match if cfg.metric is None else resolve_reward(cfg.metric, what="metric (--metric)")
     records = read_prompt_records(cfg.data)
     if cfg.limit is not None:
         records = records[:cfg.limit]
-    device = resolve_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = load_causal_lm(cfg.model, attn=cfg.attn, device=device, dtype=resolve_dtype(cfg.dtype, device),
-                           trust_remote_code=cfg.trust_remote_code)
+    m = cfg.model
+    device = resolve_device(m.device)
+    tokenizer = load_tokenizer(m.path, trust_remote_code=m.trust_remote_code)
+    model = load_causal_lm(m.path, attn=m.attn, device=device, dtype=resolve_dtype(cfg.dtype, device),
+                           trust_remote_code=m.trust_remote_code)
     report = OverlongReport()
     result = evaluate_model(model, tokenizer, records, metric=metric, max_new_tokens=cfg.max_new_tokens,
                             batch_size=cfg.batch_size, max_length=cfg.max_length,
-                            use_chat_template=cfg.use_chat_template, progress=cfg.progress, overlong=cfg.overlong,
+                            use_chat_template=cfg.model.use_chat_template, progress=cfg.progress, overlong=cfg.overlong,
                             report=report)
     note(report.message("eval"))
-    result["metric"] = cfg.metric or "exact_match"
-    result["model"] = str(cfg.model)
+    result["metric"] = reward_name(cfg.metric) or "exact_match"
+    result["model"] = cfg.model.path
     if cfg.out:
         out = Path(cfg.out)
         predictions_path = out.with_name(out.stem + ".predictions.jsonl")

@@ -25,20 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import encode_prompt, has_chat_template
+from .model import ModelConfig, dtype_option, load_causal_lm, load_tokenizer, progress_option, resolve_device
+from .options import FlatKeywords, Function, Integer, Number, Text, flat_values, nested, option, validate
 from .records import PromptRecord, read_prompt_records
-from .model import (
-    attn_option,
-    chat_template_option,
-    device_option,
-    dtype_option,
-    load_causal_lm,
-    load_tokenizer,
-    progress_option,
-    resolve_device,
-    trust_remote_code_option,
-)
-from .options import Function, Integer, Number, Text, option, validate
-from .rewards import resolve_reward
+from .rewards import RewardFn, resolve_reward
 from .util import (
     atomic_write_json,
     derive_seed,
@@ -161,11 +151,16 @@ def decode(model, prompts: Sequence[Sequence[int]], *, sampling: SamplingConfig,
     return [(tokens, bool(done)) for tokens, done in zip(out_tokens, finished.tolist())]
 
 
-@dataclass
-class GenerateConfig:
-    """Options of the generate stage (``python -m dftkern.train generate --help`` lists them)."""
+@dataclass(init=False)
+class GenerateConfig(FlatKeywords):
+    """Options of the generate stage (``python -m dftkern.train generate --help`` lists them).
 
-    model: str = option(spec=Text(), help="local Hugging Face causal LM directory to sample from")
+    ``model`` is a :class:`~.model.ModelConfig` or, flat, its path (``GenerateConfig(model="dir",
+    data=..., out=..., device="cpu")`` works). ``reward`` is a :data:`~.rewards.RewardFn` or its name.
+    """
+
+    model: ModelConfig = nested(ModelConfig, help_for={"model": "local Hugging Face causal LM directory to sample "
+                                                                "from"})
     data: str = option(spec=Text(), help="prompts: JSONL/Parquet of {prompt, response} or {messages}")
     out: str = option(spec=Text(), help="output JSONL (one line per prompt; re-running resumes)")
     num_samples: int = option(4, Integer(low=1), "samples per prompt K", aliases=("-k",))
@@ -175,16 +170,13 @@ class GenerateConfig:
     top_k: int = option(0, Integer(low=0), "keep the k most likely tokens; 0 = off")
     top_p: float = option(1.0, Number(low=0, high=1, low_open=True), "nucleus sampling mass; 1.0 = off")
     seed: int = option(0, Integer(low=0), "sample j of prompt p uses seed (seed, p, j)")
-    reward: str | None = option(None, Function(optional=True), "score samples with reward(prompt, response, "
-                                "reference) -> float (needed by rwr/reinforce/rloo): a built-in (exact_match, "
-                                "addition, neg_length, length_peak:MU[:WIDTH]) or MODULE:FUNCTION, e.g. "
-                                "dftkern.train.synthetic:addition_reward", metavar="NAME|MODULE:FUNCTION")
+    reward: RewardFn | str | None = option(None, Function(optional=True), "score samples with reward(prompt, "
+                                           "response, reference) -> float (needed by rwr/reinforce/rloo): a built-in "
+                                           "(exact_match, addition, neg_length, length_peak:MU[:WIDTH]) or "
+                                           "MODULE:FUNCTION, e.g. dftkern.train.synthetic:addition_reward",
+                                           metavar="NAME|MODULE:FUNCTION")
     limit: int | None = option(None, Integer(low=1, optional=True), "only the first N prompts")
-    use_chat_template: bool = chat_template_option()
-    device: str = device_option()
     dtype: str = dtype_option()
-    attn: str = attn_option()
-    trust_remote_code: bool = trust_remote_code_option()
     progress: bool = progress_option()
 
     def __post_init__(self):
@@ -194,7 +186,8 @@ class GenerateConfig:
         """The settings that determine the samples (checked when resuming)."""
         keys = ("model", "data", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "reward",
                 "use_chat_template")
-        return {k: getattr(self, k) for k in keys}
+        flat = flat_values(self)
+        return {k: flat[k] for k in keys}
 
 
 def _finished_prompt_ids(out: Path) -> set[str]:
@@ -241,12 +234,13 @@ def generate_samples(cfg: GenerateConfig) -> Path:
     if not todo:
         return out
 
-    device = resolve_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = load_causal_lm(cfg.model, attn=cfg.attn, device=device, dtype=resolve_dtype(cfg.dtype, device),
-                           trust_remote_code=cfg.trust_remote_code)
+    m = cfg.model
+    device = resolve_device(m.device)
+    tokenizer = load_tokenizer(m.path, trust_remote_code=m.trust_remote_code)
+    model = load_causal_lm(m.path, attn=m.attn, device=device, dtype=resolve_dtype(cfg.dtype, device),
+                           trust_remote_code=m.trust_remote_code)
     eos_ids = eos_token_ids(model, tokenizer)
-    use_template = cfg.use_chat_template and has_chat_template(tokenizer)
+    use_template = cfg.model.use_chat_template and has_chat_template(tokenizer)
     prompts_per_batch = max(1, cfg.batch_size // cfg.num_samples)
     bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="generate", unit="prompt",
                disable=not cfg.progress)

@@ -12,16 +12,19 @@ import functools
 import importlib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .batching import Batch
-from .options import Choice, Device, Flag, option
+from .options import Choice, Device, Flag, Text, option, validate
 from .util import DTYPE_CHOICES
 
 __all__ = [
     "ATTN_CHOICES",
+    "PACKING_CHOICES",
+    "ModelConfig",
     "resolve_attn",
     "use_packing",
     "resolve_device",
@@ -40,27 +43,29 @@ ATTN_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager")
 PACKING_CHOICES = ("auto", "on", "off")
 
 
-# -- the model options every stage shares (declared once, used by each stage config) ----------------
-def device_option():
-    return option("auto", Device(), "'auto' (CUDA if available, cuda:LOCAL_RANK under torchrun; else CPU), 'cpu', "
-                  "'cuda:N'", group="model")
+@dataclass
+class ModelConfig:
+    """The model a stage loads, and how: shared by every stage config (``GenerateConfig.model``, ...).
+
+    On the command line: ``--model PATH --device --attn --trust-remote-code --no-chat-template``.
+    """
+
+    path: str = option(spec=Text(), help="local Hugging Face causal-LM directory (a model or a checkpoint)",
+                       name="model")
+    device: str = option("auto", Device(), "'auto' (CUDA if available, cuda:LOCAL_RANK under torchrun; else CPU), "
+                         "'cpu', 'cuda:N'", group="model")
+    attn: str = option("auto", Choice(ATTN_CHOICES), "attention kernel; auto = flash_attention_2 when flash-attn is "
+                       "importable on CUDA, else sdpa", group="model")
+    trust_remote_code: bool = option(False, Flag(), "allow model/tokenizer code from the model directory (off by "
+                                     "default)", group="model")
+    use_chat_template: bool = option(True, Flag(), "do not apply the tokenizer's chat template even if it has one",
+                                     flag="--no-chat-template", group="model")
+
+    def __post_init__(self):
+        validate(self)
 
 
-def attn_option():
-    return option("auto", Choice(ATTN_CHOICES), "attention kernel; auto = flash_attention_2 when flash-attn is "
-                  "importable on CUDA, else sdpa", group="model")
-
-
-def trust_remote_code_option():
-    return option(False, Flag(), "allow model/tokenizer code from the model directory (off by default)",
-                  group="model")
-
-
-def chat_template_option():
-    return option(True, Flag(), "do not apply the tokenizer's chat template even if it has one",
-                  flag="--no-chat-template", group="model")
-
-
+# -- options several stage configs share (declared once here) -------------------------------------
 def progress_option():
     return option(True, Flag(), "hide progress bars", flag="--no-progress", group="model")
 

@@ -76,6 +76,7 @@ class ObjectiveConfig:
                                                  text="'mean', 'none' or a number"),
                                    "reinforce baseline: mean | none | a number", group="loss")
     average: bool = option(False, Flag(), "preference losses: mean token log-prob instead of sum", group="loss")
+    dft_u_init: float = option(0.0, Number(), "initial DFTState u", group="loss")
 
     def __post_init__(self):
         validate(self)

@@ -11,6 +11,14 @@ command-line flag; validation and the command line are both generated from it.
   whose default is True), whose parser applies the same :class:`Spec`, with the help text and the
   ``(default: ...)`` taken from the field; :func:`option_names` lists the names the parsed
   namespace holds, so the stage config is built without reading argparse internals.
+
+Configs compose: a field declared with :func:`nested` holds another config (``TrainConfig.optim``
+is an ``OptimConfig``) whose options keep their own flat names (``lr``, ``sample_temperature``). A
+config deriving from :class:`FlatKeywords` accepts those flat names as keyword arguments too, so
+``TrainConfig(model="m", data="d", out="o", lr=1e-4)`` and
+``TrainConfig(model=ModelConfig("m"), data="d", out="o", optim=OptimConfig(lr=1e-4))`` are the same
+config; :func:`flat_values` gives the flat view back (what the command line and ``train_config.json``
+use).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from dataclasses import MISSING, dataclass
 from typing import Any
 
 __all__ = ["Spec", "Integer", "Number", "Choice", "Flag", "Text", "Device", "AnyOf", "Function", "Option", "option",
-           "options_of", "validate", "add_arguments", "option_names"]
+           "Nested", "nested", "FlatKeywords", "options_of", "validate", "add_arguments", "option_names", "flat_values"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,6 +279,147 @@ def option(default: Any = MISSING, spec: Spec | None = None, help: str = "", **m
     return dataclasses.field(default=default, metadata=metadata)
 
 
+@dataclass(frozen=True)
+class Nested:
+    """Field metadata of a sub-config (see :func:`nested`)."""
+
+    cls: type
+    optional: bool = False
+    help: str = ""  # optional sub-configs: help of the flag that turns them on (``--on-policy``)
+    group: str | None = None
+    help_for: tuple[tuple[str, str], ...] = ()  # (flat name, help) overriding the sub-config's own help
+    unused_hint: str = ""  # added to the error when options of a disabled optional sub-config are given
+
+
+def nested(cls: type, *, optional: bool = False, help: str = "", group: str | None = None,
+           help_for: dict[str, str] | None = None, unused_hint: str = "", default_factory=None) -> Any:
+    """A field holding a ``cls`` config whose options appear under their own flat names.
+
+    ``optional``: the field may be None (off); its flat name is then also a boolean keyword/flag
+    turning it on (``on_policy=True`` / ``--on-policy``). Otherwise a value that is not a ``cls``
+    sets the sub-config option of the same flat name (``model="dir"`` sets ``ModelConfig.path``).
+    """
+    metadata = {"nested": Nested(cls, optional, help, group, tuple((help_for or {}).items()), unused_hint)}
+    if optional:
+        return dataclasses.field(default=None, metadata=metadata)
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(metadata=metadata)
+
+
+def _nested_fields(cls_or_obj) -> Iterator[tuple[dataclasses.Field, Nested]]:
+    for f in dataclasses.fields(cls_or_obj):
+        meta = f.metadata.get("nested")
+        if meta is not None:
+            yield f, meta
+
+
+def _flat_to_field(cls: type) -> dict[str, str]:
+    """``{flat name: field name}`` of the options declared directly on ``cls``."""
+    return {meta.name or f.name: f.name for f, meta in options_of(cls)}
+
+
+class FlatKeywords:
+    """Mixin for a ``@dataclass(init=False)`` config with :func:`nested` fields: its ``__init__``
+    takes the fields themselves and/or the nested configs' options as flat keywords (see the module
+    docstring), then runs ``__post_init__``. Positional arguments fill the fields in order."""
+
+    def __init__(self, *args, **kwargs):
+        names = [f.name for f in dataclasses.fields(self)]
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__}() takes at most {len(names)} positional arguments")
+        for name, value in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"{type(self).__name__}() got multiple values for argument {name!r}")
+            kwargs[name] = value
+        for name, value in _compose(type(self), kwargs).items():
+            object.__setattr__(self, name, value)
+        post_init = getattr(self, "__post_init__", None)
+        if post_init is not None:
+            post_init()
+
+
+def _compose(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs = dict(kwargs)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        nest = f.metadata.get("nested")
+        if nest is None:
+            if f.name in kwargs:
+                values[f.name] = kwargs.pop(f.name)
+            elif _default(f) is not MISSING:
+                values[f.name] = _default(f)
+            else:
+                raise TypeError(f"{cls.__name__}() missing required argument {f.name!r}")
+            continue
+        flat_names = option_names(nest.cls)
+        given = kwargs.pop(f.name, MISSING)
+        flat = {k: kwargs.pop(k) for k in list(kwargs) if k in flat_names}
+        if isinstance(given, nest.cls):
+            if flat:
+                raise TypeError(f"{cls.__name__}(): give {sorted(flat)} inside {f.name}={nest.cls.__name__}(...) or as "
+                                f"keywords, not both")
+            values[f.name] = given
+        elif nest.optional:
+            if given not in (MISSING, None, True, False):
+                raise ValueError(f"{f.name} must be True, False, None or an {nest.cls.__name__}, got {given!r}")
+            values[f.name] = _build(nest.cls, flat) if given is True else _unused(cls, f.name, nest, flat)
+        else:
+            if given is not MISSING:
+                flat[f.name] = given
+            if not flat and _default(f) is MISSING:
+                raise TypeError(f"{cls.__name__}() missing required argument {f.name!r}")
+            values[f.name] = _build(nest.cls, flat) if flat else _default(f)
+    if kwargs:
+        raise TypeError(f"{cls.__name__}() got unexpected keyword arguments {sorted(kwargs)}")
+    return values
+
+
+def _build(cls: type, flat: dict[str, Any]) -> Any:
+    to_field = _flat_to_field(cls)
+    return cls(**{to_field.get(k, k): v for k, v in flat.items()})
+
+
+def _unused(owner: type, name: str, nest: Nested, flat: dict[str, Any]) -> None:
+    """A disabled optional sub-config: its flat options must be unset (None) or at their defaults."""
+    defaults = {meta.name or f.name: _default(f) for f, meta in options_of(nest.cls)}
+    changed = {k: v for k, v in flat.items() if v is not None and v != defaults.get(k)}
+    if changed:
+        listed = ", ".join(f"{k}={v!r} (--{k.replace('_', '-')})" for k, v in changed.items())
+        raise ValueError(f"{listed}: only used with {name}=True (--{name.replace('_', '-')}){nest.unused_hint}")
+    return None
+
+
+def flat_values(obj) -> dict[str, Any]:
+    """The flat view of a config: every option under its flat name (a disabled optional sub-config:
+    its switch False and its options at their defaults); callables are replaced by their names."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        nest = f.metadata.get("nested")
+        value = getattr(obj, f.name)
+        if nest is None:
+            meta = f.metadata.get("option")
+            out[(meta.name if meta is not None else None) or f.name] = _plain(value)
+            continue
+        if nest.optional:
+            out[f.name] = value is not None
+        if value is None:
+            out.update({meta.name or g.name: _plain(None if _default(g) is MISSING else _default(g))
+                        for g, meta in options_of(nest.cls)})
+        else:
+            out.update(flat_values(value))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly value: a callable becomes its name (see :func:`~.rewards.reward_name`)."""
+    if callable(value):
+        from .rewards import reward_name
+
+        return reward_name(value)
+    return value
+
+
 def options_of(cls_or_obj) -> Iterator[tuple[dataclasses.Field, Option]]:
     """``(field, Option)`` for each declared option of a config class (or instance), in field order."""
     for f in dataclasses.fields(cls_or_obj):
@@ -294,7 +443,7 @@ def _default(f: dataclasses.Field) -> Any:
     return MISSING
 
 
-def _help(f: dataclasses.Field, meta: Option) -> str:
+def _help(f: dataclasses.Field, meta: Option, help: str | None = None) -> str:
     default = _default(f)
     if meta.default_text is not None:
         shown = meta.default_text
@@ -302,33 +451,51 @@ def _help(f: dataclasses.Field, meta: Option) -> str:
         shown = ""
     else:
         shown = str(default)
-    return f"{meta.help} (default: {shown})" if shown else meta.help
+    text = help or meta.help
+    return f"{text} (default: {shown})" if shown else text
 
 
-def add_arguments(parser: argparse.ArgumentParser, *classes: type, groups: dict[str, str] | None = None,
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, groups: dict[str, str] | None = None,
                   defaults: dict[str, Any] | None = None) -> None:
-    """Add every command-line option of the config ``classes`` to ``parser``.
+    """Add every command-line option of the config ``cls`` (nested configs included) to ``parser``.
 
     Args:
         groups: argument-group titles by :attr:`Option.group` key (options without a group go to
-            ``parser`` itself); one group per key, shared by all ``classes``.
+            ``parser`` itself); one group per key.
         defaults: command-line defaults that differ from the field defaults (e.g. None meaning
-            "not given", for options applied as overrides or only needed in one mode).
+            "not given", for options applied as overrides).
     """
     made: dict[str, Any] = {}
-    for cls in classes:
-        for f, meta in options_of(cls):
-            if meta.cli:
-                if meta.group is not None and meta.group not in made:
-                    made[meta.group] = parser.add_argument_group((groups or {}).get(meta.group, meta.group))
-                _add_argument(made.get(meta.group, parser), cls, f, meta, defaults or {})
+
+    def target(group: str | None):
+        if group is None:
+            return parser
+        if group not in made:
+            made[group] = parser.add_argument_group((groups or {}).get(group, group))
+        return made[group]
+
+    def visit(config: type, help_for: dict[str, str], optional: bool) -> None:
+        for f in dataclasses.fields(config):
+            nest, meta = f.metadata.get("nested"), f.metadata.get("option")
+            if nest is not None:
+                if nest.optional:
+                    target(nest.group).add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true",
+                                                    help=nest.help)
+                visit(nest.cls, dict(nest.help_for), nest.optional)
+            elif meta is not None and meta.cli:
+                name = meta.name or f.name
+                default = (defaults or {}).get(name, _default(f))
+                if optional and default is MISSING:  # the whole sub-config is optional on the command line
+                    default = None
+                _add_argument(target(meta.group), config, f, meta, default, help_for.get(name))
+
+    visit(cls, {}, False)
 
 
-def _add_argument(target, cls: type, f: dataclasses.Field, meta: Option, defaults: dict[str, Any]) -> None:
+def _add_argument(target, cls: type, f: dataclasses.Field, meta: Option, default: Any, help: str | None) -> None:
     name = meta.name or f.name
-    default = defaults.get(name, _default(f))
     required = default is MISSING
-    kwargs: dict[str, Any] = dict(dest=name, help=_help(f, meta))
+    kwargs: dict[str, Any] = dict(dest=name, help=_help(f, meta, help))
     if isinstance(meta.spec, Flag):
         if default is True and not (meta.flag or "").startswith("--no-"):
             raise TypeError(f"{cls.__name__}.{f.name}: a boolean option that defaults to True needs a --no-... flag")
@@ -344,6 +511,14 @@ def _add_argument(target, cls: type, f: dataclasses.Field, meta: Option, default
 
 
 def option_names(cls: type) -> set[str]:
-    """The namespace keys :func:`add_arguments` creates for ``cls``."""
-    return {meta.name or f.name for f, meta in options_of(cls) if meta.cli}
+    """The flat names of ``cls``'s options (nested configs and their on-switches included): the keys
+    :func:`add_arguments` creates and the flat keywords a :class:`FlatKeywords` config accepts."""
+    names = set()
+    for f in dataclasses.fields(cls):
+        nest, meta = f.metadata.get("nested"), f.metadata.get("option")
+        if nest is not None:
+            names |= option_names(nest.cls) | ({f.name} if nest.optional else set())
+        elif meta is not None:
+            names.add(meta.name or f.name)
+    return names
 

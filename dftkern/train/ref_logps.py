@@ -35,35 +35,36 @@ from .batching import (
     examples_fingerprint,
     shifted_labels,
 )
-from .records import DataError, read_prompt_records, read_sample_records
 from .model import (
-    attn_option,
+    ModelConfig,
     backbone_hidden,
-    chat_template_option,
     config_vocab_size,
-    device_option,
     dtype_option,
-    packing_option,
-    progress_option,
-    trust_remote_code_option,
     lm_head_params,
     load_causal_lm,
     load_tokenizer,
     logit_softcap,
+    packing_option,
+    progress_option,
     resolve_device,
     use_packing,
 )
-from .options import Choice, Integer, Text, option, validate
+from .options import Choice, FlatKeywords, Integer, Text, nested, option, validate
+from .records import DataError, read_prompt_records, read_sample_records
 from .util import note, require_single_process, resolve_dtype
 
 __all__ = ["RefLogpsConfig", "cache_path", "score_examples", "compute_ref_logps", "read_ref_logps", "attach_ref_logps"]
 
 
-@dataclass
-class RefLogpsConfig:
-    """Options of the ref-logps stage (``python -m dftkern.train ref-logps --help`` lists them)."""
+@dataclass(init=False)
+class RefLogpsConfig(FlatKeywords):
+    """Options of the ref-logps stage (``python -m dftkern.train ref-logps --help`` lists them).
 
-    model: str = option(spec=Text(), help="the reference model directory (usually the model that sampled)")
+    ``model`` is a :class:`~.model.ModelConfig` or, flat, its path.
+    """
+
+    model: ModelConfig = nested(ModelConfig, help_for={"model": "the reference model directory (usually the model "
+                                                                "that sampled)"})
     data: str = option(spec=Text(), help="the training data file (as given to train)")
     negatives: str = option(spec=Text(), help="the generate stage's output")
     out_dir: str | None = option(None, Text(optional=True), "where ref_logps-<hash>.safetensors goes",
@@ -71,15 +72,11 @@ class RefLogpsConfig:
     num_negatives: int | None = option(None, Integer(low=1, optional=True), "use the first K samples per prompt; "
                                        "must match train", default_text="all")
     max_length: int | None = option(None, Integer(low=2, optional=True), "truncate rows as train does")
-    batch_size: int = option(64, Integer(low=1), "rows per forward")
-    packing: str = packing_option()
-    use_chat_template: bool = chat_template_option()
     overlong: str = option("truncate", Choice(OVERLONG_CHOICES), "rows longer than --max-length: truncate them, "
                            "or drop their examples; as train does")
-    device: str = device_option()
+    batch_size: int = option(64, Integer(low=1), "rows per forward")
+    packing: str = packing_option()
     dtype: str = dtype_option()
-    attn: str = attn_option()
-    trust_remote_code: bool = trust_remote_code_option()
     progress: bool = progress_option()
 
     def __post_init__(self):
@@ -125,13 +122,14 @@ def compute_ref_logps(cfg: RefLogpsConfig) -> Path:
     from safetensors.torch import save_file
 
     require_single_process("ref-logps")
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    vocab = config_vocab_size(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    m = cfg.model
+    tokenizer = load_tokenizer(m.path, trust_remote_code=m.trust_remote_code)
+    vocab = config_vocab_size(m.path, trust_remote_code=m.trust_remote_code)
     records = read_prompt_records(cfg.data)
     report = OverlongReport()
     examples = build_examples(tokenizer, records, read_sample_records(cfg.negatives, vocab_size=vocab),
                               num_negatives=cfg.num_negatives, max_length=cfg.max_length,
-                              use_chat_template=cfg.use_chat_template, overlong=cfg.overlong, vocab_size=vocab,
+                              use_chat_template=m.use_chat_template, overlong=cfg.overlong, vocab_size=vocab,
                               report=report)
     note(report.message("ref-logps"))
     fingerprint = examples_fingerprint(examples)
@@ -142,16 +140,16 @@ def compute_ref_logps(cfg: RefLogpsConfig) -> Path:
             return out
         except (DataError, ValueError) as err:
             warnings.warn(f"ref-logps: recomputing the damaged cache {out} ({err})", stacklevel=2)
-    device = resolve_device(cfg.device)
-    model = load_causal_lm(cfg.model, attn=cfg.attn, device=device, dtype=resolve_dtype(cfg.dtype, device),
-                           trust_remote_code=cfg.trust_remote_code)
+    device = resolve_device(m.device)
+    model = load_causal_lm(m.path, attn=m.attn, device=device, dtype=resolve_dtype(cfg.dtype, device),
+                           trust_remote_code=m.trust_remote_code)
     packed = use_packing(cfg.packing, model.config._attn_implementation)
     row_logps, row_tokens = score_examples(model, examples, pad_token_id=tokenizer.pad_token_id,
                                            rows_per_batch=cfg.batch_size, packed=packed, progress=cfg.progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     save_file({"row_logps": row_logps.contiguous(), "row_tokens": row_tokens.contiguous()}, str(tmp),
-              metadata={"fingerprint": fingerprint, "reference_model": str(cfg.model),
+              metadata={"fingerprint": fingerprint, "reference_model": cfg.model.path,
                         "prompt_ids": json.dumps([e.prompt_id for e in examples])})
     os.replace(tmp, out)
     return out

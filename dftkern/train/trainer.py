@@ -4,20 +4,23 @@ Per optimizer step: ``grad_accum`` micro-batches, each a forward of :class:`Poli
 (backbone -> last hidden state -> fused loss with the LM-head weight, no logits) and a backward of
 ``loss / grad_accum``; then gradient clipping, AdamW, and the warmup + cosine LR schedule. bf16
 autocast on GPU, optional gradient checkpointing, FSDP2 under torchrun (:mod:`.distributed`).
+Examples come from an :class:`~.onpolicy.ExampleSource`: the offline set, or fresh samples
+(``on_policy``).
 
-Resuming (``resume="auto"`` or a checkpoint path) restores weights, optimizer, scheduler, RNG,
-DFTState and the data position; on CPU a resumed run ends with exactly the weights of an
-uninterrupted one. ``resume="auto"`` checks the newest checkpoint completely (every file opens,
-the weights and optimizer moments have the model's shapes, the settings match) and, if it is
-damaged, warns naming the bad file and falls back to the newest intact one; stale ``.tmp-*``
-directories of a killed save are removed first. An optimizer step whose loss or gradient norm is not finite (on any process) is skipped: no
-weight or optimizer update (the schedule and the data position still advance), a
+Non-finite steps: an optimizer step whose loss or gradient norm is not finite (on any process) is
+skipped — no weight or optimizer update (the schedule and the data position still advance), a
 ``"skipped": true`` line in ``metrics.jsonl`` with the non-finite values as ``null`` and listed
 under ``"nonfinite"``; ``max_nonfinite_steps`` such steps in a row stop training with
 :class:`NonFiniteLossError`.
 
-Output in ``out``: ``checkpoints/``, ``metrics.jsonl`` (one line per logged
-step), ``curves.png``, ``train_config.json``.
+Resuming (``resume="auto"`` or a checkpoint path) restores weights, optimizer, scheduler, RNG,
+DFTState, the data position and the on-policy window; on CPU a resumed run ends with exactly the
+weights of an uninterrupted one. The checkpoint is checked completely first and a damaged newest
+one is skipped for the newest intact one (:mod:`.resume`); stale ``.tmp-*`` directories of a
+killed save are removed at start.
+
+Output in ``out``: ``checkpoints/``, ``metrics.jsonl`` (one line per logged step), ``curves.png``,
+``train_config.json`` (every option by its flat name, plus what the run derived).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import resource
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,23 +39,8 @@ from tqdm.auto import tqdm
 
 import dftkern
 
-from .checkpoint import (
-    CheckpointError,
-    CheckpointWarning,
-    capture_rng_state,
-    check_checkpoint_files,
-    check_trainer_state,
-    checkpoint_candidates,
-    latest_checkpoint,
-    read_trainer_state,
-    remove_stale_temporaries,
-    restore_rng_state,
-    set_aside,
-    write_checkpoint,
-)
 from .batching import (
     OVERLONG_CHOICES,
-    Batch,
     ExampleOrder,
     OverlongReport,
     TrainExample,
@@ -60,7 +48,13 @@ from .batching import (
     collate,
     examples_fingerprint,
 )
-from .records import read_prompt_records, read_sample_records
+from .checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    remove_stale_temporaries,
+    restore_rng_state,
+    write_checkpoint,
+)
 from .distributed import (
     DistContext,
     full_model_state_dict,
@@ -72,59 +66,42 @@ from .distributed import (
 )
 from .model import (
     PACKING_CHOICES,
+    ModelConfig,
     PolicyWithLoss,
-    attn_option,
-    chat_template_option,
-    device_option,
     load_causal_lm,
     load_tokenizer,
     progress_option,
     score_rows,
-    trust_remote_code_option,
     use_packing,
     vocab_size,
 )
 from .objectives import Objective, ObjectiveConfig
 from .onpolicy import (
     ON_POLICY_LOSSES,
+    ExampleSource,
     OfflineExamples,
     OnPolicyConfig,
     OnPolicyExamples,
+    PolicySampler,
+    PromptSet,
 )
-from .options import Choice, Flag, Integer, Number, Text, option, validate
+from .options import Choice, FlatKeywords, Flag, Integer, Number, Text, flat_values, nested, option, validate
+from .records import read_prompt_records, read_sample_records
 from .ref_logps import attach_ref_logps, cache_path
+from .resume import load_resume_point
 from .rewards import resolve_reward
 from .util import atomic_write_json, note
 
-__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "train", "warmup_cosine"]
+__all__ = ["OptimConfig", "TrainConfig", "TrainResult", "NonFiniteLossError", "train", "warmup_cosine",
+           "load_training_examples"]
 
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 
 
-@dataclass
-class TrainConfig:
-    """Options of the train stage (``python -m dftkern.train train --help`` lists them).
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimization: batches, AdamW, the warmup + cosine schedule, clipping, the data order."""
 
-    The loss hyper-parameters (``loss``, ``tau`` ... ``average``) are :class:`ObjectiveConfig`'s
-    and the ``--on-policy`` sampling settings (``reward``, ``samples_per_prompt``,
-    ``sample_max_new_tokens`` ...) :class:`OnPolicyConfig`'s; they are checked there.
-    """
-
-    model: str = option(spec=Text(), help="initial model directory (policy)")
-    data: str = option(spec=Text(), help="training data: JSONL/Parquet of {prompt, response} or {messages}")
-    out: str = option(spec=Text(), help="run directory (checkpoints/, metrics.jsonl, curves.png)")
-    loss: str = "dft"
-    negatives: str | None = option(None, Text(optional=True), "generate stage output (every loss except sft, "
-                                   "unless --on-policy; with --on-policy only for --offline-mix)")
-    ref_logps: str | None = option(None, Text(optional=True), "reference log-prob cache file, or the directory "
-                                   "holding it", default_text="next to --negatives")
-    num_negatives: int | None = option(None, Integer(low=1, optional=True), "first K samples per prompt",
-                                       default_text="all")
-    max_length: int | None = option(None, Integer(low=2, optional=True), "truncate rows to this many tokens "
-                                    "(response end cut first)")
-    overlong: str = option("truncate", Choice(OVERLONG_CHOICES), "rows longer than --max-length: 'truncate' cuts "
-                           "them, 'drop' skips their whole example; the count is printed either way")
-    # optimization
     batch_size: int = option(8, Integer(low=1), "examples (prompts) per micro-batch per process; DFT rows = "
                              "examples * (1+K)", group="optim")
     grad_accum: int = option(1, Integer(low=1), "micro-batches per optimizer step", group="optim")
@@ -145,26 +122,49 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, Number(low=0, low_open=True), "gradient clipping norm", group="optim")
     seed: int = option(0, Integer(low=0), "data order seed", group="optim")
     shuffle: bool = option(True, Flag(), "visit examples in file order", flag="--no-shuffle", group="optim")
-    # loss hyper-parameters: ObjectiveConfig's (None: the loss's default)
-    tau: float | None = None
-    gamma: float | None = None
-    beta: float = 0.1
-    simpo_gamma: float = 0.5
-    unlikelihood_alpha: float = 1.0
-    baseline: str | float = "mean"
-    average: bool = False
-    dft_u_init: float = option(0.0, Number(), "initial DFTState u", group="loss")
-    # system
-    device: str = device_option()
+
+    def __post_init__(self):
+        validate(self)
+
+
+@dataclass(init=False)
+class TrainConfig(FlatKeywords):
+    """Options of the train stage (``python -m dftkern.train train --help`` lists them).
+
+    Composed of a :class:`~.model.ModelConfig` (``model``), an :class:`~.objectives.ObjectiveConfig`
+    (``objective``: the loss and its hyper-parameters), an :class:`OptimConfig` (``optim``) and an
+    optional :class:`~.onpolicy.OnPolicyConfig` (``on_policy``; None = offline training). Their
+    options are also accepted flat, as before the split::
+
+        TrainConfig(model="m", data="d.jsonl", out="run", loss="dpo", lr=1e-4, on_policy=True, reward="addition")
+    """
+
+    model: ModelConfig = nested(ModelConfig, help_for={"model": "initial model directory (policy)"})
+    data: str = option(spec=Text(), help="training data: JSONL/Parquet of {prompt, response} or {messages}")
+    out: str = option(spec=Text(), help="run directory (checkpoints/, metrics.jsonl, curves.png)")
+    negatives: str | None = option(None, Text(optional=True), "generate stage output (every loss except sft, "
+                                   "unless --on-policy; with --on-policy only for --offline-mix)")
+    ref_logps: str | None = option(None, Text(optional=True), "reference log-prob cache file, or the directory "
+                                   "holding it", default_text="next to --negatives")
+    num_negatives: int | None = option(None, Integer(low=1, optional=True), "first K samples per prompt",
+                                       default_text="all")
+    max_length: int | None = option(None, Integer(low=2, optional=True), "truncate rows to this many tokens "
+                                    "(response end cut first)")
+    overlong: str = option("truncate", Choice(OVERLONG_CHOICES), "rows longer than --max-length: 'truncate' cuts "
+                           "them, 'drop' skips their whole example; the count is printed either way")
+    objective: ObjectiveConfig = nested(ObjectiveConfig, default_factory=ObjectiveConfig)
+    optim: OptimConfig = nested(OptimConfig, default_factory=OptimConfig)
+    on_policy: OnPolicyConfig | None = nested(
+        OnPolicyConfig, optional=True, group="on_policy",
+        help="every --refresh-every steps sample --samples-per-prompt responses per prompt from the current policy, "
+             "score them with --reward; losses: reinforce, rloo, rwr (samples only), dft/dft2 (fresh negatives), "
+             "dpo/ipo/hinge/simpo/unlikelihood (online pairs); the reference log-probs are the sampling policy's own",
+        unused_hint=" (offline group losses take their rewards from generate --reward)")
     precision: str = option("auto", Choice(PRECISION_CHOICES), "auto = bf16 autocast on CUDA (fp32 master "
                             "weights), fp32 on CPU", group="system")
-    attn: str = attn_option()
     packing: str = option("auto", Choice(PACKING_CHOICES), "packed variable-length batches (position_ids/"
                           "cu_seqlens); auto = on with flash_attention_2, padding otherwise", group="system")
     gradient_checkpointing: bool = option(False, Flag(), "recompute decoder layers in backward", group="system")
-    use_chat_template: bool = chat_template_option()
-    trust_remote_code: bool = trust_remote_code_option()
-    # bookkeeping
     log_every: int = option(1, Integer(low=1), "metrics.jsonl every N steps", group="system")
     save_every: int | None = option(None, Integer(low=1, optional=True), "checkpoint every N steps (and at the end)",
                                     group="system")
@@ -182,67 +182,39 @@ class TrainConfig:
     stop_after: int | None = option(None, Integer(low=1, optional=True), "checkpoint and exit after this step (the "
                                     "schedule still spans --max-steps); continue later with --resume, e.g. to fit "
                                     "job time limits", metavar="STEP", group="system")
-    # on-policy (sample from the current policy every refresh_every steps, score with reward): OnPolicyConfig's
-    on_policy: bool = option(False, Flag(), "every --refresh-every steps sample --samples-per-prompt responses per "
-                             "prompt from the current policy, score them with --reward; losses: reinforce, rloo, "
-                             "rwr (samples only), dft/dft2 (fresh negatives), dpo/ipo/hinge/simpo/unlikelihood "
-                             "(online pairs); the reference log-probs are the sampling policy's own",
-                             group="on_policy")
-    reward: str | None = None
-    samples_per_prompt: int = 4
-    refresh_every: int = 1
-    sample_max_new_tokens: int = 128
-    sample_temperature: float = 1.0
-    sample_top_k: int = 0
-    sample_top_p: float = 1.0
-    generation_batch_size: int = 64
-    offline_mix: float = 0.0
     plot: bool = option(True, Flag(), "skip curves.png", flag="--no-plot", group="system")
     progress: bool = progress_option()
 
     def __post_init__(self):
         validate(self)
-        if self.on_policy and self.overlong == "drop":
+        sampling = self.on_policy
+        if sampling is None:
+            return
+        if self.overlong == "drop":
             raise ValueError("overlong='drop' (--overlong drop) is not supported with on_policy: sampled rows cannot "
                              "be dropped without changing the group size; use 'truncate' (the default), which "
                              "counts and reports every cut row")
-        self.objective_config()  # validates the loss hyper-parameters
-        if self.on_policy:
-            if not self.reward:
-                raise ValueError("on_policy needs reward='module:function' or a built-in reward name such as "
-                                 "'exact_match' (--reward) to score the samples")
-            if self.loss not in ON_POLICY_LOSSES:
-                raise ValueError(f"on_policy supports the losses {ON_POLICY_LOSSES}, not {self.loss!r}")
-            resolve_reward(self.reward, what="reward (--reward)")  # unknown names fail here, not after loading
-            on_policy = self.on_policy_config()  # validates the sampling settings and offline_mix
-            if on_policy.offline_mix > 0:
-                if not self.negatives:
-                    raise ValueError(f"offline_mix={self.offline_mix} (--offline-mix) takes part of every batch from "
-                                     f"the offline negatives, but there is no offline source: pass negatives "
-                                     f"(--negatives, the generate stage's output)")
-                on_policy.offline_per_batch(self.batch_size)
-            elif self.negatives or self.ref_logps:
-                raise ValueError("on_policy samples its own negatives and uses the sampler's log-probs as the "
-                                 "reference: drop negatives/ref_logps (--negatives/--ref-logps), or set "
-                                 "offline_mix (--offline-mix) > 0 to mix them in")
-        elif self.offline_mix:
-            raise ValueError(f"offline_mix (--offline-mix) is only used with on_policy (--on-policy), "
-                             f"got {self.offline_mix}")
-        elif self.reward:
-            raise ValueError("reward (--reward) is only used with on_policy (--on-policy); for offline group "
-                             "losses, score the negatives in the generate stage (generate --reward)")
-
-    def on_policy_config(self) -> OnPolicyConfig:
-        return OnPolicyConfig(reward=self.reward, samples_per_prompt=self.samples_per_prompt,
-                              refresh_every=self.refresh_every, max_new_tokens=self.sample_max_new_tokens,
-                              temperature=self.sample_temperature, top_k=self.sample_top_k,
-                              top_p=self.sample_top_p, generation_batch_size=self.generation_batch_size,
-                              offline_mix=self.offline_mix)
+        if self.objective.loss not in ON_POLICY_LOSSES:
+            raise ValueError(f"on_policy supports the losses {ON_POLICY_LOSSES}, not {self.objective.loss!r}")
+        resolve_reward(sampling.reward, what="reward (--reward)")  # unknown names fail here, not after loading
+        if sampling.offline_mix > 0:
+            if not self.negatives:
+                raise ValueError(f"offline_mix={sampling.offline_mix} (--offline-mix) takes part of every batch from "
+                                 f"the offline negatives, but there is no offline source: pass negatives "
+                                 f"(--negatives, the generate stage's output)")
+            sampling.offline_per_batch(self.optim.batch_size)
+        elif self.negatives or self.ref_logps:
+            raise ValueError("on_policy samples its own negatives and uses the sampler's log-probs as the "
+                             "reference: drop negatives/ref_logps (--negatives/--ref-logps), or set "
+                             "offline_mix (--offline-mix) > 0 to mix them in")
 
     def objective_config(self) -> ObjectiveConfig:
-        return ObjectiveConfig(loss=self.loss, tau=self.tau, gamma=self.gamma, beta=self.beta,
-                               simpo_gamma=self.simpo_gamma, unlikelihood_alpha=self.unlikelihood_alpha,
-                               baseline=self.baseline, average=self.average)
+        """The loss settings (same as ``self.objective``; kept for older callers)."""
+        return self.objective
+
+    def on_policy_config(self) -> OnPolicyConfig | None:
+        """The sampling settings (same as ``self.on_policy``; kept for older callers)."""
+        return self.on_policy
 
 
 @dataclass
@@ -251,6 +223,10 @@ class TrainResult:
     final_checkpoint: Path
     steps: int
     last_metrics: dict = field(default_factory=dict)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped: too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
@@ -263,18 +239,6 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float) -> C
     return multiplier
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training stopped: too many optimizer steps in a row had a non-finite loss or gradient norm."""
-
-
-def _with_finite_values(record: dict) -> dict:
-    """``record`` with every non-finite float replaced by None and listed under ``"nonfinite"`` (strict JSON)."""
-    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
-    if not bad:
-        return record
-    return {**{k: None if k in bad else v for k, v in record.items()}, "nonfinite": bad}
-
-
 def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only (not on norms, biases, or other 1-D parameters)."""
     decay, no_decay = [], []
@@ -284,10 +248,23 @@ def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _optimizer_order(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters in the order the optimizer's state dict numbers them."""
+    return [p for group in _param_groups(module, 0.0) for p in group["params"]]
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _with_finite_values(record: dict) -> dict:
+    """``record`` with every non-finite float replaced by None and listed under ``"nonfinite"`` (strict JSON)."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return record
+    return {**{k: None if k in bad else v for k, v in record.items()}, "nonfinite": bad}
 
 
 class MetricsLog:
@@ -315,147 +292,25 @@ def load_training_examples(cfg: TrainConfig, tokenizer, objective: Objective, *,
     ``vocab_size``: the model's; token ids outside ``[0, vocab_size)`` are a :class:`DataError`.
     ``report`` counts the rows longer than ``cfg.max_length`` (see :func:`build_examples`).
     """
-    spec = objective.spec
+    spec, loss = objective.spec, objective.spec.name
     if spec.needs_negatives and not cfg.negatives:
-        raise ValueError(f"loss {cfg.loss!r} needs sampled negatives: pass --negatives (the generate stage's output)")
+        raise ValueError(f"loss {loss!r} needs sampled negatives: pass --negatives (the generate stage's output)")
     records = read_prompt_records(cfg.data)
     samples = read_sample_records(cfg.negatives, vocab_size=vocab_size) if spec.needs_negatives else None
     examples = build_examples(tokenizer, records, samples, num_negatives=cfg.num_negatives,
-                              max_length=cfg.max_length, use_chat_template=cfg.use_chat_template,
+                              max_length=cfg.max_length, use_chat_template=cfg.model.use_chat_template,
                               overlong=cfg.overlong, vocab_size=vocab_size, report=report)
     if spec.needs_ref_logps:
         location = Path(cfg.ref_logps) if cfg.ref_logps else Path(cfg.negatives).parent
         path = cache_path(location, examples_fingerprint(examples)) if location.is_dir() else location
         if not path.exists():
-            raise FileNotFoundError(f"loss {cfg.loss!r} needs reference log-probs, but {path} does not exist: run "
+            raise FileNotFoundError(f"loss {loss!r} needs reference log-probs, but {path} does not exist: run "
                                     f"`python -m dftkern.train ref-logps --model REF --data {cfg.data} --negatives "
                                     f"{cfg.negatives}` first (with the same --num-negatives/--max-length)")
         attach_ref_logps(examples, path)
     if spec.needs_rewards and any(e.rewards is None for e in examples):
-        raise ValueError(f"loss {cfg.loss!r} needs rewards: generate the negatives with --reward module:function")
+        raise ValueError(f"loss {loss!r} needs rewards: generate the negatives with --reward module:function")
     return examples
-
-
-# settings that decide the data order and the rows of every batch: a resumed run must share them
-RESUME_KEYS = ("loss", "batch_size", "grad_accum", "seed", "shuffle", "num_negatives", "max_length", "overlong",
-               "on_policy", "samples_per_prompt", "refresh_every", "offline_mix")
-
-
-@dataclass
-class _ResumePoint:
-    """A checkpoint that passed every check, with its trainer state and its model already loaded."""
-
-    checkpoint: Path
-    state: dict
-    causal_lm: torch.nn.Module
-    tokenizer: object
-
-
-def _resume_candidates(resume: str | None, run_dir: Path) -> tuple[list[Path], bool]:
-    """The checkpoints to try, newest first, and whether a damaged one may be skipped for an older one."""
-    if resume is None:
-        return [], False
-    if resume == "auto":
-        return checkpoint_candidates(run_dir), True
-    path = Path(resume)
-    if not ((path / "trainer_state.json").is_file() or (path / "trainer_state.pt").is_file()):
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no trainer_state.json)")
-    return [path], False
-
-
-def _check_same_settings(saved: dict, cfg: TrainConfig, world_size: int, checkpoint: Path) -> None:
-    """A resumed run must keep the number of processes and every setting in :data:`RESUME_KEYS`."""
-    if saved["world_size"] != world_size:
-        raise ValueError(f"{checkpoint} was written by {saved['world_size']} process(es); resume with the "
-                         f"same number (this run has {world_size}) to continue the same data order")
-    current = asdict(cfg)
-    changed = [f"{key}={saved['config'][key]!r} (now {current[key]!r})" for key in RESUME_KEYS
-               if key in saved["config"] and saved["config"][key] != current[key]]
-    if changed:
-        raise ValueError(f"{checkpoint} was written with {', '.join(changed)}; resume with the same settings, "
-                         f"or train into a new --out")
-
-
-def _check_optimizer_shapes(optimizer_state: dict, causal_lm: torch.nn.Module, checkpoint: Path) -> None:
-    """Every optimizer moment must have its parameter's shape (keys: positions, or names under FSDP2)."""
-    ordered = [p for group in _param_groups(causal_lm, 0.0) for p in group["params"]]
-    named = dict(causal_lm.named_parameters())
-    where = checkpoint / "trainer_state.safetensors"
-    entries = optimizer_state.get("state")
-    if not isinstance(entries, dict):
-        raise CheckpointError(f"{where}: the optimizer state has no 'state' mapping")
-    for key, entry in entries.items():
-        if isinstance(key, int) and not isinstance(key, bool):
-            param = ordered[key] if 0 <= key < len(ordered) else None
-        else:
-            param = named.get(str(key).removeprefix("causal_lm."))
-        if param is None or not isinstance(entry, dict):
-            raise CheckpointError(f"{where}: optimizer state for parameter {key!r}, which the model does not have")
-        for name, value in entry.items():
-            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != param.shape:
-                raise CheckpointError(f"{where}: optimizer '{name}' of parameter {key!r} has shape "
-                                      f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
-
-
-def _open_checkpoint(checkpoint: Path, cfg: TrainConfig, world_size: int, load_model) -> _ResumePoint:
-    """Check one checkpoint completely (files, state, settings, weights, optimizer shapes) and load it.
-
-    Raises:
-        CheckpointError: a damaged checkpoint (the message names the file); resuming may fall back.
-        ValueError: settings differ from the run's (falling back would not help).
-    """
-    check_checkpoint_files(checkpoint)
-    state = read_trainer_state(checkpoint)
-    check_trainer_state(state, checkpoint)
-    _check_same_settings(state, cfg, world_size, checkpoint)
-    try:
-        tokenizer = load_tokenizer(str(checkpoint), trust_remote_code=cfg.trust_remote_code)
-        causal_lm = load_model(str(checkpoint))
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as err:  # anything the loaders raise on a damaged directory
-        raise CheckpointError(f"{checkpoint}: cannot load the model ({type(err).__name__}: {_one_line(err)})") from None
-    _check_optimizer_shapes(state["optimizer"], causal_lm, checkpoint)
-    return _ResumePoint(checkpoint, state, causal_lm, tokenizer)
-
-
-def _load_resume_point(cfg: TrainConfig, run_dir: Path, ctx: DistContext, load_model) -> _ResumePoint | None:
-    """The newest intact checkpoint to resume from (None: start fresh).
-
-    With ``resume="auto"`` a damaged checkpoint is skipped: after all processes agree on the
-    checkpoint, each skipped one is renamed ``corrupt-step-N`` (so that pruning and later resumes
-    ignore it) and a :class:`CheckpointWarning` names its bad file. No intact checkpoint at all is
-    a :class:`CheckpointError` listing why each was rejected. An explicit checkpoint path must be intact.
-    """
-    candidates, may_fall_back = _resume_candidates(cfg.resume, run_dir)
-    skipped: list[tuple[Path, CheckpointError]] = []
-    point = None
-    for checkpoint in candidates:
-        try:
-            point = _open_checkpoint(checkpoint, cfg, ctx.world_size, load_model)
-            break
-        except CheckpointError as err:
-            if not may_fall_back:
-                raise
-            skipped.append((checkpoint, err))
-    if point is None and skipped:
-        reasons = "; ".join(f"{path.name}: {_one_line(err)}" for path, err in skipped)
-        raise CheckpointError(f"resume: no intact checkpoint in {run_dir / 'checkpoints'} ({reasons})")
-    step = point.state["step"] if point else 0
-    if ctx.distributed and ctx.sum(step) != step * ctx.world_size:
-        raise RuntimeError("resume: the processes found different newest intact checkpoints (is the run "
-                           "directory on a shared file system?)")
-    if ctx.is_main:
-        for checkpoint, err in skipped:
-            moved = set_aside(checkpoint)
-            warnings.warn(f"resume: checkpoint {checkpoint} is damaged ({_one_line(err)}); renamed it to "
-                          f"{moved.name} and resumed from {point.checkpoint}", CheckpointWarning, stacklevel=3)
-    ctx.barrier()
-    return point
 
 
 @torch.no_grad()
@@ -481,7 +336,7 @@ def _heldout_pos_logp(wrapper, examples, ctx: DistContext, *, batch_size: int, p
 def train(cfg: TrainConfig, *, on_step_end: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Run the train stage. ``on_step_end(step, metrics)`` is called after every optimizer step
     (after any checkpoint of that step), e.g. to stop early or to log elsewhere."""
-    ctx = init_distributed(cfg.device)
+    ctx = init_distributed(cfg.model.device)
     try:
         return _train(cfg, ctx, on_step_end)
     finally:
@@ -489,32 +344,29 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int, dict], None] | None =
 
 
 def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
-    run_dir = Path(cfg.out)
+    run_dir, device, optim = Path(cfg.out), ctx.device, cfg.optim
+    settings = flat_values(cfg)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(run_dir)  # .tmp-*/.old-* left by a save that was killed
     ctx.barrier()
-    device = ctx.device
 
-    def load_model(path: str, strict: bool = True):
+    # -- model (from the newest intact checkpoint when resuming) ---------------------------------
+    def load(path: str, strict: bool = True):
         # under FSDP2 every rank loads on CPU, shards, then moves only its shard to the device
-        return load_causal_lm(path, attn=cfg.attn, device="cpu" if ctx.distributed else device, attn_device=device,
-                              dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, strict=strict)
+        m = cfg.model
+        causal_lm = load_causal_lm(path, attn=m.attn, device="cpu" if ctx.distributed else device,
+                                   attn_device=device, dtype=torch.float32, trust_remote_code=m.trust_remote_code,
+                                   strict=strict)
+        return load_tokenizer(path, trust_remote_code=m.trust_remote_code), causal_lm
 
-    resume = _load_resume_point(cfg, run_dir, ctx, load_model)
-    resume_from = resume.checkpoint if resume else None
-    resumed = resume.state if resume else None
-    torch.manual_seed(cfg.seed)
-
+    resume = load_resume_point(cfg.resume, run_dir, ctx, settings=settings, load=load, param_order=_optimizer_order)
+    torch.manual_seed(optim.seed)
+    tokenizer, causal_lm = (resume.tokenizer, resume.causal_lm) if resume else load(cfg.model.path, strict=False)
     autocast_dtype = None
     if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
                                    and torch.cuda.is_bf16_supported()):
         autocast_dtype = torch.bfloat16
-    if resume:
-        tokenizer, causal_lm = resume.tokenizer, resume.causal_lm
-    else:
-        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        causal_lm = load_model(cfg.model, strict=False)
     packed = use_packing(cfg.packing, causal_lm.config._attn_implementation)
     if cfg.gradient_checkpointing:
         if hasattr(causal_lm, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -523,67 +375,68 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
             causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     causal_lm.train()
 
-    objective = Objective(cfg.objective_config(),
-                          positive_first=not (cfg.on_policy and cfg.objective_config().spec.family == "group"))
+    # -- data ------------------------------------------------------------------------------------
+    family = cfg.objective.spec.family
+    objective = Objective(cfg.objective, positive_first=not (cfg.on_policy and family == "group"))
     vocab = vocab_size(causal_lm)
     overlong = OverlongReport()
-    offline = None  # the offline training set (with --on-policy only for --offline-mix)
-    if not cfg.on_policy or cfg.offline_mix > 0:
+    offline = None  # the offline training set (with on-policy sampling only for the offline mix)
+    if cfg.on_policy is None or cfg.on_policy.offline_mix > 0:
         offline = OfflineExamples(load_training_examples(cfg, tokenizer, objective, vocab_size=vocab, report=overlong))
-    if cfg.on_policy:
-        records = read_prompt_records(cfg.data)
-        num_examples = len(records)
-    else:
-        num_examples = offline.num_examples
+    records = read_prompt_records(cfg.data) if cfg.on_policy else None
+    num_examples = len(records) if records is not None else offline.num_examples
     heldout = None
     if cfg.eval_data:
         heldout = build_examples(tokenizer, read_prompt_records(cfg.eval_data), max_length=cfg.max_length,
-                                 use_chat_template=cfg.use_chat_template, overlong=cfg.overlong, vocab_size=vocab,
-                                 report=overlong)
+                                 use_chat_template=cfg.model.use_chat_template, overlong=cfg.overlong,
+                                 vocab_size=vocab, report=overlong)
     if ctx.is_main:
         note(overlong.message("train"))
-    state = None
-    if objective.spec.family == "dft":
-        state = dftkern.DFTState(num_examples, init=cfg.dft_u_init).to(device)
+    state = dftkern.DFTState(num_examples, init=cfg.objective.dft_u_init).to(device) if family == "dft" else None
 
+    # -- model wrapper, optimizer, schedule, example source ------------------------------------------
     wrapper = PolicyWithLoss(causal_lm, objective, autocast_dtype=autocast_dtype)
     if ctx.distributed:
         shard_model(wrapper, causal_lm)
         wrapper.to(device)
-    optimizer = torch.optim.AdamW(_param_groups(wrapper, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    order = ExampleOrder(num_examples, cfg.batch_size, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
-                         shuffle=cfg.shuffle)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.batches_per_epoch / cfg.grad_accum))
+    optimizer = torch.optim.AdamW(_param_groups(wrapper, optim.weight_decay), lr=optim.lr,
+                                  betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps)
+    order = ExampleOrder(num_examples, optim.batch_size, seed=optim.seed, rank=ctx.rank, world_size=ctx.world_size,
+                         shuffle=optim.shuffle)
+    total_steps = optim.max_steps or max(1, math.ceil(optim.epochs * order.batches_per_epoch / optim.grad_accum))
+    warmup = optim.warmup_steps if optim.warmup_steps is not None else round(optim.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup, optim.min_lr_ratio))
+    source: ExampleSource = offline
     if cfg.on_policy:
-        source = OnPolicyExamples(cfg.on_policy_config(), records, tokenizer, objective, order,
-                                  grad_accum=cfg.grad_accum, total_steps=total_steps, seed=cfg.seed,
-                                  max_length=cfg.max_length, use_chat_template=cfg.use_chat_template,
-                                  wrapper=wrapper, causal_lm=causal_lm, ctx=ctx, packed=packed, offline=offline)
-    else:
-        source = offline
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup, cfg.min_lr_ratio))
+        sampler = PolicySampler(wrapper, causal_lm, tokenizer, ctx, sampling=cfg.on_policy.sampling,
+                                batch_size=cfg.on_policy.generation_batch_size, packed=packed)
+        prompts = PromptSet.encode(tokenizer, records, use_chat_template=cfg.model.use_chat_template,
+                                   max_length=cfg.max_length)
+        source = OnPolicyExamples(cfg.on_policy, prompts, sampler, order, family=family,
+                                  needs_ref_logps=objective.spec.needs_ref_logps, grad_accum=optim.grad_accum,
+                                  total_steps=total_steps, seed=optim.seed, offline=offline)
 
+    # -- resume ------------------------------------------------------------------------------------
     step, micro_batch, nonfinite_run = 0, 0, 0
-    if resumed is not None:
-        if resumed.get("num_examples", num_examples) != num_examples:
-            raise ValueError(f"{resume_from} was written for {resumed['num_examples']} training examples, the data "
-                             f"now gives {num_examples}; resume with the same data, or train into a new --out")
-        load_optimizer_state(wrapper, optimizer, resumed["optimizer"], ctx)
-        scheduler.load_state_dict(resumed["scheduler"])
+    if resume:
+        saved = resume.state
+        if saved.get("num_examples", num_examples) != num_examples:
+            raise ValueError(f"{resume.checkpoint} was written for {saved['num_examples']} training examples, the "
+                             f"data now gives {num_examples}; resume with the same data, or train into a new --out")
+        load_optimizer_state(wrapper, optimizer, saved["optimizer"], ctx)
+        scheduler.load_state_dict(saved["scheduler"])
         if state is not None:
-            state.load_state_dict(resumed["dft_state"])
-        restore_rng_state(resumed["rng"][ctx.rank], source=resume_from)
-        source.load_state_dict(resumed["source"][ctx.rank])
-        step, micro_batch = resumed["step"], resumed["micro_batch"]
-        nonfinite_run = int(resumed.get("nonfinite_run", 0))
+            state.load_state_dict(saved["dft_state"])
+        restore_rng_state(saved["rng"][ctx.rank], source=resume.checkpoint)
+        source.load_state_dict(saved["source"][ctx.rank])
+        step, micro_batch = saved["step"], saved["micro_batch"]
+        nonfinite_run = int(saved.get("nonfinite_run", 0))
     if ctx.is_main:
         atomic_write_json(run_dir / "train_config.json",
-                          dict(asdict(cfg), world_size=ctx.world_size, packed=packed,
+                          dict(settings, world_size=ctx.world_size, packed=packed,
                                attn=causal_lm.config._attn_implementation, total_steps=total_steps,
                                num_examples=num_examples, dftkern_version=getattr(dftkern, "__version__", None)))
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=step if resumed else None)
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=step if resume else None)
 
     def save(at_step: int) -> Path:
         model_state = full_model_state_dict(wrapper, ctx)
@@ -593,36 +446,35 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         path = None
         if ctx.is_main:
             trainer_state = {"step": at_step, "micro_batch": micro_batch, "nonfinite_run": nonfinite_run,
-                             "optimizer": optim_state,
-                             "scheduler": scheduler.state_dict(), "rng": rng_states, "source": source_states,
-                             "world_size": ctx.world_size, "num_examples": num_examples,
-                             "dft_state": state.state_dict() if state is not None else None,
-                             "config": asdict(cfg)}
+                             "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng_states,
+                             "source": source_states, "world_size": ctx.world_size, "num_examples": num_examples,
+                             "dft_state": state.state_dict() if state is not None else None, "config": settings}
             path = write_checkpoint(run_dir, at_step, causal_lm=causal_lm, model_state=model_state,
                                     tokenizer=tokenizer, trainer_state=trainer_state, keep_last=cfg.keep_checkpoints)
         ctx.barrier()
         return path or latest_checkpoint(run_dir)
 
+    # -- the loop ----------------------------------------------------------------------------------
     collate_kwargs = dict(pad_token_id=tokenizer.pad_token_id, packed=packed, rows=objective.rows,
                           with_ref_logps=objective.spec.needs_ref_logps, with_rewards=objective.spec.needs_rewards)
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.loss}", unit="step",
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.objective.loss}", unit="step",
                disable=not (cfg.progress and ctx.is_main))
     last_metrics: dict = {}
-    final_checkpoint = resume_from
+    final_checkpoint = resume.checkpoint if resume else None
     while step < total_steps:
         started = time.perf_counter()
         sampling_stats = source.before_step(step, micro_batch)  # on-policy: fresh samples when a window starts
         losses, step_stats, tokens = [], {}, 0
-        for _ in range(cfg.grad_accum):
-            batch: Batch = collate(source.examples(order.batch(micro_batch)), **collate_kwargs).to(device)
+        for _ in range(optim.grad_accum):
+            batch = collate(source.examples(order.batch(micro_batch)), **collate_kwargs).to(device)
             micro_batch += 1
             loss, stats = wrapper(batch, state=state)
-            (loss / cfg.grad_accum).backward()
+            (loss / optim.grad_accum).backward()
             losses.append(loss.detach())
             for key, value in stats.items():
                 step_stats.setdefault(key, []).append(value.detach().float())
             tokens += batch.num_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(wrapper.parameters(), cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(wrapper.parameters(), optim.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         grad_norm = float(grad_norm)
@@ -651,7 +503,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         if not finite:
             record["skipped"] = True
         if heldout is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
-            record["eval_pos_logp"] = _heldout_pos_logp(wrapper, heldout, ctx, batch_size=cfg.batch_size,
+            record["eval_pos_logp"] = _heldout_pos_logp(wrapper, heldout, ctx, batch_size=optim.batch_size,
                                                         pad_token_id=tokenizer.pad_token_id, packed=packed)
         record = _with_finite_values(record)
         if step % cfg.log_every == 0 or step == total_steps or "eval_pos_logp" in record or not finite:
@@ -681,5 +533,6 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
     if ctx.is_main and cfg.plot and (run_dir / "metrics.jsonl").exists():
         from .plotting import plot_metrics
 
-        plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{run_dir.name} (loss {cfg.loss})")
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png",
+                     title=f"{run_dir.name} (loss {cfg.objective.loss})")
     return TrainResult(run_dir, Path(final_checkpoint), step, last_metrics)

@@ -10,6 +10,7 @@ from dftkern.train.default_run import DefaultRunConfig
 from dftkern.train.evaluate import EvalConfig
 from dftkern.train.generate import GenerateConfig, SamplingConfig
 from dftkern.train.objectives import ObjectiveConfig
+from dftkern.train.options import option_names
 from dftkern.train.ref_logps import RefLogpsConfig
 from dftkern.train.trainer import TrainConfig
 
@@ -63,7 +64,7 @@ def test_train_config_rejects_loose_values_and_states_the_range(key, value, mess
     ("sample_temperature", INF, "temperature must be > 0 (a finite number), got inf"),
     ("sample_top_p", 0.0, "top_p must be in (0, 1] (a number), got 0.0"),
     ("samples_per_prompt", 0, "samples_per_prompt must be >= 1 (an integer)"),
-    ("reward", 5, "'package.module:function' (or a callable), got 5"),
+    ("reward", 5, "reward must be a callable or a name (a built-in or 'package.module:function'), got 5"),
 ])
 def test_on_policy_settings_are_strict(key, value, message):
     with pytest.raises(ValueError) as err:
@@ -119,9 +120,10 @@ def test_command_line_defaults_are_the_config_defaults():
     for stage, argv in required.items():
         args = vars(parser.parse_args([stage, *argv]))
         args.pop("stage")
-        fields = configs[stage].__dataclass_fields__
-        built = configs[stage](**{k: v for k, v in args.items() if k in fields})
-        plain = configs[stage](**{k: args[k] for k in ("model", "data", "out", "negatives") if k in fields})
+        names = option_names(configs[stage])
+        assert names <= set(args), stage  # every option is on the command line
+        built = configs[stage](**{k: v for k, v in args.items() if k in names})
+        plain = configs[stage](**{k: args[k] for k in ("model", "data", "out", "negatives") if k in names})
         assert built == plain, stage
     help_text = parser.format_help()
     assert "--lr LR               peak learning rate (default: 1e-05)" in help_text
