@@ -64,15 +64,18 @@ from .batching import (
 from .distributed import DistContext
 from .generate import SamplingConfig, decode, eos_token_ids
 from .model import score_rows
+from .objectives import LOSS_SPECS
 from .options import Function, Integer, Number, option, validate
 from .records import PromptRecord
 from .rewards import RewardFn, resolve_reward
 from .util import derive_seed
 
-__all__ = ["ON_POLICY_LOSSES", "OnPolicyConfig", "ExampleSource", "Sampler", "Sample", "PolicySampler",
+__all__ = ["ON_POLICY_FAMILIES", "ON_POLICY_LOSSES", "OnPolicyConfig", "ExampleSource", "Sampler", "Sample", "PolicySampler",
            "PromptSet", "online_pair", "on_policy_example", "offline_layout", "OfflineExamples", "OnPolicyExamples"]
 
-ON_POLICY_LOSSES = ("reinforce", "rloo", "rwr", "dft", "dft2", "dpo", "ipo", "hinge", "simpo", "unlikelihood")
+ON_POLICY_FAMILIES = ("group", "dft", "pairwise")
+"""Loss families with an on-policy row rule (:func:`on_policy_example`)."""
+ON_POLICY_LOSSES = tuple(name for name, spec in LOSS_SPECS.items() if spec.family in ON_POLICY_FAMILIES)
 
 
 @dataclass(frozen=True)

@@ -196,6 +196,10 @@ class TrainConfig(FlatKeywords):
                              "counts and reports every cut row")
         if self.objective.loss not in ON_POLICY_LOSSES:
             raise ValueError(f"on_policy supports the losses {ON_POLICY_LOSSES}, not {self.objective.loss!r}")
+        spec = self.objective.spec
+        if spec.family == "group" and sampling.samples_per_prompt < spec.min_rows_per_group:
+            raise ValueError(f"loss {spec.name!r} needs at least {spec.min_rows_per_group} samples per prompt, "
+                             f"got samples_per_prompt={sampling.samples_per_prompt} (--samples-per-prompt)")
         resolve_reward(sampling.reward, what="reward (--reward)")  # unknown names fail here, not after loading
         if sampling.offline_mix > 0:
             if not self.negatives:

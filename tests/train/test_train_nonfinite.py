@@ -77,3 +77,29 @@ def test_the_command_line_reports_the_stop_in_one_line(workspace, tmp_path, monk
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "3 optimizer step(s) in a row (1-3)" in err and "--max-nonfinite-steps 3" in err
+
+
+def test_a_nan_example_in_dft_skips_the_step_and_leaves_the_state_finite(workspace, tmp_path, monkeypatch):
+    """A NaN hidden state in one negative: the loss skips that group's DFTState update (reported as
+    dft_skipped_groups), the trainer skips the optimizer step, and training goes on with finite u."""
+    from dftkern.train import model as model_module
+
+    calls = [0]
+    original = model_module.backbone_hidden
+
+    def nan_in_one_negative(causal_lm, batch):
+        hidden = original(causal_lm, batch)
+        calls[0] += 1
+        if calls[0] == 2 and causal_lm.training:
+            hidden = hidden.clone()
+            hidden[1] = float("nan")  # row 1 = the first negative of the first example
+        return hidden
+
+    monkeypatch.setattr(model_module, "backbone_hidden", nan_in_one_negative)
+    result = train(_cfg(workspace, tmp_path / "run", loss="dft", max_steps=4))
+    records = [_strict_json(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", False) for r in records] == [False, True, False, False]
+    assert records[1]["dft_skipped_groups"] > 0 and records[0]["dft_skipped_groups"] == 0
+    assert all(isinstance(r["loss"], float) for r in records[2:])
+    u = read_trainer_state(result.final_checkpoint)["dft_state"]["u"]
+    assert torch.isfinite(u).all()

@@ -45,12 +45,13 @@ BASE = dict(model="m", data="d", out="o")
     ("max_nonfinite_steps", 0, "max_nonfinite_steps must be >= 1 (an integer)"),
     ("dft_u_init", NAN, "dft_u_init must be a finite number, got nan"),
     ("average", "yes", "average must be True or False (a bool), got 'yes'"),
-    ("baseline", True, "baseline must be 'mean', 'none' or a number, got True"),
-    ("baseline", NAN, "baseline must be 'mean', 'none' or a number, got nan"),
-    ("beta", 0.0, "beta must be > 0 (a finite number), got 0.0"),
-    ("tau", -1.0, "tau must be > 0 (a finite number) (or None), got -1.0"),
+    ("baseline", True, "baseline must be 'mean', 'none' or a number in [-1e+09, 1e+09], got True"),
+    ("baseline", NAN, "baseline must be 'mean', 'none' or a number in [-1e+09, 1e+09], got nan"),
+    ("beta", 0.0, "beta must be in [1e-06, 1e+06] (a number), got 0.0"),
+    ("beta", 1e-30, "beta must be in [1e-06, 1e+06] (a number), got 1e-30"),
+    ("tau", -1.0, "tau must be in [1e-06, 1e+06] (a number) (or None), got -1.0"),
     ("gamma", 1.5, "gamma must be in (0, 1] (a number) (or None), got 1.5"),
-    ("unlikelihood_alpha", INF, "unlikelihood_alpha must be >= 0 (a finite number), got inf"),
+    ("unlikelihood_alpha", INF, "unlikelihood_alpha must be in [0, 1e+06] (a number), got inf"),
     ("data", "", "data must be a non-empty string, got ''"),
 ])
 def test_train_config_rejects_loose_values_and_states_the_range(key, value, message):
@@ -65,6 +66,7 @@ def test_train_config_rejects_loose_values_and_states_the_range(key, value, mess
     ("sample_top_p", 0.0, "top_p must be in (0, 1] (a number), got 0.0"),
     ("samples_per_prompt", 0, "samples_per_prompt must be >= 1 (an integer)"),
     ("reward", 5, "reward must be a callable or a name (a built-in or 'package.module:function'), got 5"),
+    ("samples_per_prompt", 1, "loss 'rloo' needs at least 2 samples per prompt, got samples_per_prompt=1"),
 ])
 def test_on_policy_settings_are_strict(key, value, message):
     with pytest.raises(ValueError) as err:
@@ -82,7 +84,7 @@ def test_on_policy_settings_are_strict(key, value, message):
     (lambda: EvalConfig(model="m", data="d", max_new_tokens=0), "max_new_tokens must be >= 1"),
     (lambda: EvalConfig(model="m", data="d", trust_remote_code="yes"), "trust_remote_code must be True or False"),
     (lambda: DefaultRunConfig(threads=-1), "threads must be >= 0 (an integer) (or None), got -1"),
-    (lambda: ObjectiveConfig(loss="dpo", simpo_gamma=INF), "simpo_gamma must be a finite number, got inf"),
+    (lambda: ObjectiveConfig(loss="dpo", simpo_gamma=INF), "simpo_gamma must be in [-1e+06, 1e+06] (a number)"),
 ])
 def test_every_stage_config_is_strict(make, message):
     with pytest.raises(ValueError) as err:
@@ -96,8 +98,8 @@ def test_every_stage_config_is_strict(make, message):
     (["--batch-size", "0"], "argument --batch-size: must be >= 1 (an integer), got '0'"),
     (["--batch-size", "2.5"], "argument --batch-size: must be >= 1 (an integer), got '2.5'"),
     (["--adam-beta2", "1"], "argument --adam-beta2: must be in [0, 1) (a number), got '1'"),
-    (["--tau", "nan"], "argument --tau: must be > 0 (a finite number), got 'nan'"),
-    (["--baseline", "avg"], "argument --baseline: must be 'mean', 'none' or a number, got 'avg'"),
+    (["--tau", "nan"], "argument --tau: must be in [1e-06, 1e+06] (a number), got 'nan'"),
+    (["--baseline", "avg"], "argument --baseline: must be 'mean', 'none' or a number in [-1e+09, 1e+09], got 'avg'"),
     (["--seed", "-1"], "argument --seed: must be >= 0 (an integer), got '-1'"),
     (["--device", "gpu"], "argument --device: must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
     (["--sample-top-p", "1.5"], "argument --sample-top-p: must be in (0, 1] (a number), got '1.5'"),
