@@ -225,9 +225,9 @@ def check_trainer_state(state: dict, checkpoint: Path) -> None:
     match = _STEP_RE.match(checkpoint.name)
     if match and state["step"] != int(match.group(1)):
         raise CheckpointError(f"{json_path}: holds step {state['step']!r} but the directory is {checkpoint.name}")
-    for key in ("micro_batch",):
-        if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
-            raise CheckpointError(f"{json_path}: '{key}' must be an integer >= 0, got {state[key]!r}")
+    micro_batch = state["micro_batch"]
+    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 0:
+        raise CheckpointError(f"{json_path}: 'micro_batch' must be an integer >= 0, got {micro_batch!r}")
     for key in ("optimizer", "scheduler", "config"):
         if not isinstance(state[key], dict):
             raise CheckpointError(f"{json_path}: '{key}' must be a mapping")

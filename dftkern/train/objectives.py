@@ -65,7 +65,7 @@ def _hyperparameter(name: str, *, optional: bool = False) -> Spec:
     if not hp.choices:
         return number
     return AnyOf((Choice(hp.choices), number), optional=optional,
-                 text=f"{', '.join(map(repr, hp.choices))} or a number {number.describe().split(' (')[0]}")
+                 text=f"{', '.join(map(repr, hp.choices))} or a number in {number.interval()}")
 
 
 def _default(name: str):

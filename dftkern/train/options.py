@@ -77,9 +77,13 @@ class Spec:
         return normalized
 
 
+def _interval(low, high, low_open: bool, high_open: bool) -> str:
+    return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
 def _bounds(low, high, low_open: bool, high_open: bool, kind: str) -> str:
     if low is not None and high is not None:
-        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'} ({kind})"
+        return f"in {_interval(low, high, low_open, high_open)} ({kind})"
     if low is not None:
         return f"{'>' if low_open else '>='} {low:g} ({kind})"
     if high is not None:
@@ -128,6 +132,10 @@ class Number(Spec):
         return self.text or _bounds(self.low, self.high, self.low_open, self.high_open,
                                     "a number" if self.low is not None and self.high is not None
                                     else "a finite number")
+
+    def interval(self) -> str:
+        """``"[low, high)"`` (both bounds must be set)."""
+        return _interval(self.low, self.high, self.low_open, self.high_open)
 
     def accept(self, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -273,10 +281,7 @@ def option(default: Any = MISSING, spec: Spec | None = None, help: str = "", **m
     """A dataclass field declared with its :class:`Spec` and help (``meta``: the other :class:`Option` fields)."""
     if spec is None:
         raise TypeError("option() needs a spec")
-    metadata = {"option": Option(spec=spec, help=help, **meta)}
-    if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+    return dataclasses.field(default=default, metadata={"option": Option(spec=spec, help=help, **meta)})
 
 
 @dataclass(frozen=True)
@@ -305,13 +310,6 @@ def nested(cls: type, *, optional: bool = False, help: str = "", group: str | No
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(metadata=metadata)
-
-
-def _nested_fields(cls_or_obj) -> Iterator[tuple[dataclasses.Field, Nested]]:
-    for f in dataclasses.fields(cls_or_obj):
-        meta = f.metadata.get("nested")
-        if meta is not None:
-            yield f, meta
 
 
 def _flat_to_field(cls: type) -> dict[str, str]:
@@ -363,7 +361,7 @@ def _compose(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
         elif nest.optional:
             if given not in (MISSING, None, True, False):
                 raise ValueError(f"{f.name} must be True, False, None or an {nest.cls.__name__}, got {given!r}")
-            values[f.name] = _build(nest.cls, flat) if given is True else _unused(cls, f.name, nest, flat)
+            values[f.name] = _build(nest.cls, flat) if given is True else _unused(f.name, nest, flat)
         else:
             if given is not MISSING:
                 flat[f.name] = given
@@ -380,7 +378,7 @@ def _build(cls: type, flat: dict[str, Any]) -> Any:
     return cls(**{to_field.get(k, k): v for k, v in flat.items()})
 
 
-def _unused(owner: type, name: str, nest: Nested, flat: dict[str, Any]) -> None:
+def _unused(name: str, nest: Nested, flat: dict[str, Any]) -> None:
     """A disabled optional sub-config: its flat options must be unset (None) or at their defaults."""
     defaults = {meta.name or f.name: _default(f) for f, meta in options_of(nest.cls)}
     changed = {k: v for k, v in flat.items() if v is not None and v != defaults.get(k)}

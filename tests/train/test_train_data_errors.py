@@ -7,7 +7,7 @@ import json
 import warnings
 
 import pytest
-from train_helpers import write_jsonl
+from train_helpers import small_run, write_jsonl
 
 from dftkern.train.cli import main
 from dftkern.train.data import (
@@ -20,14 +20,11 @@ from dftkern.train.data import (
     read_sample_records,
 )
 from dftkern.train.ref_logps import RefLogpsConfig, compute_ref_logps
-from dftkern.train.trainer import TrainConfig, train
+from dftkern.train.trainer import train
 
 
-def _cfg(workspace, out, **overrides) -> TrainConfig:
-    base = dict(model=str(workspace.model), data=str(workspace.data), negatives=str(workspace.negatives),
-                out=str(out), loss="dpo", batch_size=4, max_steps=1, lr=1e-3, device="cpu", progress=False,
-                plot=False)
-    return TrainConfig(**{**base, **overrides})
+def _cfg(workspace, out, **overrides):
+    return small_run(workspace, out, **{**dict(loss="dpo", max_steps=1), **overrides})
 
 
 # --------------------------------------------------------------------------------------------- bytes

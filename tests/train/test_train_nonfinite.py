@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import small_run
 
 from dftkern.train import objectives
 from dftkern.train.checkpoint import checkpoint_dir, read_trainer_state
 from dftkern.train.cli import main
-from dftkern.train.trainer import NonFiniteLossError, TrainConfig, train
+from dftkern.train.trainer import NonFiniteLossError, train
 
 
 def _poison(monkeypatch, steps: set[int]) -> None:
@@ -27,11 +28,8 @@ def _poison(monkeypatch, steps: set[int]) -> None:
     monkeypatch.setattr(objectives.Objective, "__call__", poisoned)
 
 
-def _cfg(workspace, out, **overrides) -> TrainConfig:
-    base = dict(model=str(workspace.model), data=str(workspace.data), negatives=str(workspace.negatives),
-                out=str(out), loss="dpo", batch_size=4, max_steps=6, lr=3e-3, save_every=1, keep_checkpoints=None,
-                device="cpu", progress=False, plot=False)
-    return TrainConfig(**{**base, **overrides})
+def _cfg(workspace, out, **overrides):
+    return small_run(workspace, out, **{**dict(loss="dpo", max_steps=6, lr=3e-3, save_every=1, keep_checkpoints=None), **overrides})
 
 
 def _strict_json(line: str) -> dict:

@@ -9,20 +9,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_train_checkpoint import _TouchOnUnpickle
+from train_helpers import small_run
 
 from dftkern.train.checkpoint import CheckpointError, CheckpointWarning, list_checkpoints
 from dftkern.train.cli import main
 from dftkern.train.data import DataError
 from dftkern.train.ref_logps import RefLogpsConfig, compute_ref_logps
 from dftkern.train.serialization import load_state, save_state
-from dftkern.train.trainer import TrainConfig, train
+from dftkern.train.trainer import train
 
 
-def _cfg(workspace, out, **overrides) -> TrainConfig:
-    base = dict(model=str(workspace.model), data=str(workspace.data), negatives=str(workspace.negatives),
-                out=str(out), loss="dft", batch_size=4, max_steps=6, save_every=2, keep_checkpoints=3, lr=3e-3,
-                device="cpu", progress=False, plot=False)
-    return TrainConfig(**{**base, **overrides})
+def _cfg(workspace, out, **overrides):
+    return small_run(workspace, out, **{**dict(max_steps=6, save_every=2, keep_checkpoints=3, lr=3e-3), **overrides})
 
 
 def _truncate(path, keep=0.5):
