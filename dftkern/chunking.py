@@ -23,7 +23,7 @@ K/M/G allowed), else 1 GiB on CUDA (4 GiB for the losses with gradients in the f
 whole DFT group fits and takes the 6NHV schedule) and 256 MiB elsewhere. A token row costs
 ``4·V`` bytes (fp32 logits; ``8·V`` for fp64 inputs): both engines write the fp16/bf16 gradient
 over the logits it is computed from. On top of the budget: the torch engine's row-block scratch
-(at most ``3 · TORCH_EPILOGUE_SCRATCH_BYTES``), the gathered hidden rows of a chunk when some
+(at most three blocks of ``TORCH_EPILOGUE_SCRATCH_BYTES``), the gathered hidden rows of a chunk when some
 tokens are ignored (``n·H`` elements of the input dtype), and the gradient accumulators (see
 ``docs/benchmarks.md``, "Workspace").
 """
