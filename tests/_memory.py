@@ -30,7 +30,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["LiveTensorBytes", "workspace_bound"]
+__all__ = ["LiveTensorBytes"]
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -80,52 +80,3 @@ class LiveTensorBytes(TorchDispatchMode):
             self.peak_op = str(func)
         return out
 
-
-def workspace_bound(path: str, *, n_tokens: int, n_valid: int, chunk_valid: int, hidden_size: int, vocab_size: int,
-                    dtype: torch.dtype, engine: str, accum_dtype: str = "fp32", chunks: int = 1,
-                    budget: int | None = None, grads: bool = True) -> int:
-    """The documented workspace formula (docs/benchmarks.md, "Workspace") of one call, in bytes, on CPU.
-
-    Args:
-        path: "forward" (token op, no grad), "recompute" (token op forward + backward, or the
-            grouped recompute schedule) or "fused" (gradients in the forward: CE, token loss,
-            grouped fused schedule).
-        n_tokens/n_valid: N and n; chunk_valid: c, valid tokens in the largest chunk.
-        chunks: forward chunks (a fused path accumulates dW across them).
-        budget: the chunk budget in bytes (bounds the backward tile).
-        grads: whether dH/dW outputs are produced (counted in the workspace).
-    """
-    from dftkern.engines import torch_epilogue_block_bytes
-
-    e = torch.finfo(dtype).bits // 8
-    a = 8 if dtype == torch.float64 else 4
-    half_on_cpu = dtype in (torch.float16, torch.bfloat16)  # CPU multiplies half operands upcast
-    N, n, c, H, V = n_tokens, n_valid, chunk_valid, hidden_size, vocab_size
-    compacted = n < N
-    scratch_block = torch_epilogue_block_bytes(torch.device("cpu"))
-    # the torch engine's row blocks: two temporaries in the forward epilogue, three in the gradient one
-    temporaries = 2 if path == "forward" else 3
-    scratch = (lambda tile: 0) if engine == "triton" else (lambda tile: temporaries * min(tile, scratch_block))
-    small = 64 * 1024 + 64 * N  # per-token vectors (labels, positions, logp, lse, entropy, grads), constants
-    upcast_weight = V * H * a if half_on_cpu else 0
-    rows = lambda r: (r * H * e if compacted else 0) + (r * H * a if half_on_cpu else 0)  # noqa: E731
-    logits = c * V * a
-    if path == "forward":
-        return logits + scratch(logits) + rows(c) + upcast_weight + small
-    outputs = (N * H * e + V * H * e) if grads else 0
-    if path == "recompute":
-        tile = max(budget, min(V, 4096) * a) if budget is not None else n * V * a
-        tile = min(tile, n * V * a)
-        hidden_acc = n * H * (a + e) if tile < n * V * a else 0
-        weight_acc = min(V, 4096) * H * a if tile < n * min(V, 4096) * a else 0  # per column tile, rows split
-        return (outputs + max(logits + scratch(logits), tile + scratch(tile)) + rows(n) + hidden_acc
-                + upcast_weight + weight_acc + small)
-    if path == "fused":
-        if chunks > 1 and accum_dtype == "fp32" and e != a:
-            accumulator = V * H * a  # the fp32 dW accumulator beside the returned dW
-        elif half_on_cpu:
-            accumulator = max(V * H * a if chunks == 1 else 0, logits)  # CPU: fp32 product before the cast
-        else:
-            accumulator = 0
-        return outputs + logits + scratch(logits) + rows(c) + accumulator + upcast_weight + small
-    raise ValueError(f"unknown path {path!r}")

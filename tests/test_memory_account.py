@@ -1,8 +1,8 @@
 """Deterministic memory account on CPU: each path's peak workspace stays within its documented formula.
 
 :class:`_memory.LiveTensorBytes` counts the bytes of every live tensor storage allocated during
-the call (forward and backward); :func:`_memory.workspace_bound` is the formula of
-docs/benchmarks.md ("Workspace"). Paths: the token op (forward only; forward + backward), CE,
+the call (forward and backward); :func:`dftkern.chunking.workspace_bound` is the
+formula of docs/benchmarks.md ("Workspace"). Paths: the token op (forward only; forward + backward), CE,
 ``fused_token_loss``, the grouped loss under both schedules; with and without ignored tokens
 (compaction), fp32 and bf16, both ``accum_dtype`` values, one chunk and several, both engines
 (the Triton engine under the interpreter: its kernels allocate nothing, so its account is the
@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _memory import LiveTensorBytes, workspace_bound
+from _memory import LiveTensorBytes
 
 import dftkern
+from dftkern.chunking import workspace_bound
 
 N, H, V, T = 256, 32, 1024, 32  # T: row length of the grouped layout (pairs of rows)
 
@@ -77,7 +78,8 @@ def _check(op, dtype, ignore, chunk_rows, accum, backend):
     with LiveTensorBytes() as account:
         _call(op, hidden, weight, labels, **kwargs)
     bound = workspace_bound(PATH[op], n_tokens=N, n_valid=n, chunk_valid=c, hidden_size=H, vocab_size=V,
-                            dtype=dtype, engine=backend, accum_dtype=accum, chunks=chunks, budget=budget,
+                            dtype=dtype, engine=backend, device="cpu", accum_dtype=accum, chunks=chunks,
+                            budget=budget,
                             grads=op != "forward")
     assert account.peak <= bound, (f"{op}, {dtype}, accum {accum}: peak {account.peak} B > formula {bound} B "
                                    f"(peak at {account.peak_op}; n={n}, c={c}, chunks={chunks})")
