@@ -228,9 +228,6 @@ def grouped_sequence_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         per-group stats of ``group_loss``.
     """
     group_loss = _resolve_group_loss(group_loss, head)
-    if token_term is None:
-        # legacy: a head carrying a ``token_term`` attribute (until the losses pass token_term=)
-        token_term = getattr(group_loss, "token_term", None)
     if token_term is not None and not callable(token_term):
         raise TypeError(f"token_term must be callable or None, got {type(token_term).__name__}")
     if isinstance(rows_per_group, bool) or not isinstance(rows_per_group, int) or rows_per_group < 1:
