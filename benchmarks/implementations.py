@@ -411,13 +411,18 @@ def _build_dftkern_ce(backend: str, accum_dtype: str = "fp32",
     return build
 
 
-def _build_naive_token(p: TokenProblem) -> Built:
-    return (lambda: _naive_token_loss(p.hidden, p.weight, p.labels)), (p.hidden, p.weight)
+def _naive_builders(fn: Callable, key: str) -> tuple[Callable[[TokenProblem], Built], Callable[[TokenProblem], Built]]:
+    """Builders of ``fn(hidden, weight, labels)`` as is, and of its ``torch.compile``."""
+    def plain(p: TokenProblem) -> Built:
+        return (lambda: fn(p.hidden, p.weight, p.labels)), (p.hidden, p.weight)
+
+    def compiled(p: TokenProblem) -> Built:
+        compiled_fn = _compiled(key, fn)
+        return (lambda: compiled_fn(p.hidden, p.weight, p.labels)), (p.hidden, p.weight)
+    return plain, compiled
 
 
-def _build_compiled_token(p: TokenProblem) -> Built:
-    fn = _compiled("naive_token_loss", _naive_token_loss)
-    return (lambda: fn(p.hidden, p.weight, p.labels)), (p.hidden, p.weight)
+_build_naive_token, _build_compiled_token = _naive_builders(_naive_token_loss, "naive_token_loss")
 
 
 def _torch_lce_check(device: torch.device) -> str | None:
@@ -563,13 +568,7 @@ def _build_dftkern_entropy_forward(backend: str) -> Callable[[TokenProblem], Bui
     return build
 
 
-def _build_naive_entropy(p: TokenProblem) -> Built:
-    return (lambda: naive_entropy_loss(p.hidden, p.weight, p.labels)), (p.hidden, p.weight)
-
-
-def _build_compiled_entropy(p: TokenProblem) -> Built:
-    fn = _compiled("naive_entropy_loss", naive_entropy_loss)
-    return (lambda: fn(p.hidden, p.weight, p.labels)), (p.hidden, p.weight)
+_build_naive_entropy, _build_compiled_entropy = _naive_builders(naive_entropy_loss, "naive_entropy_loss")
 
 
 def _build_naive_entropy_forward(p: TokenProblem) -> Built:
