@@ -28,11 +28,13 @@ from __future__ import annotations
 import json
 import math
 import resource
+import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm.auto import tqdm
@@ -84,8 +86,16 @@ from .onpolicy import (
     OnPolicyExamples,
     PolicySampler,
     PromptSet,
+    offline_layout,
 )
 from .options import Choice, FlatKeywords, Flag, Integer, Number, Text, flat_values, nested, option, validate
+from .prefix_sharing import (
+    SHARED_PROMPT_ATTENTION,
+    SharedPromptUnsupported,
+    check_attention_support,
+    collate_shared,
+    prepare_shared_prompt_model,
+)
 from .records import read_prompt_records, read_sample_records
 from .ref_logps import attach_ref_logps, cache_path
 from .resume import load_resume_point
@@ -165,6 +175,11 @@ class TrainConfig(FlatKeywords):
     packing: str = option("auto", Choice(PACKING_CHOICES), "packed variable-length batches (position_ids/"
                           "cu_seqlens); auto = on with flash_attention_2, padding otherwise", group="system")
     gradient_checkpointing: bool = option(False, Flag(), "recompute decoder layers in backward", group="system")
+    share_prompt: bool | None = option(
+        None, Flag(optional=True), "run the backbone over each group's prompt once (docs/prefix_sharing.md); needs "
+        "sdpa, eager or flex_attention (--share-prompt with --attn auto loads sdpa). Neither flag: on when a prompt "
+        "has several rows and the model passes the exactness probe, off otherwise (printed); --no-share-prompt: "
+        "off", group="system")
     log_every: int = option(1, Integer(low=1), "metrics.jsonl every N steps", group="system")
     save_every: int | None = option(None, Integer(low=1, optional=True), "checkpoint every N steps (and at the end)",
                                     group="system")
@@ -317,6 +332,47 @@ def load_training_examples(cfg: TrainConfig, tokenizer, objective: Objective, *,
     return examples
 
 
+def _rows_per_example(cfg: TrainConfig, objective: Objective, offline: OfflineExamples | None) -> int:
+    """Rows of every training example: what the prompt-shared layout would share one prompt between."""
+    if cfg.on_policy is not None:
+        return len(offline_layout(objective.spec.family, cfg.on_policy.samples_per_prompt))
+    if objective.rows is not None:
+        return len(objective.rows)
+    return len(offline.examples([0])[0].rows)
+
+
+def _share_prompt(cfg: TrainConfig, causal_lm, rows_per_example: int) -> tuple[bool, str]:
+    """Whether the training batches use the prompt-shared layout, and why (``share_prompt`` None = automatic).
+
+    Automatic: on when an example has several rows, the attention kernel takes a custom mask (no
+    sliding window that a row of ``max_length`` could exceed, no FlexAttention backward on CPU) and
+    :func:`~.prefix_sharing.prepare_shared_prompt_model`'s probe proves the model exact; otherwise
+    off, with the reason. ``share_prompt=True`` shares even one-row examples, leaves the sliding
+    window to the per-batch check of the forward, and raises
+    :class:`~.prefix_sharing.SharedPromptUnsupported` (a ValueError naming the cause) instead of
+    turning itself off.
+    """
+    if cfg.share_prompt is False:
+        return False, "off (--no-share-prompt)"
+    if cfg.share_prompt is None:
+        if rows_per_example < 2:
+            return False, "off (one row per prompt: nothing to share)"
+        impl = causal_lm.config._attn_implementation
+        if impl not in SHARED_PROMPT_ATTENTION:
+            return False, f"off: attention {impl!r} takes no custom mask (needs one of {SHARED_PROMPT_ATTENTION})"
+    # static checks first (no probe forward for a kernel that cannot train the layout, e.g. FlexAttention on CPU);
+    # automatic: rows up to max_length must fit a sliding window; explicit: checked per batch in the forward
+    longest = SimpleNamespace(max_row_length=cfg.max_length or sys.maxsize) if cfg.share_prompt is None else None
+    try:
+        check_attention_support(causal_lm, longest)
+        kernel = prepare_shared_prompt_model(causal_lm)
+    except SharedPromptUnsupported as err:
+        if cfg.share_prompt:
+            raise SharedPromptUnsupported(f"share_prompt=True (--share-prompt): {err}") from err
+        return False, f"off: {err}"
+    return True, f"on ({kernel})"
+
+
 @torch.no_grad()
 def _heldout_pos_logp(wrapper, examples, ctx: DistContext, *, batch_size: int, pad_token_id: int,
                       packed: bool) -> float:
@@ -359,7 +415,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
     def load(path: str, strict: bool = True):
         # under FSDP2 every rank loads on CPU, shards, then moves only its shard to the device
         m = cfg.model
-        causal_lm = load_causal_lm(path, attn=m.attn, device="cpu" if ctx.distributed else device,
+        attn = "sdpa" if cfg.share_prompt and m.attn == "auto" else m.attn  # the shared layout needs a custom mask
+        causal_lm = load_causal_lm(path, attn=attn, device="cpu" if ctx.distributed else device,
                                    attn_device=device, dtype=torch.float32, trust_remote_code=m.trust_remote_code,
                                    strict=strict)
         return load_tokenizer(path, trust_remote_code=m.trust_remote_code), causal_lm
@@ -397,6 +454,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
     if ctx.is_main:
         note(overlong.message("train"))
     state = dftkern.DFTState(num_examples, init=cfg.objective.dft_u_init).to(device) if family == "dft" else None
+
+    # -- prompt sharing (before FSDP sharding: the probe runs on the whole model) ------------------
+    share, share_reason = _share_prompt(cfg, causal_lm, _rows_per_example(cfg, objective, offline))
+    share = ctx.all_true(share)
+    if ctx.is_main and share_reason.startswith("off:"):  # automatic, and the model or kernel cannot share
+        note(f"--share-prompt {share_reason}")
 
     # -- model wrapper, optimizer, schedule, example source ------------------------------------------
     wrapper = PolicyWithLoss(causal_lm, objective, autocast_dtype=autocast_dtype)
@@ -438,6 +501,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
     if ctx.is_main:
         atomic_write_json(run_dir / "train_config.json",
                           dict(settings, world_size=ctx.world_size, packed=packed,
+                               share_prompt_active=share, share_prompt_reason=share_reason,
                                attn=causal_lm.config._attn_implementation, total_steps=total_steps,
                                num_examples=num_examples, dftkern_version=getattr(dftkern, "__version__", None)))
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=step if resume else None)
@@ -459,8 +523,15 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         return path or latest_checkpoint(run_dir)
 
     # -- the loop ----------------------------------------------------------------------------------
-    collate_kwargs = dict(pad_token_id=tokenizer.pad_token_id, packed=packed, rows=objective.rows,
+    collate_kwargs = dict(pad_token_id=tokenizer.pad_token_id, rows=objective.rows,
                           with_ref_logps=objective.spec.needs_ref_logps, with_rewards=objective.spec.needs_rewards)
+
+    def make_batch(examples: list[TrainExample]):
+        """A micro-batch on the device: prompt-shared (one sequence per group), or padded/packed rows."""
+        if share:
+            attn = causal_lm.config._attn_implementation
+            return collate_shared(examples, pack_groups=attn == "flex_attention", **collate_kwargs).to(device)
+        return collate(examples, packed=packed, **collate_kwargs).to(device)
     bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.objective.loss}", unit="step",
                disable=not (cfg.progress and ctx.is_main))
     last_metrics: dict = {}
@@ -470,7 +541,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         sampling_stats = source.before_step(step, micro_batch)  # on-policy: fresh samples when a window starts
         losses, step_stats, tokens = [], {}, 0
         for _ in range(optim.grad_accum):
-            batch = collate(source.examples(order.batch(micro_batch)), **collate_kwargs).to(device)
+            batch = make_batch(source.examples(order.batch(micro_batch)))
             micro_batch += 1
             loss, stats = wrapper(batch, state=state)
             (loss / optim.grad_accum).backward()
