@@ -40,6 +40,7 @@ __all__ = [
     "examples_fingerprint",
     "shifted_labels",
     "collate",
+    "valid_label_positions",
     "ExampleOrder",
 ]
 
@@ -284,6 +285,10 @@ class Batch:
     Packed layout (``packed=True``): ``input_ids``/``position_ids`` are ``[1, N]``, ``labels`` is
     ``[N]`` and ``cu_seqlens`` ``[R+1]`` int32 holds the row boundaries (FlashAttention varlen style).
     ``ref_logps`` is float32 ``[R]`` (per row), ``rewards`` float32 ``[G, n]``, ``example_ids`` int64 ``[G]``.
+
+    Host metadata: ``valid_positions`` (int64 ``[n]``, the flat positions of ``labels.reshape(-1)``
+    that are not ``-100``, increasing) and ``cu_seqlens`` stay on the CPU in :meth:`to`: the fused
+    losses read them on the host, so a batch moved to CUDA costs the loss no device-to-host sync.
     """
 
     input_ids: torch.Tensor
@@ -297,17 +302,29 @@ class Batch:
     ref_logps: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
     num_tokens: int = 0
+    valid_positions: torch.Tensor | None = None
 
     @property
     def num_examples(self) -> int:
         return int(self.example_ids.shape[0])
 
     def to(self, device) -> Batch:
+        """The batch on ``device``; ``cu_seqlens`` and ``valid_positions`` stay on the CPU (computed
+        here from CPU labels when missing, e.g. for a batch built without :func:`collate`)."""
         def move(t):
             return t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+        valid = self.valid_positions
+        if valid is None and self.labels.device.type == "cpu":
+            valid = valid_label_positions(self.labels)
         return Batch(move(self.input_ids), move(self.labels), move(self.example_ids), self.rows_per_example,
-                     self.packed, move(self.attention_mask), move(self.position_ids), move(self.cu_seqlens),
-                     move(self.ref_logps), move(self.rewards), self.num_tokens)
+                     self.packed, move(self.attention_mask), move(self.position_ids), self.cu_seqlens,
+                     move(self.ref_logps), move(self.rewards), self.num_tokens, valid)
+
+
+def valid_label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """int64 ``[n]``: the flat positions of ``labels.reshape(-1)`` that are not ``IGNORE_INDEX``, increasing
+    (on ``labels``' device; the collator calls it on CPU labels)."""
+    return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 
 
 def collate(examples: Sequence[TrainExample], *, pad_token_id: int, packed: bool = False,
@@ -344,8 +361,9 @@ def collate(examples: Sequence[TrainExample], *, pad_token_id: int, packed: bool
         lengths = [len(row.input_ids) for row in seqs]
         cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
-        return Batch(input_ids=torch.tensor([t for row in seqs for t in row.input_ids])[None],
-                     labels=torch.tensor([t for labels in label_lists for t in labels]),
+        labels = torch.tensor([t for labels in label_lists for t in labels])
+        return Batch(input_ids=torch.tensor([t for row in seqs for t in row.input_ids])[None], labels=labels,
+                     valid_positions=valid_label_positions(labels),
                      position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
                      cu_seqlens=cu, packed=True, **common)
     width = max(len(row.input_ids) for row in seqs)
@@ -357,7 +375,8 @@ def collate(examples: Sequence[TrainExample], *, pad_token_id: int, packed: bool
         input_ids[i, :n] = torch.tensor(row.input_ids)
         labels[i, :n] = torch.tensor(row_labels)
         attention_mask[i, :n] = 1
-    return Batch(input_ids=input_ids, labels=labels, attention_mask=attention_mask, packed=False, **common)
+    return Batch(input_ids=input_ids, labels=labels, attention_mask=attention_mask, packed=False,
+                 valid_positions=valid_label_positions(labels), **common)
 
 
 class ExampleOrder:

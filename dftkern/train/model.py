@@ -258,4 +258,4 @@ def score_rows(hidden, weight, bias, batch: Batch, *, softcap=None) -> torch.Ten
     import dftkern
 
     return dftkern.sequence_logprobs(hidden, weight, batch.labels, cu_seqlens=batch.cu_seqlens, bias=bias,
-                                     softcap=softcap)
+                                     softcap=softcap, valid_positions=batch.valid_positions)

@@ -31,6 +31,9 @@ from .options import AnyOf, Choice, Flag, Number, Spec, option, validate
 
 __all__ = ["TRAINER_FAMILIES", "LOSS_NAMES", "LossSpec", "LOSS_SPECS", "ObjectiveConfig", "Objective"]
 
+ACCUM_DTYPES = ("fp32", "weight")
+"""``--accum-dtype``: dftkern's ``accum_dtype`` for the LM-head ``dW`` (see :func:`dftkern.fused_token_loss`)."""
+
 TRAINER_FAMILIES = ("sft", "pairwise", "group", "dft")
 """Loss families this trainer feeds (the token-level ``policy`` family needs per-token old log-probs)."""
 
@@ -102,6 +105,9 @@ class ObjectiveConfig:
                                    "reinforce baseline: mean | none | a number", group="loss")
     average: bool = option(False, Flag(), "preference losses: mean token log-prob instead of sum", group="loss")
     dft_u_init: float = option(0.0, Number(), "initial DFTState u", group="loss")
+    accum_dtype: str = option("fp32", Choice(ACCUM_DTYPES), "LM-head weight gradient accumulated across the loss's "
+                              "token chunks in fp32 (exact) or in the weight's dtype (less memory with bf16 weights: "
+                              "what Liger/CCE do)", group="system")
 
     def __post_init__(self):
         validate(self)
@@ -117,27 +123,44 @@ class ObjectiveConfig:
         return tau, gamma
 
 
-def _select_rows(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None,
-                 rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Rows ``rows`` (int64 ``[R']``, repeats allowed) of a padded or packed batch, as a new batch."""
+def _select_rows(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None, rows: torch.Tensor,
+                 valid_positions: torch.Tensor | None = None):
+    """Rows ``rows`` (int64 ``[R']`` on the CPU, repeats allowed) of a padded or packed batch, as a new batch.
+
+    Returns ``(hidden, labels, cu_seqlens, valid_positions)`` of the selection. The index arithmetic
+    runs on the CPU (``cu_seqlens`` and ``valid_positions`` are host metadata, see
+    :class:`~.batching.Batch`); only the gather indices go to the device. ``valid_positions`` of the
+    selection is None when none were given.
+    """
+    rows = rows.cpu()
     if cu_seqlens is None:
-        return hidden.index_select(0, rows), labels.index_select(0, rows), None
-    cu = cu_seqlens.to(torch.int64)
-    starts, lengths = cu[rows], cu[rows + 1] - cu[rows]
-    # token index: for each selected row, starts[i] .. starts[i] + lengths[i] - 1
-    offsets = torch.repeat_interleave(starts - torch.cumsum(lengths, 0) + lengths, lengths)
-    token_index = offsets + torch.arange(int(lengths.sum()), device=cu.device)
-    new_cu = torch.zeros(rows.numel() + 1, dtype=cu_seqlens.dtype, device=cu.device)
-    new_cu[1:] = torch.cumsum(lengths, 0)
-    return hidden.index_select(0, token_index), labels.index_select(0, token_index), new_cu
+        width = labels.shape[1]
+        source = (rows[:, None] * width + torch.arange(width)).reshape(-1)  # new flat position -> old one
+        index = rows.to(hidden.device, non_blocking=True)
+        new_hidden, new_labels, new_cu = hidden.index_select(0, index), labels.index_select(0, index), None
+    else:
+        cu = cu_seqlens.cpu().to(torch.int64)
+        starts, lengths = cu[rows], cu[rows + 1] - cu[rows]
+        # token index: for each selected row, starts[i] .. starts[i] + lengths[i] - 1
+        offsets = torch.repeat_interleave(starts - torch.cumsum(lengths, 0) + lengths, lengths)
+        source = offsets + torch.arange(int(lengths.sum()))
+        new_cu = torch.zeros(rows.numel() + 1, dtype=cu_seqlens.dtype)
+        new_cu[1:] = torch.cumsum(lengths, 0)
+        index = source.to(hidden.device, non_blocking=True)
+        new_hidden, new_labels = hidden.index_select(0, index), labels.index_select(0, index)
+    new_valid = None
+    if valid_positions is not None:
+        valid = torch.zeros(labels.numel(), dtype=torch.bool)
+        valid[valid_positions.cpu()] = True
+        new_valid = valid[source].nonzero().squeeze(1)
+    return new_hidden, new_labels, new_cu, new_valid
 
 
-def _pair_rows(num_examples: int, rows_per_example: int, device) -> torch.Tensor:
-    """Row order ``[p, n1, p, n2, ..., p, nK]`` for every example (int64 ``[G * 2K]``)."""
+def _pair_rows(num_examples: int, rows_per_example: int) -> torch.Tensor:
+    """Row order ``[p, n1, p, n2, ..., p, nK]`` for every example (int64 ``[G * 2K]``, CPU)."""
     k = rows_per_example - 1
-    base = torch.arange(num_examples, device=device)[:, None] * rows_per_example
-    pairs = torch.stack([torch.zeros(k, dtype=torch.int64, device=device),
-                         torch.arange(1, k + 1, device=device)], dim=1).reshape(-1)
+    base = torch.arange(num_examples)[:, None] * rows_per_example
+    pairs = torch.stack([torch.zeros(k, dtype=torch.int64), torch.arange(1, k + 1)], dim=1).reshape(-1)
     return (base + pairs[None]).reshape(-1)
 
 
@@ -163,7 +186,8 @@ class Objective:
 
     def __call__(self, hidden, weight, bias, batch: Batch, *, softcap=None, state=None):
         cfg, family = self.config, self.spec.family
-        common = dict(bias=bias, softcap=softcap, return_stats=True)
+        common = dict(bias=bias, softcap=softcap, return_stats=True, valid_positions=batch.valid_positions,
+                      accum_dtype=cfg.accum_dtype)
         n, g = batch.rows_per_example, batch.num_examples
         if family == "dft":
             ref = None
@@ -183,14 +207,15 @@ class Objective:
                                                         cu_seqlens=batch.cu_seqlens, average=cfg.average, **common)
             return loss, {"pos_logp": stats["seq_logps"].mean()}
         if family == "pairwise":
-            rows = _pair_rows(g, n, hidden.device)
-            pair_hidden, pair_labels, pair_cu = _select_rows(hidden, batch.labels, batch.cu_seqlens, rows)
+            rows = _pair_rows(g, n)
+            pair_hidden, pair_labels, pair_cu, pair_valid = _select_rows(hidden, batch.labels, batch.cu_seqlens, rows,
+                                                                         batch.valid_positions)
             ref = batch.ref_logps.index_select(0, rows.to(batch.ref_logps.device)) if self.spec.needs_ref_logps \
                 else None
             loss, stats = dftkern.fused_preference_loss(
                 pair_hidden, weight, pair_labels, loss=cfg.loss, beta=cfg.beta, ref_logps=ref,
                 average=cfg.average, simpo_gamma=cfg.simpo_gamma, unlikelihood_alpha=cfg.unlikelihood_alpha,
-                cu_seqlens=pair_cu, **common)
+                cu_seqlens=pair_cu, **dict(common, valid_positions=pair_valid))
             seq = stats["seq_logps"].view(-1, 2)
             out = {"pos_logp": seq[:, 0].mean(), "neg_logp": seq[:, 1].mean()}
             if "margins" in stats:  # not for unlikelihood
