@@ -38,6 +38,7 @@ __all__ = [
     "config_vocab_size",
     "PolicyWithLoss",
     "score_rows",
+    "token_logps_rows",
 ]
 
 ATTN_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager", "flex_attention")
@@ -234,8 +235,8 @@ class PolicyWithLoss(nn.Module):
         self.loss_fn = loss_fn
         self.autocast_dtype = autocast_dtype
 
-    def forward(self, batch: Batch | SharedPromptBatch | None = None, loss_fn: Callable | None = None, *, lm_inputs: dict | None = None,
-                **loss_kwargs):
+    def forward(self, batch: Batch | SharedPromptBatch | None = None, loss_fn: Callable | None = None, *,
+                lm_inputs: dict | None = None, **loss_kwargs):
         if lm_inputs is not None:  # a plain causal-LM call (decoding), still inside the sharded root's forward
             device_type = lm_inputs["input_ids"].device.type
             with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16,
@@ -259,3 +260,12 @@ def score_rows(hidden, weight, bias, batch: Batch, *, softcap=None) -> torch.Ten
 
     return dftkern.sequence_logprobs(hidden, weight, batch.labels, cu_seqlens=batch.cu_seqlens, bias=bias,
                                      softcap=softcap, valid_positions=batch.valid_positions)
+
+
+def token_logps_rows(hidden, weight, bias, batch: Batch, *, softcap=None) -> torch.Tensor:
+    """A ``loss_fn`` for :class:`PolicyWithLoss` that returns every label's log-prob (float32, the
+    labels' shape, 0 at ignored positions) at the training logit transform (temperature 1, ``softcap``)."""
+    import dftkern
+
+    return dftkern.fused_linear_logprobs(hidden, weight, batch.labels, bias=bias, softcap=softcap,
+                                         valid_positions=batch.valid_positions)

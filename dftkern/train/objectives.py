@@ -1,7 +1,8 @@
 """Training objectives: which rows a loss needs and how they are handed to dftkern's fused losses.
 
 Every training example is one prompt with its rows: the good answer (row 0) and its K sampled
-negatives (rows 1..K). Each loss sees them as follows:
+negatives (rows 1..K), or (on-policy) the data's answer and/or ``n`` fresh samples. Each loss
+sees them as follows:
 
 =================================  =============================================================
 loss                               rows given to the fused loss
@@ -14,6 +15,10 @@ unlikelihood                       states are computed once and reused for every
 rwr, reinforce, rloo               one group ``[pos, neg_1..neg_K]`` with rewards ``[1+K]``
                                    (positive: ``positive_reward``, default 1.0; negatives: the
                                    rewards stored by ``generate --reward``)
+ppo, grpo, dapo, dr_grpo           on-policy only: the ``n`` samples of a prompt, token level ->
+                                   :func:`fused_policy_loss` with group advantages from the
+                                   rewards, the sampler's per-token log-probs (``old_logps``) and,
+                                   when ``kl_beta > 0``, the initial model's (``ref_logps``)
 =================================  =============================================================
 """
 
@@ -24,18 +29,20 @@ from dataclasses import dataclass
 import torch
 
 import dftkern
+from dftkern.losses.formulas import group_advantages
 from dftkern.losses.registry import HYPERPARAMETERS, LOSSES, get_loss
 
 from .batching import Batch
 from .options import AnyOf, Choice, Flag, Number, Spec, option, validate
 
-__all__ = ["TRAINER_FAMILIES", "LOSS_NAMES", "LossSpec", "LOSS_SPECS", "ObjectiveConfig", "Objective"]
+__all__ = ["TRAINER_FAMILIES", "LOSS_NAMES", "LossSpec", "LOSS_SPECS", "POLICY_LOSS_NAMES", "POLICY_LOSS_SPECS",
+           "TRAIN_LOSS_NAMES", "ObjectiveConfig", "Objective"]
 
 ACCUM_DTYPES = ("fp32", "weight")
 """``--accum-dtype``: dftkern's ``accum_dtype`` for the LM-head ``dW`` (see :func:`dftkern.fused_token_loss`)."""
 
 TRAINER_FAMILIES = ("sft", "pairwise", "group", "dft")
-"""Loss families this trainer feeds (the token-level ``policy`` family needs per-token old log-probs)."""
+"""Sequence-level loss families the trainer feeds offline and on-policy (:data:`LOSS_NAMES`)."""
 
 
 @dataclass(frozen=True)
@@ -43,9 +50,10 @@ class LossSpec:
     """What a loss needs from the data, as the trainer reads it from :data:`dftkern.losses.registry.LOSSES`."""
 
     name: str
-    family: str  # "dft" | "sft" | "pairwise" | "group"
+    family: str  # "dft" | "sft" | "pairwise" | "group" | "policy"
     needs_negatives: bool
     needs_ref_logps: bool
+    """Per-row (sequence) reference log-probs; the policy losses' per-token ones are decided by ``kl_beta``."""
     needs_rewards: bool
     min_rows_per_group: int = 1
 
@@ -53,12 +61,21 @@ class LossSpec:
     def of(cls, name: str) -> LossSpec:
         """The trainer's view of registry entry ``name``."""
         spec = get_loss(name)
+        if spec.family == "policy":  # samples with rewards; >= 2 per prompt for a group advantage
+            return cls(spec.name, spec.family, False, False, True, 2)
         return cls(spec.name, spec.family, spec.needs_negatives, spec.needs_ref, spec.needs_rewards,
                    spec.min_rows_per_group)
 
 
 LOSS_SPECS = {name: LossSpec.of(name) for name, spec in LOSSES.items() if spec.family in TRAINER_FAMILIES}
 LOSS_NAMES = tuple(LOSS_SPECS)
+"""Sequence-level losses: offline (``--negatives``) and on-policy."""
+POLICY_LOSS_SPECS = {name: LossSpec.of(name) for name, spec in LOSSES.items() if spec.family == "policy"}
+POLICY_LOSS_NAMES = tuple(POLICY_LOSS_SPECS)
+"""Token-level policy losses (PPO-clip, GRPO, DAPO, Dr. GRPO): on-policy only (``--on-policy``)."""
+TRAIN_LOSS_NAMES = LOSS_NAMES + POLICY_LOSS_NAMES
+"""Every ``--loss`` the trainer accepts."""
+_POLICY_OPTIONS = ("clip_eps", "clip_eps_high", "kl_beta", "entropy_coef")
 
 
 def _hyperparameter(name: str, *, optional: bool = False) -> Spec:
@@ -81,8 +98,12 @@ def _default(name: str):
 
 def _defaults_by_loss(name: str) -> str:
     """``"1.0 (dft), 0.3 (dft2)"``: the registry's per-loss defaults of hyper-parameter ``name``."""
-    return ", ".join(f"{spec.defaults[name]} ({loss})" for loss, spec in LOSSES.items()
-                     if loss in LOSS_SPECS and name in spec.defaults)
+    by_value: dict = {}
+    for loss, spec in LOSSES.items():
+        if loss in TRAIN_LOSS_NAMES and name in spec.defaults:
+            by_value.setdefault(spec.defaults[name], []).append(loss)
+    return ", ".join(f"{'clip_eps' if value is None else value} ({', '.join(losses)})"
+                     for value, losses in by_value.items())
 
 
 @dataclass(frozen=True)
@@ -90,7 +111,8 @@ class ObjectiveConfig:
     """The loss and its hyper-parameters; ranges and defaults come from :mod:`dftkern.losses.registry`
     (``tau``/``gamma`` None: the variant's default, DFT 1.0 / 0.85, DFT2 0.3 / 0.9)."""
 
-    loss: str = option("dft", Choice(LOSS_NAMES), "training objective")
+    loss: str = option("dft", Choice(TRAIN_LOSS_NAMES), "training objective (ppo, grpo, dapo, dr_grpo: with "
+                       "--on-policy only)")
     tau: float | None = option(None, _hyperparameter("tau", optional=True), "DFT temperature", group="loss",
                                default_text=_defaults_by_loss("tau"))
     gamma: float | None = option(None, _hyperparameter("gamma", optional=True), "DFT moving-average weight",
@@ -105,16 +127,43 @@ class ObjectiveConfig:
                                    "reinforce baseline: mean | none | a number", group="loss")
     average: bool = option(False, Flag(), "preference losses: mean token log-prob instead of sum", group="loss")
     dft_u_init: float = option(0.0, Number(), "initial DFTState u", group="loss")
+    clip_eps: float = option(_default("clip_eps"), _hyperparameter("clip_eps"), "policy losses: the importance "
+                             "ratio is clipped to [1 - clip_eps, 1 + clip_eps_high]", group="loss")
+    clip_eps_high: float | None = option(None, _hyperparameter("clip_eps_high", optional=True), "policy losses: "
+                                         "upper clip range (DAPO's clip-higher)",
+                                         group="loss", default_text=_defaults_by_loss("clip_eps_high"))
+    kl_beta: float | None = option(None, _hyperparameter("kl_beta", optional=True), "policy losses: weight of the "
+                                   "k3 KL to the initial model (> 0 keeps a frozen copy of it to score the samples)",
+                                   group="loss", default_text=_defaults_by_loss("kl_beta"))
+    entropy_coef: float = option(_default("entropy_coef"), _hyperparameter("entropy_coef"), "policy losses: "
+                                 "weight of the token-entropy bonus (negative: a penalty)", group="loss")
     accum_dtype: str = option("fp32", Choice(ACCUM_DTYPES), "LM-head weight gradient accumulated across the loss's "
                               "token chunks in fp32 (exact) or in the weight's dtype (less memory with bf16 weights: "
                               "what Liger/CCE do)", group="system")
 
     def __post_init__(self):
         validate(self)
+        if self.loss not in POLICY_LOSS_NAMES:
+            defaults = {"clip_eps": _default("clip_eps"), "clip_eps_high": None, "kl_beta": None,
+                        "entropy_coef": _default("entropy_coef")}
+            changed = [f"{name}={getattr(self, name)!r} (--{name.replace('_', '-')})" for name in _POLICY_OPTIONS
+                       if getattr(self, name) != defaults[name]]
+            if changed:
+                raise ValueError(f"{', '.join(changed)}: only used by the policy losses {POLICY_LOSS_NAMES}, not "
+                                 f"loss={self.loss!r}")
 
     @property
     def spec(self) -> LossSpec:
-        return LOSS_SPECS[self.loss]
+        return LOSS_SPECS.get(self.loss) or POLICY_LOSS_SPECS[self.loss]
+
+    def policy_hparams(self) -> dict:
+        """The policy loss's keyword arguments for :func:`dftkern.fused_policy_loss`: ``clip_eps``,
+        ``clip_eps_high``, ``kl_beta``, ``entropy_coef`` (None = the registry's default for this loss) and
+        the loss's ``aggregation``."""
+        given = {name: getattr(self, name) for name in _POLICY_OPTIONS if getattr(self, name) is not None}
+        hp = get_loss(self.loss).hyperparameters(**given)
+        hp.pop("max_tokens")
+        return hp
 
     def dft_hparams(self) -> tuple[float, float]:
         defaults = get_loss(self.loss).defaults
@@ -170,14 +219,33 @@ class Objective:
     ``stats`` holds detached 0-d float tensors: ``pos_logp`` / ``neg_logp`` (mean sequence log-prob of the
     positives / negatives in the batch), and per family ``omega_mean``, ``omega_max``, ``u_mean``
     (DFT), ``margin_mean`` (pairwise), ``reward_mean`` (group: mean reward of the sampled rows);
-    with ``positive_first=False`` ``sample_logp`` replaces ``pos_logp``/``neg_logp``.
+    with ``positive_first=False`` ``sample_logp`` replaces ``pos_logp``/``neg_logp``. Policy losses:
+    ``clip_fraction_low`` / ``clip_fraction_high`` (share of tokens whose lower / upper clip is
+    active), ``ratio_mean``, ``entropy_mean``, ``kl_mean`` (k3 to the initial model; only when
+    ``kl_beta > 0``, i.e. when the batch carries its per-token log-probs) and ``reward_mean``.
+
+    Policy losses read ``batch.rewards [G, n]`` (group advantages by the registry's rule:
+    :func:`~dftkern.losses.formulas.group_advantages` with ``scale`` "std" for ppo/grpo/dapo,
+    "none" for dr_grpo), ``batch.old_logps`` (the sampler's per-token log-probs, labels' shape) and
+    ``batch.ref_token_logps``; ``max_tokens`` is Dr. GRPO's constant normalizer (the longest
+    possible response, the sampler's ``max_new_tokens``).
     """
 
-    def __init__(self, config: ObjectiveConfig, *, positive_first: bool = True):
+    def __init__(self, config: ObjectiveConfig, *, positive_first: bool = True, max_tokens: int | None = None):
         """``positive_first=False``: rows are all samples (on-policy group losses), no good answer in row 0."""
         self.config = config
         self.spec = config.spec
         self.positive_first = positive_first
+        self.max_tokens = max_tokens
+        self.policy_hparams = config.policy_hparams() if self.spec.family == "policy" else None
+        if self.policy_hparams is not None and self.policy_hparams["aggregation"] == "constant" and max_tokens is None:
+            raise ValueError(f"loss {config.loss!r} normalizes by a constant number of tokens: pass max_tokens "
+                             f"(the sampler's --sample-max-new-tokens)")
+
+    @property
+    def uses_reference(self) -> bool:
+        """A policy loss with ``kl_beta > 0``: batches need the initial model's per-token log-probs."""
+        return self.policy_hparams is not None and self.policy_hparams["kl_beta"] > 0
 
     @property
     def rows(self) -> list[int] | None:
@@ -189,6 +257,8 @@ class Objective:
         common = dict(bias=bias, softcap=softcap, return_stats=True, valid_positions=batch.valid_positions,
                       accum_dtype=cfg.accum_dtype)
         n, g = batch.rows_per_example, batch.num_examples
+        if family == "policy":
+            return self._policy(hidden, weight, batch, common)
         if family == "dft":
             ref = None
             if cfg.loss == "dft":
@@ -229,3 +299,23 @@ class Objective:
             return loss, {"sample_logp": seq.mean(), "reward_mean": batch.rewards.mean()}
         return loss, {"pos_logp": seq[:, 0].mean(), "neg_logp": seq[:, 1:].mean(),
                       "reward_mean": batch.rewards[:, 1:].mean()}
+
+    def _policy(self, hidden, weight, batch: Batch, common: dict):
+        hp = self.policy_hparams
+        if batch.old_logps is None:
+            raise ValueError(f"loss {self.config.loss!r} needs the sampler's per-token log-probs (batch.old_logps); "
+                             f"they are recorded by on-policy sampling (--on-policy)")
+        ref = batch.ref_token_logps if hp["kl_beta"] > 0 else None
+        if hp["kl_beta"] > 0 and ref is None:
+            raise ValueError(f"kl_beta={hp['kl_beta']} needs the initial model's per-token log-probs "
+                             f"(batch.ref_token_logps)")
+        advantages = group_advantages(batch.rewards, scale=get_loss(self.config.loss).advantage).reshape(-1)
+        loss, stats = dftkern.fused_policy_loss(
+            hidden, weight, batch.labels, advantages=advantages, old_logps=batch.old_logps, ref_logps=ref,
+            max_tokens=self.max_tokens if hp["aggregation"] == "constant" else None, cu_seqlens=batch.cu_seqlens,
+            **hp, **common)
+        out = {key: stats[key] for key in ("clip_fraction_low", "clip_fraction_high", "ratio_mean", "entropy_mean")}
+        if ref is not None:
+            out["kl_mean"] = stats["kl_mean"]
+        out["reward_mean"] = batch.rewards.mean()
+        return loss, out
