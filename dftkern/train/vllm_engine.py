@@ -64,6 +64,7 @@ from .util import derive_seed
 __all__ = [
     "ENGINE_CHOICES",
     "VLLMSampler",
+    "VLLMUnavailableError",
     "request_seed",
     "resolve_engine",
     "vllm_import_error",
@@ -98,11 +99,16 @@ def vllm_import_error() -> str | None:
     return None
 
 
+class VLLMUnavailableError(ImportError, ValueError):
+    """vLLM was asked for but cannot be imported here (an ImportError; also a ValueError so that the
+    trainer CLI reports it as one ``error:`` line like other input problems)."""
+
+
 def resolve_engine(engine: str) -> str:
     """The sampling engine to use: ``"hf"`` or ``"vllm"``.
 
     ``"auto"`` -> ``"vllm"`` when vLLM imports, else ``"hf"``. ``"vllm"`` without a working vLLM
-    raises :class:`ImportError` with the reason and the install command.
+    raises :class:`VLLMUnavailableError` (an ImportError) with the reason and the install command.
     """
     if engine not in ENGINE_CHOICES:
         raise ValueError(f"engine must be one of {ENGINE_CHOICES}, got {engine!r}")
@@ -112,7 +118,7 @@ def resolve_engine(engine: str) -> str:
     if engine == "auto":
         return "hf" if reason else "vllm"
     if reason:
-        raise ImportError(f"--engine vllm: {reason}; {INSTALL_HINT}")
+        raise VLLMUnavailableError(f"engine 'vllm' (--engine / --sample-engine): {reason}; {INSTALL_HINT}")
     return "vllm"
 
 
@@ -129,7 +135,7 @@ def request_seed(*parts) -> int:
 def _import_vllm():
     reason = vllm_import_error()
     if reason:
-        raise ImportError(f"VLLMSampler needs vLLM: {reason}; {INSTALL_HINT}")
+        raise VLLMUnavailableError(f"VLLMSampler needs vLLM: {reason}; {INSTALL_HINT}")
     import vllm
 
     return vllm
