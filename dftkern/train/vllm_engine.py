@@ -488,25 +488,40 @@ def _bench(args: argparse.Namespace) -> dict:
 
     rows = [p for p in prompts for _ in range(n)]
     seeds = [derive_seed(0, r["id"], j) for r in records for j in range(n)]
-    started = time.perf_counter()
-    hf_out = []
-    for i in range(0, len(rows), args.hf_batch_size):
-        hf_out += decode(model, rows[i:i + args.hf_batch_size], sampling=sampling, eos_ids=eos,
-                         pad_token_id=tokenizer.pad_token_id, seeds=seeds[i:i + args.hf_batch_size])
-    hf_s = time.perf_counter() - started
-    result["hf"] = {"seconds": round(hf_s, 3), "samples_per_s": round(len(rows) / hf_s, 1),
-                    "new_tokens": sum(len(t) for t, _ in hf_out), "batch_size": args.hf_batch_size}
 
+    def timed(run) -> tuple[list, list[float], list[float]]:
+        """Wall and process CPU seconds of ``args.repeats`` runs (CPU time: less sensitive to other load)."""
+        times, cpu = [], []
+        for _ in range(args.repeats):
+            started, started_cpu = time.perf_counter(), time.process_time()
+            out = run()
+            times.append(time.perf_counter() - started)
+            cpu.append(time.process_time() - started_cpu)
+        return out, times, cpu
+
+    def summary(out, times, cpu, **extra) -> dict:
+        median, median_cpu = sorted(times)[len(times) // 2], sorted(cpu)[len(cpu) // 2]
+        return {"seconds_median": round(median, 3), "seconds_all": [round(t, 3) for t in times],
+                "samples_per_s": round(len(rows) / median, 1), "cpu_seconds_median": round(median_cpu, 3),
+                "samples_per_cpu_s": round(len(rows) / median_cpu, 1),
+                "new_tokens": sum(len(t) for t, _ in out), **extra}
+
+    def hf_run():
+        out = []
+        for i in range(0, len(rows), args.hf_batch_size):
+            out += decode(model, rows[i:i + args.hf_batch_size], sampling=sampling, eos_ids=eos,
+                          pad_token_id=tokenizer.pad_token_id, seeds=seeds[i:i + args.hf_batch_size])
+        return out
+
+    result["hf"] = summary(*timed(hf_run), batch_size=args.hf_batch_size)
     with VLLMSampler(root / "model", dtype="float32", seed=0, max_model_len=64) as sampler:
         result["vllm_load_seconds"] = round(sampler.load_seconds, 1)
         vseeds = [request_seed(0, r["id"]) for r in records]
         sampler.sample(prompts[:2], n=n, sampling=sampling, eos_ids=eos, seeds=vseeds[:2])  # warm-up
-        started = time.perf_counter()
-        v_out = sampler.sample(prompts, n=n, sampling=sampling, eos_ids=eos, seeds=vseeds)
-        v_s = time.perf_counter() - started
-    result["vllm"] = {"seconds": round(v_s, 3), "samples_per_s": round(len(rows) / v_s, 1),
-                      "new_tokens": sum(len(t) for t, _ in v_out)}
-    result["speedup"] = round(hf_s / v_s, 2)
+        result["vllm"] = summary(*timed(lambda: sampler.sample(prompts, n=n, sampling=sampling, eos_ids=eos,
+                                                               seeds=vseeds)))
+    result["speedup"] = round(result["vllm"]["samples_per_s"] / result["hf"]["samples_per_s"], 2)
+    result["speedup_cpu_time"] = round(result["vllm"]["samples_per_cpu_s"] / result["hf"]["samples_per_cpu_s"], 2)
     try:
         import vllm
 
@@ -533,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-batch-size", type=int, default=64, help="rows per HF decode call (default: 64, the "
                         "generate stage's default --batch-size)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the median is reported "
+                        "(default: 3)")
     parser.add_argument("--workdir", default=None, help="where the tiny model is written (default: a temp dir)")
     parser.add_argument("--out", default=None, help="also write the JSON result here")
     args = parser.parse_args(argv)
