@@ -25,10 +25,10 @@ and sample ``j`` of the prompt is drawn with seed ``s + j``. What that gives:
   the same tokens on the CPU backend;
 * they are NOT the HF path's samples for the same seed (a different random stream; greedy
   decoding is the same tokens — also tested);
-* bit-for-bit repeats need the same vLLM version, hardware, dtype and kernels: vLLM's
-  logits are not batch-invariant by default (on GPU the batch shape can change the last bits
-  of a logit and, at a near-tie, a token); greedy HF/vLLM agreement is exact on the CPU test model
-  and can differ at near-ties on GPU in bf16.
+* bit-for-bit repeats need the same vLLM version, hardware, dtype and kernels. vLLM does not
+  promise batch-invariant logits by default, so on other backends the batch can change the last
+  bits of a logit and, at a near-tie, a token. Greedy HF/vLLM agreement is exact on the fp32 CPU
+  test model; on GPU (bf16, other kernels) it is untested and near-ties may differ.
 
 Colocated, in-process. The engine runs in the calling process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
 while it is built), as TRL's colocate mode does, so :meth:`VLLMSampler.update_weights` hands the

@@ -8,7 +8,9 @@ One engine for the whole module (engine loads are the slow part on CPU).
 from __future__ import annotations
 
 import copy
+import random
 
+import numpy as np
 import pytest
 import torch
 from vllm_helpers import needs_vllm
@@ -25,6 +27,10 @@ PROMPT_TEXTS = ["1+2=", "12+5=", "33+44=", "9+9=", "70+1=", "5+55=", "8+0=", "41
 SYSTEM = "0123456789+=9876543210+=0123"
 
 
+def _rng_states():
+    return torch.get_rng_state().tolist(), random.getstate(), np.random.get_state()[1].tolist()
+
+
 @pytest.fixture(scope="module")
 def host_before():
     """What the host process looked like before the engine existed."""
@@ -34,7 +40,9 @@ def host_before():
 
 @pytest.fixture(scope="module")
 def sampler(tiny, host_before):
+    before = _rng_states()
     with VLLMSampler(tiny.path, dtype="float32", seed=0, max_model_len=64) as engine:
+        host_before["rng_kept_by_construction"] = _rng_states() == before  # vLLM's worker re-seeds all three
         yield engine
 
 
@@ -207,6 +215,7 @@ def test_update_weights_rejects_wrong_names_before_touching_the_engine(sampler, 
 
 
 def test_host_process_state_survives(sampler, host_before, prompts, eos):
+    assert host_before["rng_kept_by_construction"]
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
