@@ -100,43 +100,41 @@ def test_n_samples_layout_lengths_and_eos(sampler, tiny, prompts, eos):
     assert sum(d > 1 for d in distinct) >= len(prompts) - 2, distinct  # n samples, not n copies
 
 
-def _teacher_forced_logits(model, prompt, tokens):
-    """float64 logits [len(tokens), V] of the HF model at the positions that produced ``tokens``."""
-    ids = torch.tensor([list(prompt) + list(tokens)])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0].double()
-    return logits[len(prompt) - 1:len(prompt) - 1 + len(tokens)]
+def _sampled_positions(sampler, tiny, prompts, eos, *, seed, sampling, n=4):
+    """Sample, then yield ``(row, position, token, logits)`` for every sampled token, with the HF
+    model's float64 logits ``[V]`` at the position that produced it (teacher forcing)."""
+    seeds = [request_seed(seed, i) for i in range(len(prompts))]
+    rows = sampler.sample(prompts, n=n, sampling=sampling, eos_ids=eos, seeds=seeds)
+    for i, (tokens, _) in enumerate(rows):
+        prompt = prompts[i // n]
+        with torch.no_grad():
+            logits = tiny.model(input_ids=torch.tensor([list(prompt) + list(tokens)])).logits[0].double()
+        for pos, token in enumerate(tokens):
+            yield i, pos, token, logits[len(prompt) - 1 + pos]
 
 
 def test_top_k_is_applied(sampler, tiny, prompts, eos):
-    k = 2
-    seeds = [request_seed(1, i) for i in range(len(prompts))]
-    rows = sampler.sample(prompts, n=4, sampling=SamplingConfig(10, 1.0, top_k=k), eos_ids=eos, seeds=seeds)
-    checked = 0
-    for i, (tokens, _) in enumerate(rows):
-        logits = _teacher_forced_logits(tiny.model, prompts[i // 4], tokens)
-        for pos, token in enumerate(tokens):
-            top = torch.sort(logits[pos], descending=True).values
-            if abs(top[k - 1] - top[k]) < 1e-4:  # a tie at the boundary: either side is fine
-                continue
-            assert logits[pos, token] >= top[k - 1], (i, pos)
-            checked += 1
+    k, checked = 2, 0
+    for i, pos, token, logits in _sampled_positions(sampler, tiny, prompts, eos, seed=1,
+                                                    sampling=SamplingConfig(10, 1.0, top_k=k)):
+        top = torch.sort(logits, descending=True).values
+        if abs(top[k - 1] - top[k]) < 1e-4:  # a tie at the boundary: either side is fine
+            continue
+        assert logits[token] >= top[k - 1], (i, pos)
+        checked += 1
     assert checked > 200
 
 
 def test_top_p_is_applied(sampler, tiny, prompts, eos):
-    p = 0.3
-    seeds = [request_seed(2, i) for i in range(len(prompts))]
-    rows = sampler.sample(prompts, n=4, sampling=SamplingConfig(10, 1.0, top_p=p), eos_ids=eos, seeds=seeds)
-    checked = 0
-    for i, (tokens, _) in enumerate(rows):
-        probs = torch.softmax(_teacher_forced_logits(tiny.model, prompts[i // 4], tokens), dim=-1)
-        for pos, token in enumerate(tokens):
-            mass_before = probs[pos][probs[pos] > probs[pos, token]].sum().item()
-            if abs(mass_before - p) < 1e-4:
-                continue
-            assert mass_before < p, (i, pos, mass_before)  # the token is inside the nucleus
-            checked += 1
+    p, checked = 0.3, 0
+    for i, pos, token, logits in _sampled_positions(sampler, tiny, prompts, eos, seed=2,
+                                                    sampling=SamplingConfig(10, 1.0, top_p=p)):
+        probs = torch.softmax(logits, dim=-1)
+        mass_before = probs[probs > probs[token]].sum().item()
+        if abs(mass_before - p) < 1e-4:  # at the nucleus boundary: either side is fine
+            continue
+        assert mass_before < p, (i, pos, mass_before)  # the token is inside the nucleus
+        checked += 1
     assert checked > 200
 
 
