@@ -88,7 +88,7 @@ def vllm_import_error() -> str | None:
     reason names the exception. Cached: vLLM is imported at most once per process.
     """
     spec = importlib.util.find_spec("vllm")
-    if spec is None or spec.origin in (None, "namespace"):  # a bare directory named vllm (e.g. tests/vllm) is no install
+    if spec is None or spec.origin in (None, "namespace"):  # a bare directory named vllm (tests/vllm) is no install
         return "vllm is not installed"
     try:
         module = importlib.import_module("vllm")
@@ -557,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if args.hidden % 64:
-        parser.error("--hidden must be a multiple of 64 (head_dim 64; vLLM's CPU attention needs a supported head size)")
+        parser.error("--hidden must be a multiple of 64 (head_dim 64: a head size vLLM's CPU attention supports)")
     result = _bench(args)
     text = json.dumps(result, indent=2)
     print(text)

