@@ -24,8 +24,10 @@ Setup
   sequence log-probability the losses compute. All seeds of a run are trained together in
   one fused call: seed ``s`` owns block ``s`` of the hidden dimension (``h = e_s``, one-hot,
   for the logits policy, so ``weight[:, s]`` are seed ``s``'s logits; ``h = [tanh(A_s c_s +
-  b_s), 1]`` in block ``s`` for the network), which gives each seed exactly the gradient of
-  its own run (see :class:`LogitPolicy`, :class:`MLPPolicy`).
+  b_s), 1]`` in block ``s`` for the network), which gives each seed the gradient of its own
+  run (see :class:`LogitPolicy`, :class:`MLPPolicy`). Everything is float64, and banks have
+  power-of-two sizes, so a bank reproduces separate runs to float64 rounding (see
+  :func:`train_seeds`).
 
 Data and methods
 ----------------
@@ -195,35 +197,40 @@ def expected_reward(probs: torch.Tensor, reward: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------
 
 
+def _policy_dtype(log_probs: torch.Tensor) -> torch.dtype:
+    """float64 policies for float64 ``log_probs`` (what the experiment trains), float32 otherwise."""
+    return torch.float64 if log_probs.dtype == torch.float64 else torch.float32
+
+
 class _PolicyBank(nn.Module):
     """``S`` independent categorical policies (one per seed) behind one set of fused-op inputs.
 
     Seed ``s`` owns a disjoint block of the hidden dimension: its rows carry the hidden state
     ``seed_features()[s]``, which is zero outside block ``s``, so its logits (and gradients) only
-    involve its own block of ``weight``. One fused call therefore trains all seeds at once,
-    exactly as separate runs would (Adam acts per coordinate; the bank's loss is the *sum* of
-    the per-seed losses, see :func:`method_loss`).
+    involve its own block of ``weight``. One fused call therefore trains all seeds at once, as
+    separate runs would (Adam acts per coordinate; the bank's loss is the *sum* of the per-seed
+    losses, see :func:`method_loss`; :func:`train_seeds` on why float64 and power-of-two banks).
     """
 
     num_seeds: int
     weight: nn.Parameter
 
     def seed_features(self) -> torch.Tensor:  # pragma: no cover - abstract
-        """``[S, H]`` float32 hidden state of each seed's rows (differentiable)."""
+        """``[S, H]`` hidden state of each seed's rows (the policy's dtype; differentiable)."""
         raise NotImplementedError
 
     def fused_inputs(self, rows_per_seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Inputs of the fused ops for ``S * rows_per_seed`` one-token rows, seed-major.
 
         Returns:
-            ``(hidden [S * rows_per_seed, 1, H] float32, weight [V, H] float32, bias=None)``:
+            ``(hidden [S * rows_per_seed, 1, H], weight [V, H], bias=None)`` in the policy's dtype:
             rows ``s * rows_per_seed ... (s + 1) * rows_per_seed - 1`` belong to seed ``s``.
         """
         features = self.seed_features()
         return features.repeat_interleave(rows_per_seed, dim=0).unsqueeze(1), self.weight, None
 
     def logits(self) -> torch.Tensor:
-        """``[S, V]`` float32 logits of every seed's policy (differentiable)."""
+        """``[S, V]`` logits of every seed's policy (the policy's dtype; differentiable)."""
         return self.seed_features() @ self.weight.t()
 
 
@@ -231,11 +238,12 @@ class LogitPolicy(_PolicyBank):
     """Categorical policies whose logits are the free parameters.
 
     Fused-op form: hidden size ``H = S``; a row of seed ``s`` has the one-hot hidden state
-    ``e_s`` and ``weight[:, s]`` (``weight [V, S]`` float32) holds seed ``s``'s logits, so the
+    ``e_s`` and ``weight[:, s]`` (``weight [V, S]``) holds seed ``s``'s logits, so the
     one-token sequence log-probability of label ``a`` is ``log pi_s(a)``.
 
     Args:
-        log_probs: ``[V]`` initial log-probabilities (every seed starts there).
+        log_probs: ``[V]`` initial log-probabilities (every seed starts there); float64 gives a
+            float64 policy, any other dtype a float32 one.
         num_seeds: ``S``.
     """
 
@@ -246,9 +254,10 @@ class LogitPolicy(_PolicyBank):
         if isinstance(num_seeds, bool) or not isinstance(num_seeds, int) or num_seeds < 1:
             raise ValueError(f"num_seeds must be a positive int, got {num_seeds!r}")
         self.num_seeds = num_seeds
-        init = log_probs.detach().to(torch.float32).reshape(-1, 1).repeat(1, num_seeds)
+        dtype = _policy_dtype(log_probs)
+        init = log_probs.detach().to(dtype).reshape(-1, 1).repeat(1, num_seeds)
         self.weight = nn.Parameter(init)
-        self.register_buffer("identity", torch.eye(num_seeds))
+        self.register_buffer("identity", torch.eye(num_seeds, dtype=dtype))
 
     def seed_features(self) -> torch.Tensor:
         return self.identity
@@ -264,7 +273,8 @@ class MLPPolicy(_PolicyBank):
     gradients reach the encoders through the fused op's ``d hidden``.
 
     Args:
-        log_probs: ``[V]`` initial log-probabilities.
+        log_probs: ``[V]`` initial log-probabilities (float64 gives a float64 policy, any other
+            dtype a float32 one; the random initialisation is drawn in float32 either way).
         seeds: one int per network (initialises its encoder and context; a seed gives the same
             network whatever else is in the bank).
         hidden_size: ``H``; context_size: ``C``.
@@ -289,11 +299,12 @@ class MLPPolicy(_PolicyBank):
             contexts.append(torch.randn(context_size, generator=generator))
             enc_w.append((torch.rand(hidden_size, context_size, generator=generator) * 2 - 1) * bound)
             enc_b.append((torch.rand(hidden_size, generator=generator) * 2 - 1) * bound)
-        self.register_buffer("context", torch.stack(contexts))  # [S, C]
-        self.encoder_weight = nn.Parameter(torch.stack(enc_w))  # [S, H, C]
-        self.encoder_bias = nn.Parameter(torch.stack(enc_b))  # [S, H]
-        weight = torch.zeros(log_probs.numel(), self.num_seeds, hidden_size + 1)
-        weight[:, :, hidden_size] = log_probs.detach().to(torch.float32).reshape(-1, 1)
+        dtype = _policy_dtype(log_probs)
+        self.register_buffer("context", torch.stack(contexts).to(dtype))  # [S, C]
+        self.encoder_weight = nn.Parameter(torch.stack(enc_w).to(dtype))  # [S, H, C]
+        self.encoder_bias = nn.Parameter(torch.stack(enc_b).to(dtype))  # [S, H]
+        weight = torch.zeros(log_probs.numel(), self.num_seeds, hidden_size + 1, dtype=dtype)
+        weight[:, :, hidden_size] = log_probs.detach().to(dtype).reshape(-1, 1)
         self.weight = nn.Parameter(weight.reshape(log_probs.numel(), -1))  # [V, S * (H + 1)]
 
     def seed_features(self) -> torch.Tensor:
@@ -412,15 +423,16 @@ def method_loss(
         policy: a :class:`LogitPolicy` or :class:`MLPPolicy` bank of ``S`` seeds.
         actions: ``[S, G, n]`` int64 sampled actions, ``G`` groups of ``n`` per seed
             (``[G, n]`` is accepted when ``S = 1``).
-        rewards: float32 rewards of ``actions``, same shape.
-        ref_log_probs: ``[V]`` float32 ``log pi_ref``.
+        rewards: floating rewards of ``actions``, same shape.
+        ref_log_probs: ``[V]`` ``log pi_ref`` (floating; cast to the policy's dtype where used).
         config: hyper-parameters (betas, tau, gamma).
         dft_state: :class:`dftkern.DFTState` with ``S * G`` entries for ``dft``/``dft2`` (group
             ``g`` of seed ``s`` uses entry ``s * G + g`` in every batch); unused otherwise.
 
     Returns:
-        Scalar float32 loss: the *sum over seeds* of each seed's loss (the loss of one seed is
-        the mean over its groups), so every seed gets exactly the gradient of its own run.
+        Scalar loss in the policy's dtype (float32 or float64): the *sum over seeds* of each
+        seed's loss (the loss of one seed is the mean over its groups), so every seed gets the
+        gradient of its own run.
     """
     from dftkern import fused_dft_loss, fused_preference_loss
 
@@ -435,8 +447,10 @@ def method_loss(
     if actions.dtype != torch.int64:
         raise TypeError(f"actions must be int64, got {actions.dtype}")
     _, groups_per_seed, group_size = actions.shape
+    dtype = policy.weight.dtype
     actions = actions.reshape(-1, group_size)  # [S*G, n], seed-major
-    rewards = rewards.reshape(-1, group_size)
+    rewards = rewards.reshape(-1, group_size).to(dtype)
+    ref_log_probs = ref_log_probs.to(dtype)
     best, worst = _best_worst(rewards)
 
     def fused_rows(rows: torch.Tensor):
@@ -493,10 +507,10 @@ def _run_seed(seed: int, reward_name: str, regime: str) -> int:
 
 
 def train_seeds(method: str, regime: str, reward_name: str, seeds: Sequence[int], config: BanditConfig) -> dict:
-    """Train one policy per seed (all in one bank) and record their exact expected rewards.
+    """Train one policy per seed (in banks of power-of-two size) and record their exact expected rewards.
 
     Seed ``s`` draws its samples from its own generator, so its run does not depend on which
-    other seeds share the bank.
+    other seeds share the bank; the result equals separate runs to float64 rounding.
 
     Returns:
         ``{"curves": [S, E] float64 (E[r] before step 0 and after every ``eval_every`` steps, see
@@ -509,10 +523,26 @@ def train_seeds(method: str, regime: str, reward_name: str, seeds: Sequence[int]
     if method not in ALL_METHODS:
         raise ValueError(f"method must be one of {ALL_METHODS}, got {method!r}")
     seeds = list(seeds)
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    blocks = _power_of_two_blocks(len(seeds))
+    if len(blocks) > 1:  # e.g. 5 seeds = a bank of 4 and a bank of 1 (see the comment below)
+        runs, start = [], 0
+        for size in blocks:
+            runs.append(train_seeds(method, regime, reward_name, seeds[start:start + size], config))
+            start += size
+        return {"curves": torch.cat([r["curves"] for r in runs]),
+                "final_probs": torch.cat([r["final_probs"] for r in runs]), "samples": runs[0]["samples"]}
+    # Why a bank trains each seed exactly as its own run: Adam normalises every coordinate of the
+    # gradient, so rounding noise on a coordinate whose exact gradient is ~0 (e.g. the logit of an
+    # action nobody sampled under RLOO, whose advantages sum to 0) becomes a step of size up to
+    # ~lr. In float32 a bank's different summation order gave such noise (~1e-9) and bank and
+    # separate runs drifted apart by ~1e-5 in E[r] within a few steps; hence float64 throughout.
+    # The fused losses average over all S*G groups in float32 and the bank multiplies by S: that
+    # scale is exact only for S a power of two, hence the split into power-of-two banks above.
     ref_probs = reference_policy()
-    ref_log_probs = ref_probs.log().to(torch.float32)
+    ref_log_probs = ref_probs.log()
     reward = bandit_reward(reward_name)
-    reward32 = reward.to(torch.float32)
     generators = [torch.Generator().manual_seed(_run_seed(seed, reward_name, regime)) for seed in seeds]
     policy = make_policy(config.policy, ref_log_probs, seeds=seeds, hidden_size=config.hidden_size)
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
@@ -528,7 +558,7 @@ def train_seeds(method: str, regime: str, reward_name: str, seeds: Sequence[int]
                 [torch.multinomial(probs[i], per_seed_rows, replacement=True, generator=g)
                  for i, g in enumerate(generators)]
             ).view(len(seeds), config.groups, config.group_size)
-            rewards = reward32[actions]
+            rewards = reward[actions]
             samples += per_seed_rows
         loss = method_loss(method, policy, actions, rewards, ref_log_probs, config, dft_state)
         if not torch.isfinite(loss):
@@ -539,6 +569,11 @@ def train_seeds(method: str, regime: str, reward_name: str, seeds: Sequence[int]
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             curves.append(policy_probs(policy) @ reward)
     return {"curves": torch.stack(curves, dim=1), "final_probs": policy_probs(policy), "samples": samples}
+
+
+def _power_of_two_blocks(count: int) -> list[int]:
+    """Binary decomposition of ``count``, largest first: 5 -> [4, 1], 8 -> [8]."""
+    return [1 << bit for bit in reversed(range(count.bit_length())) if count >> bit & 1]
 
 
 def train_run(method: str, regime: str, reward_name: str, seed: int, config: BanditConfig) -> dict:
