@@ -397,3 +397,22 @@ def test_quick_command_line_end_to_end(tmp_path):
     for row in summary:  # every method improves the near reward within 40 steps
         if row["reward"] == "near":
             assert row["final_mean"] > bases["near"] + 0.2, row
+
+
+def test_paired_comparisons_pair_the_same_seeds():
+    """Differences are taken seed by seed (common random numbers), against best-of-N SFT and across regimes."""
+    config = BanditConfig(seeds=3, methods=("bon_sft", "dft"), rewards=("far",))
+    finals = {("bon_sft", "offline"): [0.1, 0.2, 0.3], ("dft", "offline"): [0.15, 0.22, 0.36],
+              ("bon_sft", "on_policy"): [0.9, 0.8, 0.95], ("dft", "on_policy"): [0.85, 0.79, 0.9]}
+    curves = {(m, r, "far"): torch.tensor([[0.04, v] for v in values], dtype=torch.float64)
+              for (m, r), values in finals.items()}
+    rows = bandit.report.paired_comparisons({"config": config, "curves": curves})
+    by_key = {(row["method"], row["regime"]): row for row in rows}
+    assert set(by_key) == {("dft", "offline"), ("dft", "on_policy"), ("bon_sft", "on_policy - offline"),
+                           ("dft", "on_policy - offline")}
+    row = by_key[("dft", "offline")]
+    d = [0.05, 0.02, 0.06]
+    assert row["vs"] == "bon_sft" and row["wins"] == 3 and row["n"] == 3
+    assert row["mean"] == pytest.approx(sum(d) / 3) and row["sd"] == pytest.approx(torch.tensor(d).std().item())
+    assert by_key[("dft", "on_policy")]["wins"] == 0
+    assert by_key[("dft", "on_policy - offline")]["mean"] == pytest.approx((0.7 + 0.57 + 0.54) / 3)
