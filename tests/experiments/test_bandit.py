@@ -184,13 +184,16 @@ def plain_loss(method, log_pi, actions, rewards, log_ref, config, u_prev=None):
         else:
             adv = r - r.mean(1, keepdim=True)
         return -(adv * s).mean(), None
-    if method in ("dft", "dft2"):
-        tau, gamma = (config.dft_tau, config.dft_gamma) if method == "dft" else (config.dft2_tau, config.dft2_gamma)
+    if method in ("dft", "dft2", "dft_unselected"):
+        tau, gamma = (config.dft2_tau, config.dft2_gamma) if method == "dft2" else (config.dft_tau, config.dft_gamma)
         losses, us = [], []
         for g in range(num_groups):
-            neg_idx = [j for j in range(n) if j != int(best[g])]
+            if method == "dft_unselected":  # every sample of the group is a negative
+                neg_idx = list(range(n))
+            else:
+                neg_idx = [j for j in range(n) if j != int(best[g])]
             s_neg = s[g, neg_idx]
-            d = s_neg.detach() / tau - (ref[g, neg_idx] if method == "dft" else 0.0)
+            d = s_neg.detach() / tau - (0.0 if method == "dft2" else ref[g, neg_idx])
             k = len(neg_idx)
             batch_est = math.log(gamma) + torch.logsumexp(d, 0) - math.log(k)
             u = torch.logaddexp(torch.tensor(math.log(1 - gamma), dtype=torch.float64) + u_prev[g], batch_est)
@@ -224,7 +227,7 @@ def test_method_loss_and_gradient_match_plain_restatement(method, kind):
     log_ref = reference_policy().log().float()
     policy = _policy(kind, seed=3, perturb=0.5, num_seeds=num_seeds)
     u_init = -0.4
-    state = DFTState(num_seeds * groups, init=u_init) if method in ("dft", "dft2") else None
+    state = DFTState(num_seeds * groups, init=u_init) if method in ("dft", "dft2", "dft_unselected") else None
 
     loss = method_loss(method, policy, actions, rewards, log_ref, config, state)
     params = [p for p in policy.parameters()]
@@ -412,7 +415,9 @@ def test_paired_comparisons_pair_the_same_seeds():
                            ("dft", "on_policy - offline")}
     row = by_key[("dft", "offline")]
     d = [0.05, 0.02, 0.06]
-    assert row["vs"] == "bon_sft" and row["wins"] == 3 and row["n"] == 3
-    assert row["mean"] == pytest.approx(sum(d) / 3) and row["sd"] == pytest.approx(torch.tensor(d).std().item())
-    assert by_key[("dft", "on_policy")]["wins"] == 0
-    assert by_key[("dft", "on_policy - offline")]["mean"] == pytest.approx((0.7 + 0.57 + 0.54) / 3)
+    assert row["vs"] == "bon_sft" and row["final"]["wins"] == 3 and row["final"]["n"] == 3
+    assert row["final"]["mean"] == pytest.approx(sum(d) / 3)
+    assert row["final"]["sd"] == pytest.approx(torch.tensor(d).std().item())
+    assert row["auc"]["mean"] == pytest.approx(sum(d) / 6)  # curves [0.04, final]: the mean moves by half
+    assert by_key[("dft", "on_policy")]["final"]["wins"] == 0
+    assert by_key[("dft", "on_policy - offline")]["final"]["mean"] == pytest.approx((0.7 + 0.57 + 0.54) / 3)

@@ -49,6 +49,8 @@ dft        DFT: positive = best of the group, negatives = the other n - 1 sample
 dft2       DFT2 (no reference term), same groups, ``dft2_tau``, ``dft2_gamma``
 reinforce  REINFORCE with the group-mean baseline (not run by default: its gradient is
            ``(n-1)/n`` times rloo's)                                          (``"reinforce"``)
+dft_unse-  ablation of ``dft`` (not run by default): same positive, but the negatives are
+lected     all n samples of the group, i.e. a sample of the sampler not selected by reward
 =========  ================================================================================
 
 Preferences are noiseless: "best"/"worst" are by the true reward (first one on ties). The

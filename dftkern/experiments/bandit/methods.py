@@ -10,12 +10,15 @@ if TYPE_CHECKING:
     from .config import BanditConfig
     from .policies import _PolicyBank
 
-__all__ = ["METHODS", "ALL_METHODS", "METHOD_LABELS", "NEGATIVE_GRADIENT", "method_loss"]
+__all__ = ["METHODS", "ALL_METHODS", "DFT_METHODS", "METHOD_LABELS", "NEGATIVE_GRADIENT", "method_loss"]
 
 
 #: methods run by default, in plotting order (maximum likelihood first)
 METHODS: tuple[str, ...] = ("bon_sft", "rwr", "dpo", "ipo", "rloo", "dft", "dft2")
-ALL_METHODS: tuple[str, ...] = METHODS + ("reinforce",)
+#: every method; ``reinforce`` and ``dft_unselected`` (an ablation) are not run by default
+ALL_METHODS: tuple[str, ...] = METHODS + ("reinforce", "dft_unselected")
+#: methods that keep a :class:`dftkern.DFTState`
+DFT_METHODS = frozenset({"dft", "dft2", "dft_unselected"})
 METHOD_LABELS = {
     "bon_sft": "best-of-N SFT",
     "rwr": "RWR",
@@ -25,9 +28,10 @@ METHOD_LABELS = {
     "dft": "DFT",
     "dft2": "DFT2",
     "reinforce": "REINFORCE (mean baseline)",
+    "dft_unselected": "DFT, unselected negatives",
 }
 #: methods whose loss has a term that lowers the probability of some sampled actions
-NEGATIVE_GRADIENT = {"dpo", "ipo", "rloo", "reinforce", "dft", "dft2"}
+NEGATIVE_GRADIENT = {"dpo", "ipo", "rloo", "reinforce", "dft", "dft2", "dft_unselected"}
 
 
 def _best_worst(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,8 +58,8 @@ def method_loss(
         rewards: floating rewards of ``actions``, same shape.
         ref_log_probs: ``[V]`` ``log pi_ref`` (floating; cast to the policy's dtype where used).
         config: hyper-parameters (betas, tau, gamma).
-        dft_state: :class:`dftkern.DFTState` with ``S * G`` entries for ``dft``/``dft2`` (group
-            ``g`` of seed ``s`` uses entry ``s * G + g`` in every batch); unused otherwise.
+        dft_state: :class:`dftkern.DFTState` with ``S * G`` entries for the :data:`DFT_METHODS`
+            (group ``g`` of seed ``s`` uses entry ``s * G + g`` in every batch); unused otherwise.
 
     Returns:
         Scalar loss in the policy's dtype (float32 or float64): the *sum over seeds* of each
@@ -103,21 +107,25 @@ def method_loss(
         hidden, weight, bias, labels = fused_rows(rows)
         kwargs = {"beta": config.rwr_beta} if method == "rwr" else {}
         loss = fused_preference_loss(hidden, weight, labels, loss=method, rewards=rewards, bias=bias, **kwargs)
-    elif method in ("dft", "dft2"):
-        # positive (best of the group; first one on ties) first, then the other n - 1 samples
-        order = torch.argsort(rewards, dim=1, descending=True, stable=True)
-        grouped = actions.gather(1, order)
+    elif method in DFT_METHODS:
+        if method == "dft_unselected":
+            # ablation: the positive (best of the group), then all n samples as negatives, in
+            # sampling order: the negatives are a plain sample of the sampler, not selected by reward
+            grouped = torch.cat([actions.gather(1, best[:, None]), actions], dim=1)
+        else:
+            # positive (best of the group; first one on ties) first, then the other n - 1 samples
+            grouped = actions.gather(1, torch.argsort(rewards, dim=1, descending=True, stable=True))
         hidden, weight, bias, labels = fused_rows(grouped.reshape(-1))
         ids = torch.arange(grouped.shape[0], dtype=torch.int64)
-        common = dict(num_negatives=group_size - 1, ids=ids, state=dft_state, bias=bias)
-        if method == "dft":
+        common = dict(num_negatives=grouped.shape[1] - 1, ids=ids, state=dft_state, bias=bias)
+        if method == "dft2":
             loss = fused_dft_loss(
-                hidden, weight, labels, ref_logps=ref_log_probs[grouped[:, 1:]], tau=config.dft_tau,
-                gamma=config.dft_gamma, variant="dft", **common,
+                hidden, weight, labels, tau=config.dft2_tau, gamma=config.dft2_gamma, variant="dft2", **common
             )
         else:
             loss = fused_dft_loss(
-                hidden, weight, labels, tau=config.dft2_tau, gamma=config.dft2_gamma, variant="dft2", **common
+                hidden, weight, labels, ref_logps=ref_log_probs[grouped[:, 1:]], tau=config.dft_tau,
+                gamma=config.dft_gamma, variant="dft", **common,
             )
     else:
         raise ValueError(f"method must be one of {ALL_METHODS}, got {method!r}")

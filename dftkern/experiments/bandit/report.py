@@ -62,29 +62,33 @@ def summarize(results: dict) -> list[dict]:
 
 
 def paired_comparisons(results: dict) -> list[dict]:
-    """Seed-by-seed differences of final E[r] (every method uses the same sampling seeds).
+    """Seed-by-seed differences (every method uses the same sampling seeds, common random numbers).
 
-    Two kinds of rows: ``"vs"`` = ``method - bon_sft`` within a (reward, regime), and
-    ``"on_policy - offline"`` for each method and reward. Each row carries
-    :func:`dftkern.train.plotting.paired_difference`'s ``n, mean, sd, wins, t, p``.
+    Two kinds of rows: ``vs = "bon_sft"``: ``method - bon_sft`` within a (reward, regime), and
+    ``vs = None``: the method's ``on_policy - offline`` for each reward. Each row carries
+    :func:`dftkern.train.plotting.paired_difference` (``n, mean, sd, wins, t, p``) of the final
+    E[r] (``"final"``) and of the mean E[r] over training (``"auc"``, a speed measure).
     """
     config: BanditConfig = results["config"]
     finals = {key: curve[:, -1].tolist() for key, curve in results["curves"].items()}
+    aucs = {key: curve.mean(dim=1).tolist() for key, curve in results["curves"].items()}
+
+    def compare(key_a, key_b) -> dict:
+        return {"final": plotting.paired_difference(finals[key_a], finals[key_b]),
+                "auc": plotting.paired_difference(aucs[key_a], aucs[key_b])}
+
     rows = []
     for reward_name in config.rewards:
-        for regime in config.regimes:
-            if BASELINE not in config.methods:
-                break
-            base = finals[(BASELINE, regime, reward_name)]
-            for method in config.methods:
-                if method != BASELINE:
-                    rows.append({"reward": reward_name, "regime": regime, "method": method, "vs": BASELINE,
-                                 **plotting.paired_difference(finals[(method, regime, reward_name)], base)})
+        if BASELINE in config.methods:
+            for regime in config.regimes:
+                for method in config.methods:
+                    if method != BASELINE:
+                        rows.append({"reward": reward_name, "regime": regime, "method": method, "vs": BASELINE,
+                                     **compare((method, regime, reward_name), (BASELINE, regime, reward_name))})
         if set(config.regimes) == {"offline", "on_policy"}:
             for method in config.methods:
                 rows.append({"reward": reward_name, "regime": "on_policy - offline", "method": method, "vs": None,
-                             **plotting.paired_difference(finals[(method, "on_policy", reward_name)],
-                                                          finals[(method, "offline", reward_name)])})
+                             **compare((method, "on_policy", reward_name), (method, "offline", reward_name))})
     return rows
 
 
@@ -133,11 +137,13 @@ def markdown_table(results: dict) -> str:
         lines += [plotting.markdown_table(header, body), ""]
         mine = [row for row in paired if row["reward"] == reward_name]
         if mine:
-            lines.append(f"Paired differences of final E[r] on R_{reward_name} (same seeds; mean ± sd over "
-                         f"{config.seeds} seeds, two-sided paired t-test, seeds where the difference is > 0):\n")
-            header = ["comparison", "difference", "p", "> 0 in"]
-            body = [[_comparison_label(row), f"{row['mean']:+.3f} ± {row['sd']:.3f}", _p_value(row["p"]),
-                     f"{row['wins']}/{row['n']}"] for row in mine]
+            lines.append(f"Paired differences on R_{reward_name} (same seeds; mean ± sd over {config.seeds} seeds, "
+                         "two-sided paired t-test p, seeds where the difference is > 0), of the final E[r] and of "
+                         "the mean E[r] over training:\n")
+            header = ["comparison", "final E[r]", "p", "> 0 in", "mean E[r] over training", "p", "> 0 in"]
+            body = [[_comparison_label(row)] + [cell for part in ("final", "auc") for cell in (
+                f"{row[part]['mean']:+.3f} ± {row[part]['sd']:.3f}", _p_value(row[part]["p"]),
+                f"{row[part]['wins']}/{row[part]['n']}")] for row in mine]
             lines += [plotting.markdown_table(header, body), ""]
     return "\n".join(lines)
 
@@ -151,6 +157,7 @@ _PALETTE = {
     "dft": "#9467bd",
     "dft2": "#8c564b",
     "reinforce": "#bcbd22",
+    "dft_unselected": "#e377c2",
 }
 
 

@@ -9,7 +9,7 @@ import torch
 
 from .config import BanditConfig
 from .env import REGIMES, REWARDS, bandit_reward, reference_policy
-from .methods import ALL_METHODS, method_loss
+from .methods import ALL_METHODS, DFT_METHODS, method_loss
 from .policies import make_policy, policy_probs
 
 __all__ = ["train_seeds", "train_run", "eval_steps", "run_experiment"]
@@ -60,7 +60,7 @@ def train_seeds(method: str, regime: str, reward_name: str, seeds: Sequence[int]
     generators = [torch.Generator().manual_seed(_run_seed(seed, reward_name, regime)) for seed in seeds]
     policy = make_policy(config.policy, ref_log_probs, seeds=seeds, hidden_size=config.hidden_size)
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
-    dft_state = DFTState(len(seeds) * config.groups) if method in ("dft", "dft2") else None
+    dft_state = DFTState(len(seeds) * config.groups) if method in DFT_METHODS else None
 
     per_seed_rows = config.groups * config.group_size
     curves = [policy_probs(policy) @ reward]
