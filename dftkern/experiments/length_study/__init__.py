@@ -47,10 +47,10 @@ Modules: :mod:`.rewards` (the length rewards), :mod:`.config` (:class:`LengthStu
 """
 
 from .cli import build_parser, main
-from .config import ARMS, LOSSES, LengthStudyConfig
+from .config import ARMS, LOSSES, MAXIMUM_LIKELIHOOD, LengthStudyConfig
 from .models import build_reference, sample_lengths
 from .offline import build_offline_files
-from .report import format_table, plot_curves
+from .report import format_paired, format_table, plot_curves
 from .rewards import (
     _REWARD_FUNCTIONS,
     LENGTH_REWARDS,
@@ -61,12 +61,13 @@ from .rewards import (
     reward_call_count,
     set_mode_length_target,
 )
-from .study import run_length_study
+from .study import paired_comparisons, run_length_study
 
 __all__ = [
     "LENGTH_REWARDS",
     "LOSSES",
     "ARMS",
+    "MAXIMUM_LIKELIHOOD",
     "LengthStudyConfig",
     "response_length",
     "min_length_reward",
@@ -79,6 +80,8 @@ __all__ = [
     "build_offline_files",
     "run_length_study",
     "format_table",
+    "format_paired",
+    "paired_comparisons",
     "plot_curves",
     "build_parser",
     "main",

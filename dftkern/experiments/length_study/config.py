@@ -6,9 +6,15 @@ from dataclasses import dataclass, field, replace
 
 from .rewards import LENGTH_REWARDS
 
-__all__ = ["LOSSES", "ARMS", "LengthStudyConfig"]
+__all__ = ["LOSSES", "GROUP_LOSSES", "MAXIMUM_LIKELIHOOD", "ARMS", "LengthStudyConfig"]
 
-LOSSES = ("dpo", "reinforce")
+#: the compared losses: ``rwr`` (reward-weighted regression over the group: maximum likelihood,
+#: no negative gradient), ``dpo`` and ``reinforce`` (both push some samples down)
+LOSSES = ("rwr", "dpo", "reinforce")
+#: losses whose rows are the n samples of a prompt with their rewards
+GROUP_LOSSES = frozenset({"rwr", "reinforce"})
+#: the arm every other loss is compared with, seed by seed
+MAXIMUM_LIKELIHOOD = "rwr"
 ARMS = ("offline", "on_policy")
 
 
@@ -23,7 +29,7 @@ class LengthStudyConfig:
     out: str = "docs/length_study"
     work: str | None = None  # reference model + scratch runs; default: runs/length_study (git-ignored)
     quick: bool = False
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2)
     # reference model
     max_digits: int = 3
     num_warmup_records: int = 3000
@@ -33,17 +39,18 @@ class LengthStudyConfig:
     warmup_lr: float = 2e-3
     warmup_batch_size: int = 32
     # the study
-    steps: int = 40
+    steps: int = 160
     prompts_per_step: int = 16
     samples_per_prompt: int = 4
     refresh_every: int = 1
-    lr: dict = field(default_factory=lambda: {"dpo": 1e-4, "reinforce": 1e-4})
+    lr: dict = field(default_factory=lambda: {"rwr": 1e-4, "dpo": 1e-4, "reinforce": 1e-4})
     dpo_beta: float = 0.1
+    rwr_beta: float = 0.1  # RWR temperature: weights softmax(reward / rwr_beta) within a prompt's samples
     mode_width: float = 1.0
     max_new_tokens: int | None = None  # default: max_digits + 3
     eval_prompts: int = 128
     eval_samples: int = 4
-    num_checkpoints: int = 4
+    num_checkpoints: int = 8
     rewards: tuple[str, ...] = LENGTH_REWARDS
     losses: tuple[str, ...] = LOSSES
     threads: int | None = 1
@@ -85,7 +92,7 @@ class LengthStudyConfig:
                                                          and self.lr[loss] > 0)]
         if missing:
             raise ValueError(f"lr must map every loss to a learning rate > 0; missing or invalid: {missing}")
-        for name in ("warmup_lr", "dpo_beta", "mode_width"):
+        for name in ("warmup_lr", "dpo_beta", "rwr_beta", "mode_width"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.hidden_size % 4:

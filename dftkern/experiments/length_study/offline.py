@@ -6,6 +6,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+from .config import GROUP_LOSSES
 from .models import write_jsonl
 from .rewards import _REWARD_CALLS, _REWARD_FUNCTIONS
 
@@ -13,6 +14,7 @@ __all__ = ["build_offline_files", "score_lengths"]
 
 
 def score_lengths(reward: str, lengths: Sequence[int]) -> float:
+    """Mean reward of answers with these lengths (not counted as training reward calls)."""
     fn = _REWARD_FUNCTIONS[reward]
     before = _REWARD_CALLS[reward]
     value = statistics.fmean(fn("", "1" * n) for n in lengths)
@@ -23,8 +25,8 @@ def score_lengths(reward: str, lengths: Sequence[int]) -> float:
 def build_offline_files(loss: str, reward: str, prompts_file: Path, samples_file: Path, out_dir: Path) -> tuple[Path, Path]:
     """Turn reference samples into the trainer's offline inputs, rows chosen by the on-policy rule.
 
-    ``reinforce``: data answer := sample 0, negatives := samples 1..n-1 (so the group is the n samples
-    with their rewards). ``dpo``: data answer := chosen (the correct sum unless a sample is strictly
+    ``rwr``/``reinforce``: data answer := sample 0, negatives := samples 1..n-1 (so the group is the n
+    samples with their rewards). ``dpo``: data answer := chosen (the correct sum unless a sample is strictly
     better), one negative := the lowest-reward sample. Returns ``(data_file, negatives_file)``.
     """
     from dftkern.train.data import read_prompt_records, read_sample_records
@@ -37,7 +39,7 @@ def build_offline_files(loss: str, reward: str, prompts_file: Path, samples_file
     for record in records:
         sample = samples[record.prompt_id]
         rewards = [fn(record.prompt_text(), text, record.response) for text in sample.responses]
-        if loss == "reinforce":
+        if loss in GROUP_LOSSES:
             first = sample.responses[0]
             data.append({"id": record.prompt_id, "prompt": record.prompt, "response": first})
             negatives.append({"prompt_id": record.prompt_id, "responses": list(sample.responses[1:]),

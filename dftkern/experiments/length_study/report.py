@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dftkern.train import plotting
 
-__all__ = ["format_table", "plot_curves"]
+__all__ = ["format_table", "format_paired", "plot_curves"]
 
 #: line colour per loss (losses not listed take matplotlib's next colour); dashed = offline arm
 _COLORS = {"rwr": "tab:green", "dpo": "tab:blue", "reinforce": "tab:red"}
@@ -25,6 +25,28 @@ def format_table(summary: Sequence[dict], checkpoints: Sequence[int], reference:
     return (f"Reference model: modal length {reference['mode_length']}, mean length "
             f"{reference['mean_length']:.2f}, length histogram {reference['length_histogram']}.\n\n"
             + plotting.markdown_table(header, rows))
+
+
+def _p_value(p: float | None) -> str:
+    return "–" if p is None else ("< 1e-4" if p < 1e-4 else f"{p:.2g}")
+
+
+def format_paired(paired: Sequence[dict], num_seeds: int) -> str:
+    """Markdown: the paired differences of :func:`~dftkern.experiments.length_study.study.paired_comparisons`."""
+    rows = []
+    for row in paired:
+        what = f"{row['loss']} − {row['vs']}, {row['arm'].replace('_', '-')}" if row["vs"] else \
+            f"{row['loss']}, on-policy − offline"
+        cells = [row["reward"], what]
+        for part in ("final", "auc"):
+            diff = row[part]
+            cells += [f"{diff['mean']:+.3f} ± {diff['sd']:.3f}", _p_value(diff["p"]), f"{diff['wins']}/{diff['n']}"]
+        rows.append(cells)
+    return (f"Paired differences of the held-out reward (same seeds; mean ± sd over {num_seeds} seeds, two-sided "
+            "paired t-test p, seeds where the difference is > 0), at the last step and averaged over the "
+            "checkpoints (step 0 included; higher = rose earlier):\n\n"
+            + plotting.markdown_table(["reward", "comparison", "final", "p", "> 0 in", "mean over training", "p",
+                                       "> 0 in"], rows))
 
 
 def plot_curves(summary: Sequence[dict], checkpoints: Sequence[int], path: Path, reference: dict) -> None:
