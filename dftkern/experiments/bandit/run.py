@@ -24,7 +24,8 @@ def train_seeds(method: str, regime: str, reward_name: str, seeds: Sequence[int]
     """Train one policy per seed (all in one bank) and record their exact expected rewards.
 
     Seed ``s`` draws its samples from its own generator, so its run does not depend on which
-    other seeds share the bank; the result equals separate runs (bit for bit on the CPU kernel paths tried: AVX-512, AVX2, default).
+    other seeds share the bank; the result equals separate runs (bit for bit on the CPU kernel
+    paths tried: AVX-512, AVX2, default).
 
     Returns:
         ``{"curves": [S, E] float64 (E[r] before step 0 and after every ``eval_every`` steps, see
