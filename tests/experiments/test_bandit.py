@@ -157,9 +157,11 @@ def test_fused_logprobs_of_policy_inputs_are_log_pi(kind):
 # --------------------------------------------------------------------------------------
 
 
-def plain_loss(method, log_pi, actions, rewards, log_ref, config, u_prev=None):
+def plain_loss(method, log_pi, actions, rewards, log_ref, config, u_prev=None, old=None):
     """Float64 restatement of every method from its formula (``log_pi`` [V] differentiable).
 
+    ``old`` [V]: the sampler's log-probs (token-level methods; None = the current policy, ratio 1).
+    The losses not given a knob by BanditConfig use the published defaults written out here.
     Returns ``(loss, u)`` (u: DFT's updated state, else None).
     """
     s = log_pi[actions]  # [G, n] sequence log-probs of one-token sequences
@@ -175,6 +177,27 @@ def plain_loss(method, log_pi, actions, rewards, log_ref, config, u_prev=None):
         if method == "dpo":
             return -F.logsigmoid(config.dpo_beta * margin).mean(), None
         return ((margin - 1 / (2 * config.ipo_beta)) ** 2).mean(), None
+    if method == "hinge":  # SLiC, beta 0.1
+        margin = (s[rows, best] - ref[rows, best]) - (s[rows, worst] - ref[rows, worst])
+        return torch.clamp(1 - 0.1 * margin, min=0).mean(), None
+    if method == "simpo":  # beta 0.1, gamma 0.5, reference-free (one token: mean = sum)
+        return -F.logsigmoid(0.1 * (s[rows, best] - s[rows, worst]) - 0.5).mean(), None
+    if method == "unlikelihood":  # alpha 1: -log p(chosen) - log(1 - p(rejected))
+        return (-s[rows, best] - torch.log1p(-torch.exp(s[rows, worst]))).mean(), None
+    if method in ("ppo", "grpo", "dapo", "dr_grpo"):
+        # clip 0.2 (DAPO: 0.2 below, 0.28 above); GRPO adds 0.04 x the k3 KL to pi_ref; advantages
+        # (R - mean) / (unbiased std + 1e-4), Dr. GRPO R - mean; one token per row, so every
+        # aggregation is the mean over the G * n rows
+        centered = r - r.mean(1, keepdim=True)
+        adv = centered if method == "dr_grpo" else centered / (r.std(1, keepdim=True) + 1e-4)
+        old_s = s.detach() if old is None else old.double()[actions]
+        ratio = torch.exp(s - old_s)
+        high = 1.28 if method == "dapo" else 1.2
+        terms = -torch.minimum(ratio * adv, torch.clamp(ratio, 0.8, high) * adv)
+        if method == "grpo":
+            delta = ref - s
+            terms = terms + 0.04 * (torch.exp(delta) - delta - 1)
+        return terms.mean(), None
     if method == "rwr":
         w = torch.softmax(r / config.rwr_beta, dim=1)
         return -(w * s).sum(1).mean(), None
@@ -254,6 +277,35 @@ def test_method_loss_and_gradient_match_plain_restatement(method, kind):
         assert state.num_updates.tolist() == [1] * (num_seeds * groups)
 
 
+@pytest.mark.parametrize("kind", ["logits", "mlp"])
+@pytest.mark.parametrize("method", ["ppo", "dapo", "grpo", "dr_grpo"])
+def test_token_level_methods_clip_against_the_sampler(method, kind):
+    """Importance ratios against the sampler's log-probs, inside and outside the clip range, both
+    advantage signs: loss and gradient match the plain restatement."""
+    config = BanditConfig()
+    num_seeds, groups = 2, 6
+    actions, rewards = _batch(seed=4, groups=groups, num_seeds=num_seeds)
+    log_ref = reference_policy().log()
+    policy = _policy(kind, seed=5, perturb=0.4, num_seeds=num_seeds).double()
+    # the sampler: the current policy moved by up to +-0.5 nats per action (ratios 0.6 .. 1.6)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        old = torch.log_softmax(policy.logits() + torch.empty(num_seeds, 100, dtype=torch.float64).uniform_(
+            -0.5, 0.5, generator=generator), dim=-1)
+    loss = method_loss(method, policy, actions, rewards.double(), log_ref, config, old_log_probs=old)
+    grads = torch.autograd.grad(loss, list(policy.parameters()))
+
+    log_pi = torch.log_softmax(policy.logits(), dim=-1)
+    ratio = torch.exp(log_pi.detach() - old).gather(1, actions.reshape(num_seeds, -1))
+    assert bool((ratio < 0.8).any()) and bool((ratio > 1.28).any()) and bool(((ratio > 0.8) & (ratio < 1.2)).any())
+    expected = sum(plain_loss(method, log_pi[i], actions[i], rewards[i], log_ref, config, old=old[i])[0]
+                   for i in range(num_seeds))
+    expected_grads = torch.autograd.grad(expected, list(policy.parameters()))
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_dft_is_best_of_n_sft_plus_a_negative_term():
     """With all omegas at 0 weight (K negatives of vanishing ratio) DFT's gradient is SFT's."""
     config = BanditConfig()
@@ -281,7 +333,7 @@ def test_method_loss_rejects_bad_inputs():
     log_ref = reference_policy().log().float()
     actions, rewards = _batch()
     with pytest.raises(ValueError, match="method"):
-        method_loss("ppo", policy, actions, rewards, log_ref, BanditConfig())
+        method_loss("sac", policy, actions, rewards, log_ref, BanditConfig())
     with pytest.raises(ValueError, match=r"G, n\]"):
         method_loss("dpo", policy, actions.reshape(-1), rewards.reshape(-1), log_ref, BanditConfig())
     with pytest.raises(TypeError, match="int64"):
@@ -322,6 +374,10 @@ def test_train_run_bookkeeping_and_determinism():
     for row, seed in enumerate([2, 0, 1]):
         alone = train_run("rloo", "offline", "near", seed=seed, config=wide)
         torch.testing.assert_close(odd_bank["curves"][row], alone["curve"], rtol=0, atol=1e-12)
+    mlp_wide = replace_cfg(wide, policy="mlp", hidden_size=4, reuse=2)
+    mlp_odd = bandit.train_seeds("ppo", "on_policy", "far", [2, 0, 1], mlp_wide)
+    alone = train_run("ppo", "on_policy", "far", seed=1, config=mlp_wide)
+    torch.testing.assert_close(mlp_odd["curves"][2], alone["curve"], rtol=0, atol=1e-12)
 
     sparse = train_run("rloo", "offline", "near", seed=0, config=replace_cfg(config, eval_every=4))
     assert bandit.eval_steps(replace_cfg(config, eval_every=4)) == [0, 4, 6]
@@ -345,7 +401,7 @@ def test_training_raises_expected_reward_on_near_reward():
         ({"lr": -1.0}, "lr"),
         ({"dft_gamma": 1.5}, "dft_gamma"),
         ({"policy": "transformer"}, "policy"),
-        ({"methods": ("dpo", "ppo")}, "methods"),
+        ({"methods": ("dpo", "sac")}, "methods"),
         ({"methods": ()}, "methods"),
         ({"regimes": ("online",)}, "regimes"),
         ({"rewards": ("far", "far")}, "rewards"),
@@ -365,7 +421,7 @@ def test_command_line_parsing():
     explicit = bandit.config_from_args(parser.parse_args(["--quick", "--steps", "7", "--methods", "dpo", "dft"]))
     assert explicit.steps == 7 and explicit.seeds == 2 and explicit.methods == ("dpo", "dft")
     with pytest.raises(SystemExit):
-        bandit.main(["--methods", "ppo", "--out", "unused"])
+        bandit.main(["--methods", "sac", "--out", "unused"])
 
 
 def test_quick_command_line_end_to_end(tmp_path):

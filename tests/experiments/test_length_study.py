@@ -25,13 +25,6 @@ from dftkern.experiments import length_study as ls
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _clear_mode_target():
-    ls.set_mode_length_target(None)
-    yield
-    ls.set_mode_length_target(None)
-
-
 # --------------------------------------------------------------------------------------
 # rewards
 # --------------------------------------------------------------------------------------
@@ -46,39 +39,37 @@ def test_min_length_reward_is_minus_the_number_of_characters():
 
 
 def test_mode_length_reward_is_peaked_at_the_target():
-    ls.set_mode_length_target(3, width=1.0)
-    values = {n: ls.mode_length_reward("1+2=", "7" * n) for n in range(7)}
+    reward = ls.length_reward("mode_length", 3, width=1.0)
+    values = {n: reward("1+2=", "7" * n, "3") for n in range(7)}
     assert values[3] == 1.0
     assert values[2] == pytest.approx(math.exp(-1)) and values[4] == pytest.approx(math.exp(-1))
     assert values[0] == pytest.approx(math.exp(-9))
     assert max(values, key=values.get) == 3
-    ls.set_mode_length_target(3, width=2.0)
-    assert ls.mode_length_reward("1+2=", "7") == pytest.approx(math.exp(-1))
+    assert ls.length_reward("mode_length", 3, width=2.0)("1+2=", "7", "3") == pytest.approx(math.exp(-1))
 
 
-def test_mode_length_reward_needs_a_target_and_validates_it(monkeypatch):
-    monkeypatch.delenv("DFTKERN_LENGTH_MODE", raising=False)
-    with pytest.raises(ValueError, match="no target"):
-        ls.mode_length_reward("1+2=", "3")
-    monkeypatch.setenv("DFTKERN_LENGTH_MODE", "1")
-    assert ls.mode_length_reward("1+2=", "3") == 1.0
+def test_length_rewards_are_the_trainers_and_validate_their_peak():
+    from dftkern.train.rewards import LengthPeakReward, neg_length_reward, resolve_reward
+
+    assert ls.length_reward("min_length") is neg_length_reward is resolve_reward("neg_length")
+    peak = ls.length_reward("mode_length", 1)
+    assert isinstance(peak, LengthPeakReward) and peak("1+2=", "3", "3") == 1.0
+    with pytest.raises(ValueError, match="needs mode"):
+        ls.length_reward("mode_length")
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="mode"):
-            ls.set_mode_length_target(bad)
+            ls.length_reward("mode_length", bad)
     with pytest.raises(ValueError, match="width"):
-        ls.set_mode_length_target(2, width=0.0)
+        ls.length_reward("mode_length", 2, width=0.0)
+    with pytest.raises(ValueError, match="name must be one of"):
+        ls.length_reward("length")
 
 
-def test_modal_length_and_call_counter():
+def test_modal_length():
     assert ls.modal_length([3, 2, 3, 1]) == 3
     assert ls.modal_length([2, 3, 3, 2]) == 2  # ties: the smaller length
     with pytest.raises(ValueError, match="empty"):
         ls.modal_length([])
-    before = ls.reward_call_count("min_length")
-    ls.min_length_reward("", "12")
-    assert ls.reward_call_count("min_length") == before + 1
-    with pytest.raises(ValueError, match="name must be one of"):
-        ls.reward_call_count("length")
 
 
 def test_config_validation():
@@ -140,12 +131,29 @@ def test_on_policy_arm_resamples_from_the_current_policy(tmp_path, monkeypatch):
         events.append("step")
         return original_step(self, *args, **kwargs)
 
+    import dftkern.train.trainer as trainer_module
+
+    training = [False]  # reward calls are recorded while the trainer runs (not the study's evaluation)
+    original_train = trainer_module.train
+
+    def flagged_train(*args, **kwargs):
+        training[0] = True
+        try:
+            return original_train(*args, **kwargs)
+        finally:
+            training[0] = False
+
     def recording_reward(prompt, response, reference=None):
-        events.append("reward")
-        return ls._REWARD_FUNCTIONS["min_length"](prompt, response, reference)
+        if training[0]:
+            events.append("reward")
+        return ls.min_length_reward(prompt, response, reference)
+
+    def recording_length_reward(name, mode=None, width=1.0):  # the reward functions the study uses
+        return recording_reward if name == "min_length" else ls.length_reward(name, mode, width)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
-    monkeypatch.setattr(ls, "min_length_reward", recording_reward)  # what the trainer loads by name
+    monkeypatch.setattr(trainer_module, "train", flagged_train)
+    monkeypatch.setattr(ls.study, "length_reward", recording_length_reward)
     cfg = ls.LengthStudyConfig(out=str(tmp_path / "out"), work=str(tmp_path / "work"), quick=True,
                                rewards=("min_length",), losses=("reinforce",), refresh_every=2)
     results = ls.run_length_study(cfg)

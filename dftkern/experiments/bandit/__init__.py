@@ -1,4 +1,4 @@
-"""The 100-action bandit of Tajwar et al. (2024), run through dftkern's fused losses.
+"""The 100-action bandit of Tajwar et al. (2024), run on dftkern's loss registry.
 
 Claim under test ("Preference Fine-Tuning of LLMs Should Leverage Suboptimal, On-Policy
 Data", didactic bandit): objectives that sample on-policy or push probability *down* on some
@@ -18,16 +18,13 @@ Setup
   ``R_near(a) = exp(-((a - 20) / 10)^2)`` (optimum at the reference mode).
 * Policy: a categorical distribution over the 100 actions, initialised at ``pi_ref``:
   ``"logits"`` (the logits are the free parameters) or ``"mlp"`` (a tiny network).
-  It is expressed as the input of the fused ops: every sampled action is a one-token
-  "sequence" whose label is the action and whose hidden state ``h`` is constant, with
-  ``weight [100, H]`` trainable, so ``log pi(a) = log_softmax(weight @ h)[a]`` is exactly the
-  sequence log-probability the losses compute. All seeds of a run are trained together in
-  one fused call: seed ``s`` owns block ``s`` of the hidden dimension (``h = e_s``, one-hot,
-  for the logits policy, so ``weight[:, s]`` are seed ``s``'s logits; ``h = [tanh(A_s c_s +
-  b_s), 1]`` in block ``s`` for the network), which gives each seed the gradient of its own
-  run (see :class:`LogitPolicy`, :class:`MLPPolicy`). Everything is float64, and banks have
-  power-of-two sizes, so a bank reproduces separate runs to float64 rounding (see
-  :func:`train_seeds`).
+  Every sampled action is a one-token "sequence", so its sequence log-probability is exactly
+  ``log pi(a)``, and each loss is the registry's pure math (:mod:`dftkern.losses.formulas`)
+  evaluated on those scores. All seeds of a run are trained together in one bank (seed ``s``
+  owns its own parameters; the bank's loss is the sum of the per-seed losses); everything is
+  float64, and a bank reproduces separate runs bit for bit (see :func:`train_seeds`).
+  The policies can also be posed as inputs of the fused ops (:meth:`LogitPolicy.fused_inputs`:
+  a test checks that ``fused_linear_logprobs`` gives the same ``log pi``).
 
 Data and methods
 ----------------
@@ -35,8 +32,8 @@ Every gradient step sees a batch of ``groups`` groups of ``group_size`` (= n) ac
 drawn from ``pi_ref`` (regime ``offline``: an unlimited offline dataset, the most
 favourable offline setting) or from the current policy (regime ``on_policy``). A batch is
 redrawn every ``reuse`` steps (sample reuse). All methods see the same samples; they
-differ only in the loss, always computed by :func:`dftkern.fused_preference_loss` or
-:func:`dftkern.fused_dft_loss`:
+differ only in the loss (:mod:`.methods`; the registry name in parentheses). Every registry
+loss can be run (``--methods``); the default set is:
 
 =========  ================================================================================
 bon_sft    best-of-n filtered SFT: ``-log pi(best of the group)``                 (``"sft"``)
@@ -45,13 +42,17 @@ dpo        DPO on (chosen = best, rejected = worst) of the group, ``dpo_beta``  
 ipo        IPO on the same pairs, ``ipo_beta``                                      (``"ipo"``)
 rloo       REINFORCE with the leave-one-out baseline over the group                (``"rloo"``)
 dft        DFT: positive = best of the group, negatives = the other n - 1 samples,
-           ``ref_logps = log pi_ref(negatives)``, ``tau = dft_tau``, ``gamma = dft_gamma``
-dft2       DFT2 (no reference term), same groups, ``dft2_tau``, ``dft2_gamma``
-reinforce  REINFORCE with the group-mean baseline (not run by default: its gradient is
-           ``(n-1)/n`` times rloo's)                                          (``"reinforce"``)
-dft_unse-  ablation of ``dft`` (not run by default): same positive, but the negatives are
-lected     all n samples of the group, i.e. a sample of the sampler not selected by reward
+           ``ref = log pi_ref(negatives)``, ``tau = dft_tau``, ``gamma = dft_gamma`` (``"dft"``)
+dft2       DFT2 (no reference term), same groups, ``dft2_tau``, ``dft2_gamma``    (``"dft2"``)
 =========  ================================================================================
+
+Also available (``--methods``): ``ppo`` (PPO-clip on all n samples, one token each:
+advantages ``(R - mean) / std`` over the group, ratio against the sampler's log-probs, clip
+0.2, no KL), ``grpo``, ``dapo``, ``dr_grpo`` (as ``ppo``, with the registry's defaults: GRPO
+adds a 0.04 k3 KL to ``pi_ref``), ``reinforce`` (group-mean baseline; its gradient is
+``(n-1)/n`` times rloo's), ``hinge``, ``simpo``, ``unlikelihood`` (on the DPO pairs), and
+``dft_unselected``: an ablation of ``dft`` with the same positive but *all* n samples as
+negatives, i.e. negatives not selected by reward.
 
 Preferences are noiseless: "best"/"worst" are by the true reward (first one on ties). The
 positive of DFT is the best of the group (not a fresh draw from the reward-tilted
@@ -60,7 +61,10 @@ rest of the group: the comparison isolates the negative term. DFT's moving-avera
 has one entry per (seed, group slot), i.e. ``u`` of slot ``g`` averages over the batches
 (the bandit has a single prompt, so every slot estimates the same quantity). Because the policy is a
 categorical distribution, the expected reward ``sum_a pi(a) R(a)`` is computed exactly
-after every step. Optimiser: Adam with the same learning rate for every method.
+after every step. Optimiser: Adam with the same learning rate for every method. With
+``reuse = 1`` on-policy, PPO's ratio is 1 at every step (the samples come from the current
+policy), so it is a policy gradient with normalised group advantages; its clipping acts
+offline (ratio ``pi / pi_ref``) and with ``reuse > 1``.
 
 Run ``python -m dftkern.experiments.bandit --help``; ``--quick`` is the CI setting.
 

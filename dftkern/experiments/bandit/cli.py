@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 from .config import QUICK_OVERRIDES, BanditConfig
+from .env import REGIMES, REWARDS
+from .methods import ALL_METHODS
 from .policies import POLICIES
 from .report import write_outputs
 from .run import run_experiment
@@ -24,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dftkern.experiments.bandit",
         description="Tajwar et al. (2024) 100-action bandit: on-policy / negative-gradient objectives vs "
-        "maximum likelihood, every loss computed by dftkern.",
+        "maximum likelihood, every loss from dftkern's loss registry.",
     )
     parser.add_argument("--out", type=Path, default=Path("bandit_out"), help="output folder (default: bandit_out)")
     parser.add_argument("--quick", action="store_true",
@@ -36,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, tuple):
-            parser.add_argument(flag, nargs="+", default=None, metavar="NAME", help=f"default: {' '.join(value)}")
+            known = {"methods": ALL_METHODS, "regimes": REGIMES, "rewards": tuple(REWARDS)}[name]
+            parser.add_argument(flag, nargs="+", default=None, metavar="NAME",
+                                help=f"default: {' '.join(value)}; any of: {' '.join(known)}")
         elif name == "policy":
             parser.add_argument(flag, choices=POLICIES, default=None, help=f"default: {value}")
         else:

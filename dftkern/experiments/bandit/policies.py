@@ -20,13 +20,15 @@ def _policy_dtype(log_probs: torch.Tensor) -> torch.dtype:
 
 
 class _PolicyBank(nn.Module):
-    """``S`` independent categorical policies (one per seed) behind one set of fused-op inputs.
+    """``S`` independent categorical policies (one per seed) in one module.
 
-    Seed ``s`` owns a disjoint block of the hidden dimension: its rows carry the hidden state
-    ``seed_features()[s]``, which is zero outside block ``s``, so its logits (and gradients) only
-    involve its own block of ``weight``. One fused call therefore trains all seeds at once, as
+    Seed ``s`` owns a disjoint block of the hidden dimension: its hidden state
+    ``seed_features()[s]`` is zero outside block ``s``, so its logits (and gradients) only
+    involve its own block of ``weight``. One optimiser step therefore trains all seeds at once, as
     separate runs would (Adam acts per coordinate; the bank's loss is the *sum* of the per-seed
-    losses, see :func:`method_loss`; :func:`train_seeds` on why float64 and power-of-two banks).
+    losses, see :func:`method_loss`; :func:`train_seeds` on why float64). The same layout poses
+    the bank as inputs of the fused ops (:meth:`fused_inputs`): one-token rows whose
+    ``log_softmax(weight @ h)[label]`` is ``log pi_s(label)``.
     """
 
     num_seeds: int
@@ -124,10 +126,22 @@ class MLPPolicy(_PolicyBank):
         weight[:, :, hidden_size] = log_probs.detach().to(dtype).reshape(-1, 1)
         self.weight = nn.Parameter(weight.reshape(log_probs.numel(), -1))  # [V, S * (H + 1)]
 
+    def _blocks(self) -> list[torch.Tensor]:
+        """Seed by seed ``[tanh(A_s c_s + b_s), 1]`` (``[H + 1]`` each), with the ops a one-seed bank uses."""
+        blocks = []
+        for seed in range(self.num_seeds):
+            h = torch.tanh(self.encoder_weight[seed] @ self.context[seed] + self.encoder_bias[seed])
+            blocks.append(torch.cat([h, torch.ones_like(h[:1])]))
+        return blocks
+
     def seed_features(self) -> torch.Tensor:
-        h = torch.tanh(torch.einsum("shc,sc->sh", self.encoder_weight, self.context) + self.encoder_bias)
-        blocks = torch.cat([h, torch.ones_like(h[:, :1])], dim=1)  # [S, H + 1]
-        return torch.block_diag(*blocks.unbind(0))  # [S, S * (H + 1)]
+        return torch.block_diag(*self._blocks())  # [S, S * (H + 1)]
+
+    def logits(self) -> torch.Tensor:
+        """``[S, V]``: ``W_s [h_s, 1]`` seed by seed (same values as :meth:`seed_features` ``@ weight.T``,
+        computed with the shapes of a one-seed bank so that a bank reproduces separate runs bit for bit)."""
+        per_seed = self.weight.view(self.weight.shape[0], self.num_seeds, -1)
+        return torch.stack([per_seed[:, seed] @ block for seed, block in enumerate(self._blocks())])
 
 
 def make_policy(kind: str, log_probs: torch.Tensor, seeds: Sequence[int] = (0,), hidden_size: int = 16) -> _PolicyBank:

@@ -148,6 +148,7 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+#: colour per method (others: matplotlib's next colour)
 _PALETTE = {
     "bon_sft": "#1f77b4",
     "rwr": "#17becf",
@@ -158,6 +159,7 @@ _PALETTE = {
     "dft2": "#8c564b",
     "reinforce": "#bcbd22",
     "dft_unselected": "#e377c2",
+    "ppo": "#7f7f7f",
 }
 
 
@@ -181,7 +183,7 @@ def plot_curves(results: dict, path: Path) -> None:
                 mean = curve.mean(0)
                 std = curve.std(0) if curve.shape[0] > 1 else torch.zeros_like(mean)
                 plotting.plot_mean_band(ax, steps, mean, mean - std, mean + std, label=METHOD_LABELS[method],
-                                        color=_PALETTE[method], style=_style(method))
+                                        color=_PALETTE.get(method), style=_style(method))
             ax.axhline(base, color="gray", lw=0.8, ls=":", label="pi_ref")
             ax.set_ylim(0, 1.02)
             ax.set_title(f"R_{reward_name} (optimum at a={REWARDS[reward_name]}), {regime.replace('_', '-')}")
@@ -211,7 +213,7 @@ def plot_final_policies(results: dict, path: Path) -> None:
             ax.fill_between(actions, 0, ref, step="mid", color="gray", alpha=0.35, label="pi_ref")
             for method in config.methods:
                 probs = results["final_probs"][(method, regime, reward_name)].mean(0)
-                plotting.plot_mean_band(ax, actions, probs, label=METHOD_LABELS[method], color=_PALETTE[method],
+                plotting.plot_mean_band(ax, actions, probs, label=METHOD_LABELS[method], color=_PALETTE.get(method),
                                         style=_style(method), linewidth=1.3)
             ax.set_yscale("log")
             ax.set_ylim(1e-4, 1.0)

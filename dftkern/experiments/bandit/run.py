@@ -9,7 +9,7 @@ import torch
 
 from .config import BanditConfig
 from .env import REGIMES, REWARDS, bandit_reward, reference_policy
-from .methods import ALL_METHODS, DFT_METHODS, method_loss
+from .methods import ALL_METHODS, DFT_METHODS, POLICY_METHODS, method_loss
 from .policies import make_policy, policy_probs
 
 __all__ = ["train_seeds", "train_run", "eval_steps", "run_experiment"]
@@ -21,10 +21,11 @@ def _run_seed(seed: int, reward_name: str, regime: str) -> int:
 
 
 def train_seeds(method: str, regime: str, reward_name: str, seeds: Sequence[int], config: BanditConfig) -> dict:
-    """Train one policy per seed (in banks of power-of-two size) and record their exact expected rewards.
+    """Train one policy per seed (all in one bank) and record their exact expected rewards.
 
     Seed ``s`` draws its samples from its own generator, so its run does not depend on which
-    other seeds share the bank; the result equals separate runs to float64 rounding.
+    other seeds share the bank; the result equals separate runs (bit for bit on the CPU kernel
+    paths tried: AVX-512, AVX2, default).
 
     Returns:
         ``{"curves": [S, E] float64 (E[r] before step 0 and after every ``eval_every`` steps, see
@@ -39,21 +40,12 @@ def train_seeds(method: str, regime: str, reward_name: str, seeds: Sequence[int]
     seeds = list(seeds)
     if not seeds:
         raise ValueError("seeds must name at least one seed")
-    blocks = _power_of_two_blocks(len(seeds))
-    if len(blocks) > 1:  # e.g. 5 seeds = a bank of 4 and a bank of 1 (see the comment below)
-        runs, start = [], 0
-        for size in blocks:
-            runs.append(train_seeds(method, regime, reward_name, seeds[start:start + size], config))
-            start += size
-        return {"curves": torch.cat([r["curves"] for r in runs]),
-                "final_probs": torch.cat([r["final_probs"] for r in runs]), "samples": runs[0]["samples"]}
-    # Why a bank trains each seed exactly as its own run: Adam normalises every coordinate of the
-    # gradient, so rounding noise on a coordinate whose exact gradient is ~0 (e.g. the logit of an
-    # action nobody sampled under RLOO, whose advantages sum to 0) becomes a step of size up to
-    # ~lr. In float32 a bank's different summation order gave such noise (~1e-9) and bank and
-    # separate runs drifted apart by ~1e-5 in E[r] within a few steps; hence float64 throughout.
-    # The fused losses average over all S*G groups in float32 and the bank multiplies by S: that
-    # scale is exact only for S a power of two, hence the split into power-of-two banks above.
+    # Why a bank trains each seed exactly as its own run: each seed's loss is a function of its own
+    # logits only, a mean over its own G groups (the same 1/G as alone), and the bank sums them. And
+    # everything is float64: Adam normalises every coordinate of the gradient, so rounding noise on
+    # a coordinate whose exact gradient is ~0 (e.g. the logit of an action nobody sampled under
+    # RLOO, whose advantages sum to 0) becomes a step of size up to ~lr; in float32, through the
+    # fused ops, a bank and separate runs drifted apart by ~1e-5 in E[r] within a few steps.
     ref_probs = reference_policy()
     ref_log_probs = ref_probs.log()
     reward = bandit_reward(reward_name)
@@ -74,7 +66,10 @@ def train_seeds(method: str, regime: str, reward_name: str, seeds: Sequence[int]
             ).view(len(seeds), config.groups, config.group_size)
             rewards = reward[actions]
             samples += per_seed_rows
-        loss = method_loss(method, policy, actions, rewards, ref_log_probs, config, dft_state)
+            # the sampler's log-probs: the token-level losses' importance ratios are taken against them
+            sampler_log_probs = probs.log() if method in POLICY_METHODS else None
+        loss = method_loss(method, policy, actions, rewards, ref_log_probs, config, dft_state,
+                           old_log_probs=sampler_log_probs)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{method}/{regime}/{reward_name}: loss is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -83,11 +78,6 @@ def train_seeds(method: str, regime: str, reward_name: str, seeds: Sequence[int]
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             curves.append(policy_probs(policy) @ reward)
     return {"curves": torch.stack(curves, dim=1), "final_probs": policy_probs(policy), "samples": samples}
-
-
-def _power_of_two_blocks(count: int) -> list[int]:
-    """Binary decomposition of ``count``, largest first: 5 -> [4, 1], 8 -> [8]."""
-    return [1 << bit for bit in reversed(range(count.bit_length())) if count >> bit & 1]
 
 
 def train_run(method: str, regime: str, reward_name: str, seed: int, config: BanditConfig) -> dict:

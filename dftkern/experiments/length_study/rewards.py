@@ -1,24 +1,25 @@
-"""The two length rewards, ``reward(prompt, response, reference) -> float``, and the modal length.
+"""The two length rewards — the trainer's built-in length rewards (:mod:`dftkern.train.rewards`) —
+and the modal length. Rewards are ``reward(prompt, response, reference) -> float`` callables,
+handed to the trainer as they are (no module state, no import by name).
 
-The trainer loads a reward by name (``package.module:function``), so the peak of
-:func:`mode_length_reward` is module state (:func:`set_mode_length_target`, or the environment
-variables ``DFTKERN_LENGTH_MODE``/``DFTKERN_LENGTH_WIDTH`` outside this process), and the number of
-calls is counted here (:func:`reward_call_count`).
+* ``min_length``: :func:`dftkern.train.rewards.neg_length_reward`, ``-len(response)``;
+* ``mode_length``: :class:`dftkern.train.rewards.LengthPeakReward` peaked at the reference's
+  modal length, ``exp(-((len(response) - mode) / width)^2)``.
 """
 
 from __future__ import annotations
 
-import math
-import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-__all__ = ["LENGTH_REWARDS", "response_length", "min_length_reward", "mode_length_reward", "set_mode_length_target",
-           "reward_call_count", "modal_length"]
+from dftkern.train.rewards import LengthPeakReward, RewardFn, neg_length_reward
+
+__all__ = ["LENGTH_REWARDS", "response_length", "min_length_reward", "length_reward", "modal_length"]
 
 LENGTH_REWARDS = ("min_length", "mode_length")
-_MODE_TARGET: dict[str, float] = {}  # {"mode": int, "width": float} once set
-_REWARD_CALLS = Counter()
+
+#: ``-len(response)``: shorter is better, the empty response is optimal (the trainer's ``neg_length``)
+min_length_reward = neg_length_reward
 
 
 def response_length(response: str) -> int:
@@ -28,55 +29,18 @@ def response_length(response: str) -> int:
     return len(response)
 
 
-def min_length_reward(prompt: str, response: str, reference: str | None = None) -> float:
-    """``-len(response)``: shorter is better, the empty response is optimal. ``prompt``/``reference`` are ignored."""
-    _REWARD_CALLS["min_length"] += 1
-    return -float(response_length(response))
-
-
-def set_mode_length_target(mode: int | None, width: float = 1.0) -> None:
-    """Set the peak (``mode``, in characters) and ``width`` of :func:`mode_length_reward`; ``None`` clears it.
-
-    The trainer loads rewards by name (``MODULE:FUNCTION``), so the peak is module state. Outside this
-    process set the environment variables ``DFTKERN_LENGTH_MODE`` (and optionally ``DFTKERN_LENGTH_WIDTH``).
-    """
-    if mode is None:
-        _MODE_TARGET.clear()
-        return
+def length_reward(name: str, mode: int | None = None, width: float = 1.0) -> RewardFn:
+    """The reward called ``name``: ``"min_length"``, or ``"mode_length"`` peaked at ``mode``
+    characters (an integer >= 0, required) with ``width`` (> 0)."""
+    if name == "min_length":
+        return min_length_reward
+    if name != "mode_length":
+        raise ValueError(f"name must be one of {LENGTH_REWARDS}, got {name!r}")
     if isinstance(mode, bool) or not isinstance(mode, int) or mode < 0:
-        raise ValueError(f"mode must be an integer >= 0, got {mode!r}")
-    if not (isinstance(width, (int, float)) and width > 0 and math.isfinite(width)):
+        raise ValueError(f"mode_length needs mode, the peak length: an integer >= 0, got {mode!r}")
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
         raise ValueError(f"width must be a finite number > 0, got {width!r}")
-    _MODE_TARGET.update(mode=mode, width=float(width))
-
-
-def _mode_target() -> tuple[int, float]:
-    if _MODE_TARGET:
-        return int(_MODE_TARGET["mode"]), float(_MODE_TARGET["width"])
-    if "DFTKERN_LENGTH_MODE" in os.environ:
-        return int(os.environ["DFTKERN_LENGTH_MODE"]), float(os.environ.get("DFTKERN_LENGTH_WIDTH", "1.0"))
-    raise ValueError("mode_length_reward has no target: call set_mode_length_target(mode) or set "
-                     "DFTKERN_LENGTH_MODE")
-
-
-def mode_length_reward(prompt: str, response: str, reference: str | None = None) -> float:
-    """``exp(-((len(response) - mode) / width)^2)`` in (0, 1], 1 at the target length (see :func:`set_mode_length_target`)."""
-    mode, width = _mode_target()
-    _REWARD_CALLS["mode_length"] += 1
-    return math.exp(-((response_length(response) - mode) / width) ** 2)
-
-
-_REWARD_FUNCTIONS: dict[str, Callable[..., float]] = {"min_length": min_length_reward,
-                                                      "mode_length": mode_length_reward}
-
-
-def reward_call_count(name: str | None = None) -> int:
-    """How many times the reward ``name`` (or any length reward) has been evaluated in this process."""
-    if name is None:
-        return sum(_REWARD_CALLS.values())
-    if name not in LENGTH_REWARDS:
-        raise ValueError(f"name must be one of {LENGTH_REWARDS} or None, got {name!r}")
-    return _REWARD_CALLS[name]
+    return LengthPeakReward(mode, width)
 
 
 def modal_length(lengths: Sequence[int]) -> int:
@@ -86,4 +50,3 @@ def modal_length(lengths: Sequence[int]) -> int:
     counts = Counter(int(v) for v in lengths)
     top = max(counts.values())
     return min(v for v, c in counts.items() if c == top)
-

@@ -20,13 +20,25 @@ from .config import ARMS, MAXIMUM_LIKELIHOOD, LengthStudyConfig
 from .models import addition_operands, build_reference, sample_lengths, write_jsonl
 from .offline import build_offline_files, score_lengths
 from .report import format_paired, format_table, plot_curves
-from .rewards import _REWARD_CALLS, _REWARD_FUNCTIONS, modal_length, set_mode_length_target
+from .rewards import length_reward, modal_length
 
 __all__ = ["run_length_study", "paired_comparisons"]
 
-#: where the trainer imports the rewards from (``MODULE:FUNCTION``)
-_MODULE = "dftkern.experiments.length_study"
 _DEFAULT_COMMAND = "python -m dftkern.experiments.length_study"
+
+
+class _CountedReward:
+    """A reward that counts its calls (``calls``): how many samples a training run scored."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, prompt: str, response: str, reference: str | None = None) -> float:
+        self.calls += 1
+        return self.fn(prompt, response, reference)
+
+    def __repr__(self) -> str:
+        return f"counted({self.fn!r})"
 
 
 def _summaries(values: Sequence[float]) -> dict:
@@ -57,11 +69,11 @@ def run_length_study(cfg: LengthStudyConfig, command: str | None = None) -> dict
         return _run(cfg, command or _DEFAULT_COMMAND)
     finally:
         torch.set_num_threads(previous_threads)
-        set_mode_length_target(None)
 
 
 def _evaluation_set(cfg: LengthStudyConfig, reference: Path, log: Callable[[str], None]):
-    """Held-out prompts, the prompts already used (warm-up + held-out), and the reference's lengths on them."""
+    """Held-out prompts, the prompts already used (warm-up + held-out), the reference's lengths on them,
+    its summary, and the study's reward functions (``mode_length`` peaked at the reference's mode)."""
     from dftkern.train import synthetic
 
     warm = synthetic.make_addition_records(cfg.num_warmup_records, max_digits=cfg.max_digits, seed=1234)
@@ -73,18 +85,19 @@ def _evaluation_set(cfg: LengthStudyConfig, reference: Path, log: Callable[[str]
     ref_lengths = sample_lengths(reference, eval_prompts, samples_per_prompt=cfg.eval_samples,
                                  max_new_tokens=cfg.max_new_tokens)
     mode = modal_length(ref_lengths)
-    set_mode_length_target(mode, cfg.mode_width)
+    rewards = {name: length_reward(name, mode, cfg.mode_width) for name in cfg.rewards}
     histogram = dict(sorted(Counter(ref_lengths).items()))
     log(f"reference length histogram {histogram}; mode {mode}")
     info = {"model": str(reference), "mode_length": mode, "length_histogram": histogram,
             "mean_length": statistics.fmean(ref_lengths),
-            "reward": {r: score_lengths(r, ref_lengths) for r in cfg.rewards}}
-    return eval_prompts, seen, ref_lengths, info
+            "reward": {name: score_lengths(fn, ref_lengths) for name, fn in rewards.items()}}
+    return eval_prompts, seen, ref_lengths, info, rewards
 
 
-def _train_config(cfg: LengthStudyConfig, *, reference: Path, run_dir: Path, loss: str, arm: str, reward: str,
+def _train_config(cfg: LengthStudyConfig, *, reference: Path, run_dir: Path, loss: str, arm: str, reward,
                   seed: int, prompts_file: Path, samples_file: Path, save_every: int):
-    """The trainer's configuration of one arm (building the offline arm's files on the way)."""
+    """The trainer's configuration of one arm (building the offline arm's files on the way);
+    ``reward``: the reward function (a callable, passed to the trainer as it is on-policy)."""
     from dftkern.train.ref_logps import RefLogpsConfig, compute_ref_logps
     from dftkern.train.trainer import TrainConfig
 
@@ -100,7 +113,7 @@ def _train_config(cfg: LengthStudyConfig, *, reference: Path, run_dir: Path, los
                                              use_chat_template=False, progress=False))
         return TrainConfig(model=str(reference), data=str(data_file), negatives=str(negatives_file), **common)
     return TrainConfig(model=str(reference), data=str(prompts_file), on_policy=True,
-                       reward=f"{_MODULE}:{_REWARD_FUNCTIONS[reward].__name__}",
+                       reward=reward,
                        samples_per_prompt=cfg.samples_per_prompt, refresh_every=cfg.refresh_every,
                        sample_max_new_tokens=cfg.max_new_tokens, sample_temperature=1.0,
                        generation_batch_size=512, **common)
@@ -124,7 +137,7 @@ def _run(cfg: LengthStudyConfig, command: str) -> dict:
     t0 = time.perf_counter()
     reference = build_reference(cfg, work, log)
     timings["reference"] = time.perf_counter() - t0
-    eval_prompts, seen, ref_lengths, reference_info = _evaluation_set(cfg, reference, log)
+    eval_prompts, seen, ref_lengths, reference_info, reward_fns = _evaluation_set(cfg, reference, log)
 
     checkpoints = cfg.checkpoint_steps()
     save_every = math.gcd(*checkpoints[1:])
@@ -147,20 +160,21 @@ def _run(cfg: LengthStudyConfig, command: str) -> dict:
                 for arm in ARMS:
                     run_dir = seed_dir / f"{reward}-{loss}-{arm}"
                     shutil.rmtree(run_dir, ignore_errors=True)
+                    counted = _CountedReward(reward_fns[reward])  # scored during training (on-policy only)
                     train_cfg = _train_config(cfg, reference=reference, run_dir=run_dir, loss=loss, arm=arm,
-                                              reward=reward, seed=seed, prompts_file=prompts_file,
-                                              samples_file=samples_file, save_every=save_every)
-                    calls_before = _REWARD_CALLS[reward]
+                                              reward=counted if arm == "on_policy" else reward_fns[reward],
+                                              seed=seed, prompts_file=prompts_file, samples_file=samples_file,
+                                              save_every=save_every)
                     t0 = time.perf_counter()
                     result = train(train_cfg)
                     train_seconds = time.perf_counter() - t0
-                    samples_scored = _REWARD_CALLS[reward] - calls_before
+                    samples_scored = counted.calls
                     curve_reward, curve_length = {}, {}
                     for step in checkpoints:
                         lengths = ref_lengths if step == 0 else sample_lengths(
                             checkpoint_dir(run_dir / "train", step), eval_prompts,
                             samples_per_prompt=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens)
-                        curve_reward[step] = score_lengths(reward, lengths)
+                        curve_reward[step] = score_lengths(reward_fns[reward], lengths)
                         curve_length[step] = statistics.fmean(lengths)
                     runs.append({"reward": reward, "loss": loss, "arm": arm, "seed": seed,
                                  "reward_at_step": curve_reward, "length_at_step": curve_length,
