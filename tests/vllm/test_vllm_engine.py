@@ -240,3 +240,39 @@ def test_input_errors(sampler, prompts, eos):
         sampler.sample(prompts[:1], n=2, sampling=sampling, eos_ids=eos, seeds=[2**63 - 1])
     with pytest.raises(ValueError, match="forward/all_done"):
         sampler.decode(prompts[:1], sampling=sampling, eos_ids=eos, seeds=[1], forward=lambda **kw: None)
+
+
+def test_policy_sampler_pushes_the_policy_then_decodes_every_row_with_its_seed(sampler, tiny, prompts, eos):
+    """VLLMPolicySampler (on-policy rollouts): one weight push per sample() call, then one n=1 request per
+    row seeded with the row's own seed; scoring is delegated."""
+    from dftkern.train.vllm_engine import VLLMPolicySampler
+
+    class Scorer:
+        def sequence_logps(self, examples):
+            return [[float(len(examples))]]
+
+    policy = copy.deepcopy(tiny.model)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(5)
+        for param in policy.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.3 * param.std())
+    rows, seeds = prompts[:4] * 2, [11, 12, 13, 14, 11, 12, 99, 98]
+    before = sampler.weight_version
+    try:
+        greedy = VLLMPolicySampler(sampler, Scorer(), policy, tiny.tokenizer, sampling=SamplingConfig(MAX_NEW, 0.0),
+                                   eos_ids=eos)
+        out = greedy.sample(rows, seeds)
+        assert sampler.weight_version == before + 1
+        expected = hf_greedy(policy, rows, eos)
+        assert expected != hf_greedy(tiny.model, rows, eos)  # the push is what makes these equal
+        assert [s.token_ids for s in out] == [tokens for tokens, _ in expected]
+        assert [s.text for s in out] == [tiny.tokenizer.decode(t, skip_special_tokens=True) for t, _ in expected]
+        sampling = SamplingConfig(MAX_NEW, 1.0)
+        drawn = VLLMPolicySampler(sampler, Scorer(), policy, tiny.tokenizer, sampling=sampling, eos_ids=eos)
+        out = [s.token_ids for s in drawn.sample(rows, seeds)]
+        assert sampler.weight_version == before + 2
+        assert out == [t for t, _ in sampler.decode(rows, sampling=sampling, eos_ids=eos, seeds=seeds)]
+        assert out[:2] == out[4:6]  # same prompt and seed, same sample
+        assert greedy.sequence_logps(["a", "b"]) == [[2.0]]
+    finally:
+        sampler.update_weights(tiny.model)
