@@ -14,8 +14,9 @@ file (the generate stage's output) has one line per prompt: ``{"prompt_id", "res
 
 The ``M`` samples of a prompt are a *pool*: :func:`read_sample_records` keeps all of them, and
 :func:`judge_samples`, :func:`pool_candidates`, :func:`rotate_negatives` and :func:`pool_stats`
-say which are correct / equal to the good answer, which a filter keeps, which K an epoch takes,
-and the fractions over the whole file (reported by the generate stage).
+(:func:`pool_stats_of_file` streams a file) say which samples are correct / equal to the good
+answer, which a filter keeps, which K an epoch takes, and the fractions over the whole file
+(reported by the generate stage).
 
 Any problem is a :class:`DataError` naming the file, the 1-based line (Parquet: the row) and the
 field: malformed JSON, bytes that are not UTF-8 (the field holding them when they are inside a
