@@ -61,6 +61,16 @@ def hf_greedy(model, prompts, eos, max_new=MAX_NEW):
     return decode(model, prompts, sampling=SamplingConfig(max_new, 0.0), eos_ids=eos, pad_token_id=0)
 
 
+def perturbed(model, *, seed):
+    """A copy of ``model`` with every parameter moved by 0.3 of its std (seeded noise)."""
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        for param in policy.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.3 * param.std())
+    return policy
+
+
 def check_rows(rows, eos, max_new):
     """The decode() contract: finished <=> ends with the (only) EOS; otherwise exactly max_new tokens."""
     for tokens, finished in rows:
@@ -173,11 +183,7 @@ def test_seeding_contract(sampler, prompts, eos):
 
 def test_update_weights_changes_what_is_sampled(sampler, tiny, prompts, eos):
     original = hf_greedy(tiny.model, prompts, eos)
-    policy = copy.deepcopy(tiny.model)
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(11)
-        for param in policy.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.3 * param.std())
+    policy = perturbed(tiny.model, seed=11)
     updated = hf_greedy(policy, prompts, eos)
     assert sum(a != b for a, b in zip(updated, original)) >= 4  # the perturbation is visible
     greedy = SamplingConfig(MAX_NEW, 0.0)
@@ -251,11 +257,7 @@ def test_policy_sampler_pushes_the_policy_then_decodes_every_row_with_its_seed(s
         def sequence_logps(self, examples):
             return [[float(len(examples))]]
 
-    policy = copy.deepcopy(tiny.model)
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(5)
-        for param in policy.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.3 * param.std())
+    policy = perturbed(tiny.model, seed=5)
     rows, seeds = prompts[:4] * 2, [11, 12, 13, 14, 11, 12, 99, 98]
     before = sampler.weight_version
     try:
