@@ -207,3 +207,50 @@ def test_quick_run_end_to_end_through_the_command_line(tmp_path):
         assert all(math.isfinite(v) for v in run["reward_at_step"].values())
     # the reference model is reused by a second invocation
     assert (work / "reference" / "reference.json").exists()
+
+
+def test_paired_comparisons_pair_the_same_seeds():
+    """Final and mean-over-training rewards are differenced seed by seed, against the maximum-likelihood
+    arm (rwr) and across arms; the markdown lists every row."""
+    cfg = ls.LengthStudyConfig(seeds=(3, 1), rewards=("min_length",), losses=("rwr", "dpo")).resolved()
+    curves = {("rwr", "offline"): {3: [-2.8, -2.6, -2.5], 1: [-2.8, -2.7, -2.4]},
+              ("dpo", "offline"): {3: [-2.8, -2.2, -2.1], 1: [-2.8, -2.5, -2.3]},
+              ("rwr", "on_policy"): {3: [-2.8, -1.0, 0.0], 1: [-2.8, -1.5, -0.2]},
+              ("dpo", "on_policy"): {3: [-2.8, -0.5, 0.0], 1: [-2.8, -0.4, 0.0]}}
+    runs = [{"reward": "min_length", "loss": loss, "arm": arm, "seed": seed, "final_reward": values[-1],
+             "reward_at_step": {str(step): v for step, v in zip((0, 20, 40), values)}}
+            for (loss, arm), per_seed in curves.items() for seed, values in per_seed.items()]
+    rows = ls.paired_comparisons(runs, cfg)
+    by_key = {(row["loss"], row["arm"]): row for row in rows}
+    assert set(by_key) == {("dpo", "offline"), ("dpo", "on_policy"), ("rwr", "on_policy - offline"),
+                           ("dpo", "on_policy - offline")}
+    off = by_key[("dpo", "offline")]
+    assert off["vs"] == "rwr" and off["final"]["n"] == 2 and off["final"]["wins"] == 2
+    assert off["final"]["mean"] == pytest.approx((0.4 + 0.1) / 2)
+    assert off["auc"]["mean"] == pytest.approx(((0.4 + 0.4) / 3 + (0.2 + 0.1) / 3) / 2)
+    on = by_key[("dpo", "on_policy")]
+    assert on["final"]["mean"] == pytest.approx(0.1) and on["final"]["wins"] == 1
+    assert by_key[("rwr", "on_policy - offline")]["final"]["mean"] == pytest.approx((2.5 + 2.2) / 2)
+    text = ls.format_paired(rows, 2)
+    assert text.count("| min_length |") == 4 and "dpo − rwr, on-policy" in text and "rwr, on-policy − offline" in text
+
+
+def test_command_line_options():
+    parser = ls.build_parser()
+    args = parser.parse_args(["--losses", "rwr", "dpo", "--rewards", "mode_length", "--num-checkpoints", "2"])
+    assert args.losses == ["rwr", "dpo"] and args.rewards == ["mode_length"] and args.num_checkpoints == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--losses", "ppo_unknown"])
+    assert ls.LengthStudyConfig().resolved().checkpoint_steps() == [0, 20, 40, 60, 80, 100, 120, 140, 160]
+    assert ls.LOSSES[0] == ls.MAXIMUM_LIKELIHOOD == "rwr"
+
+
+def test_offline_files_of_the_maximum_likelihood_arm_are_the_group_of_samples(tmp_path):
+    """rwr sees exactly the rows reinforce sees (the n samples with their rewards); only the loss differs."""
+    prompts = _write(tmp_path / "prompts.jsonl", [{"id": "a", "prompt": "12+30=", "response": "42"}])
+    samples = _write(tmp_path / "samples.jsonl", [
+        {"prompt_id": "a", "responses": ["420", "4", "42"], "response_token_ids": [[7, 5, 3, 2], [7, 2], [7, 5, 2]]}])
+    rwr = ls.build_offline_files("rwr", "min_length", prompts, samples, tmp_path / "rwr")
+    reinforce = ls.build_offline_files("reinforce", "min_length", prompts, samples, tmp_path / "rf")
+    for got, want in zip(rwr, reinforce):
+        assert got.read_text() == want.read_text()
