@@ -420,7 +420,8 @@ class _PoolCounter:
             rule = (f"reward >= {float(self.threshold):g}" if self.threshold is not None
                     else "reward >= positive_reward (the good answer's reward)")
             out.update({"correct_rule": rule, "prompts_with_rewards": self.scored_prompts,
-                        "frac_correct": frac(self.correct, self.scored), "mean_reward": frac(self.reward_sum, self.scored),
+                        "frac_correct": frac(self.correct, self.scored),
+                        "mean_reward": frac(self.reward_sum, self.scored),
                         "frac_filtered": frac(self.filtered, self.scored),
                         "frac_prompts_unfilterable": frac(self.unfilterable, self.scored_prompts)})
         return out

@@ -182,10 +182,14 @@ def compute_ref_logps(cfg: RefLogpsConfig) -> Path:
     if out.exists():
         try:
             read_ref_logps(out, examples)
-            RefLogpsPool(out)  # caches from before the row hashes are rewritten with them
-            return out
         except (DataError, ValueError) as err:
-            warnings.warn(f"ref-logps: recomputing the cache {out} ({err})", stacklevel=2)
+            warnings.warn(f"ref-logps: recomputing the damaged cache {out} ({err})", stacklevel=2)
+        else:
+            try:
+                RefLogpsPool(out)
+                return out
+            except (DataError, ValueError) as err:  # e.g. written before the row hashes existed
+                warnings.warn(f"ref-logps: recomputing the cache {out} for pool lookup ({err})", stacklevel=2)
     device = resolve_device(m.device)
     model = load_causal_lm(m.path, attn=m.attn, device=device, dtype=resolve_dtype(cfg.dtype, device),
                            trust_remote_code=m.trust_remote_code)
@@ -195,8 +199,8 @@ def compute_ref_logps(cfg: RefLogpsConfig) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     hashes = torch.tensor([[row_hash(row) for row in e.rows] for e in examples], dtype=torch.int64)
-    save_file({"row_logps": row_logps.contiguous(), "row_tokens": row_tokens.contiguous(), "row_hash": hashes}, str(tmp),
-              metadata={"fingerprint": fingerprint, "reference_model": cfg.model.path,
+    save_file({"row_logps": row_logps.contiguous(), "row_tokens": row_tokens.contiguous(), "row_hash": hashes},
+              str(tmp), metadata={"fingerprint": fingerprint, "reference_model": cfg.model.path,
                         "prompt_ids": json.dumps([e.prompt_id for e in examples])})
     os.replace(tmp, out)
     return out

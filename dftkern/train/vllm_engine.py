@@ -21,8 +21,8 @@ and sample ``j`` of the prompt is drawn with seed ``s + j``. What that gives:
 
 * the samples of a prompt depend on the seed, the prompt (its id and tokens), the sampling
   settings and the weights, not on the batch size, the other prompts of the call, their order, or
-  on resuming — checked in ``tests/vllm``: same prompts alone, reordered or in another batch give
-  the same tokens on the CPU backend;
+  on resuming — checked in ``tests/vllm_sampling``: same prompts alone, reordered or in another
+  batch give the same tokens on the CPU backend;
 * they are NOT the HF path's samples for the same seed (a different random stream; greedy
   decoding is the same tokens — also tested);
 * bit-for-bit repeats need the same vLLM version, hardware, dtype and kernels. vLLM does not
@@ -93,7 +93,7 @@ def vllm_import_error() -> str | None:
     reason names the exception. Cached: vLLM is imported at most once per process.
     """
     spec = importlib.util.find_spec("vllm")
-    if spec is None or spec.origin in (None, "namespace"):  # a bare directory named vllm (tests/vllm) is no install
+    if spec is None or spec.origin in (None, "namespace"):  # a bare directory named vllm (namespace package): none
         return "vllm is not installed"
     try:
         module = importlib.import_module("vllm")
@@ -414,7 +414,7 @@ class VLLMSampler:
         does not have are an error, raised before the engine is touched (a failed in-place reload
         leaves the engine unusable). With tied embeddings the LM head is passed as
         ``lm_head.weight`` (added from ``model.embed_tokens.weight`` when absent): vLLM 0.32's
-        layer-wise reload leaves a tied LM head stale unless it is named — ``tests/vllm`` checks
+        layer-wise reload leaves a tied LM head stale unless it is named — ``tests/vllm_sampling`` checks
         that greedy decoding after a push equals the HF model's.
         """
         pairs = self._named_tensors(weights)

@@ -191,13 +191,15 @@ def test_system_prompt_and_template_with_a_chat_template():
     chat = synthetic.build_char_tokenizer(synthetic.ADDITION_ALPHABET + "\n")
     chat.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{{ eos_token }}"
                           "{% elif m['role'] == 'assistant' %}={{ m['content'] }}{{ eos_token }}"
-                          "{% else %}{{ m['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %}={% endif %}")
+                          "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+                          "{% if add_generation_prompt %}={% endif %}")
     record = PromptRecord("0", "3", prompt="1+2")
     assert chat.decode(encode_prompt(chat, record)) == "1+2="
     assert chat.decode(encode_sampling_prompt(chat, record, system_prompt="9+9=0")) == "9+9=0<eos>1+2="
     assert chat.decode(encode_sampling_prompt(chat, record, system_prompt="9+9=0", template="5+{prompt}")) == \
         "9+9=0<eos>5+1+2="
-    with_system = PromptRecord("1", "3", messages=({"role": "system", "content": "1"}, {"role": "user", "content": "1+2"}))
+    with_system = PromptRecord("1", "3", messages=({"role": "system", "content": "1"},
+                                                   {"role": "user", "content": "1+2"}))
     assert chat.decode(encode_sampling_prompt(chat, with_system, system_prompt="0")) == "0\n\n1<eos>1+2="
     with pytest.raises(ValueError, match=r"needs a chat template \(--no-chat-template disabled it\)"):
         encode_sampling_prompt(chat, record, use_chat_template=False, system_prompt="0")
@@ -293,7 +295,8 @@ def test_the_pool_is_scored_once_and_every_epochs_k_subset_indexes_it(workspace,
     for epoch in range(3):
         picks = rotate_negatives(list(range(4)), 2, epoch)
         views = [negatives_view(e, picks) for e in examples]
-        assert all(v.rewards == [e.rewards[r] for r in (0, 1 + picks[0], 1 + picks[1])] for v, e in zip(views, examples))
+        assert all(v.rewards == [e.rewards[r] for r in (0, 1 + picks[0], 1 + picks[1])]
+                   for v, e in zip(views, examples))
         # the same K negatives as a per-epoch file (what the DFT study writes), looked up by content
         lines = [{"prompt_id": p, "responses": [pool[p].responses[i] for i in picks],
                   "response_token_ids": [list(pool[p].response_token_ids[i]) for i in picks]} for p in pool]
