@@ -4,7 +4,7 @@
 #
 #   bash .ci/vllm_step.sh            # from a clean clone; DFTKERN_VLLM_CI_VENV=DIR reuses/creates DIR
 #
-# Runs tests/vllm (HF vs vLLM greedy token for token, n/lengths/seeds/metadata, generate -> ref-logps
+# Runs tests/vllm_sampling (HF vs vLLM greedy token for token, n/lengths/seeds/metadata, generate -> ref-logps
 # -> train on vLLM negatives, on-policy with a colocated engine). Fails if vLLM does not import
 # after the install, so the engine tests can never pass by being skipped.
 set -euo pipefail
@@ -35,6 +35,6 @@ if reason is not None:
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, vllm {vllm.__version__}")
 EOF
 # -rs lists skips with their reason; -p no:cacheprovider keeps the clone clean
-python -m pytest -q -rs -p no:cacheprovider tests/vllm
+python -m pytest -q -rs -p no:cacheprovider tests/vllm_sampling
 finished=$(date +%s)
 echo "vllm step: install $((installed - started)) s, tests $((finished - installed)) s, total $((finished - started)) s"

@@ -21,8 +21,8 @@ and sample ``j`` of the prompt is drawn with seed ``s + j``. What that gives:
 
 * the samples of a prompt depend on the seed, the prompt (its id and tokens), the sampling
   settings and the weights, not on the batch size, the other prompts of the call, their order, or
-  on resuming — checked in ``tests/vllm``: same prompts alone, reordered or in another batch give
-  the same tokens on the CPU backend;
+  on resuming — checked in ``tests/vllm_sampling``: same prompts alone, reordered or in another
+  batch give the same tokens on the CPU backend;
 * they are NOT the HF path's samples for the same seed (a different random stream; greedy
   decoding is the same tokens — also tested);
 * bit-for-bit repeats need the same vLLM version, hardware, dtype and kernels. vLLM does not
@@ -39,6 +39,10 @@ effects of vLLM's CPU worker on the host process are undone here: it re-seeds th
 sampler draws from the global torch generator on every step; the sampler saves and restores those
 around construction and every call. It does leave ``torch.distributed`` initialized (a 1-process
 gloo group) while the engine lives; :meth:`VLLMSampler.close` destroys it again if vLLM created it.
+
+On-policy training (``train --on-policy --sample-engine vllm``) wraps the engine in
+:class:`VLLMPolicySampler`: the trainer's :class:`~dftkern.train.onpolicy.Sampler` whose every
+sampling round starts with a weight push.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ from .util import derive_seed
 
 __all__ = [
     "ENGINE_CHOICES",
+    "VLLMPolicySampler",
     "VLLMSampler",
     "VLLMUnavailableError",
     "request_seed",
@@ -88,7 +93,7 @@ def vllm_import_error() -> str | None:
     reason names the exception. Cached: vLLM is imported at most once per process.
     """
     spec = importlib.util.find_spec("vllm")
-    if spec is None or spec.origin in (None, "namespace"):  # a bare directory named vllm (tests/vllm) is no install
+    if spec is None or spec.origin in (None, "namespace"):  # a bare directory named vllm (namespace package): none
         return "vllm is not installed"
     try:
         module = importlib.import_module("vllm")
@@ -126,8 +131,9 @@ def request_seed(*parts) -> int:
     """The seed of one vLLM request (all ``n`` samples of one prompt), from ``parts`` only.
 
     62 bits, so that vLLM's per-sample seeds ``request_seed + j`` (``j < n``) stay below 2**63.
-    The generate stage uses ``request_seed(seed, prompt_id)``, on-policy sampling
-    ``request_seed(seed, "on-policy", step, prompt_id)``.
+    The generate stage uses ``request_seed(seed, prompt_id)``. On-policy rollouts
+    (:class:`VLLMPolicySampler`) send one ``n=1`` request per sample instead, seeded with the
+    trainer's per-sample seed.
     """
     return derive_seed("vllm", *parts) >> 1
 
@@ -408,7 +414,7 @@ class VLLMSampler:
         does not have are an error, raised before the engine is touched (a failed in-place reload
         leaves the engine unusable). With tied embeddings the LM head is passed as
         ``lm_head.weight`` (added from ``model.embed_tokens.weight`` when absent): vLLM 0.32's
-        layer-wise reload leaves a tied LM head stale unless it is named — ``tests/vllm`` checks
+        layer-wise reload leaves a tied LM head stale unless it is named — ``tests/vllm_sampling`` checks
         that greedy decoding after a push equals the HF model's.
         """
         pairs = self._named_tensors(weights)
@@ -460,6 +466,44 @@ class VLLMSampler:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class VLLMPolicySampler:
+    """The on-policy :class:`~dftkern.train.onpolicy.Sampler` with colocated vLLM rollouts.
+
+    Every :meth:`sample` call (one per sampling round, i.e. every ``--refresh-every`` optimizer
+    steps) first pushes the policy's current weights into ``engine``
+    (:meth:`VLLMSampler.update_weights`), then decodes each row as its own ``n=1`` request seeded
+    with the row's seed -- the trainer's per-sample seeds ``(seed, "on-policy", step, p, j)``, so no
+    grouping into ``n``-sample requests is needed (vLLM's prefix cache shares the prompt's prefill
+    between a prompt's rows). Scoring (:meth:`sequence_logps`, the reference log-probs of the
+    sampled rows) stays with the trainer's own model through ``scorer``.
+
+    Args:
+        engine: a :class:`VLLMSampler` over a directory of the policy's architecture (its weights are
+            replaced at the first push).
+        scorer: an object with ``sequence_logps(examples)`` (the HF :class:`~.onpolicy.PolicySampler`).
+        causal_lm: the policy (the Hugging Face causal LM, not a wrapper); single process only.
+        tokenizer: decodes the samples' texts (special tokens skipped, as on the HF path).
+        sampling: a :class:`~dftkern.train.generate.SamplingConfig`.
+        eos_ids: the ids that end a response (:meth:`VLLMSampler.eos_token_ids`).
+    """
+
+    def __init__(self, engine: VLLMSampler, scorer, causal_lm, tokenizer, *, sampling, eos_ids: set[int]):
+        self.engine, self.scorer, self.causal_lm, self.tokenizer = engine, scorer, causal_lm, tokenizer
+        self.sampling, self.eos_ids = sampling, eos_ids
+
+    def sample(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> list:
+        """One response per row (a list of :class:`~.onpolicy.Sample`), after pushing the current weights."""
+        from .onpolicy import Sample
+
+        self.engine.update_weights(self.causal_lm)
+        outputs = self.engine.decode(prompts, sampling=self.sampling, eos_ids=self.eos_ids, seeds=seeds)
+        return [Sample(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True)) for tokens, _ in outputs]
+
+    def sequence_logps(self, examples) -> list[list[float]]:
+        """The current policy's sequence log-prob of every row (delegated to ``scorer``)."""
+        return self.scorer.sequence_logps(examples)
 
 
 # -- benchmark -------------------------------------------------------------------------------------

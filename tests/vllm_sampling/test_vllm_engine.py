@@ -61,6 +61,16 @@ def hf_greedy(model, prompts, eos, max_new=MAX_NEW):
     return decode(model, prompts, sampling=SamplingConfig(max_new, 0.0), eos_ids=eos, pad_token_id=0)
 
 
+def perturbed(model, *, seed):
+    """A copy of ``model`` with every parameter moved by 0.3 of its std (seeded noise)."""
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        for param in policy.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.3 * param.std())
+    return policy
+
+
 def check_rows(rows, eos, max_new):
     """The decode() contract: finished <=> ends with the (only) EOS; otherwise exactly max_new tokens."""
     for tokens, finished in rows:
@@ -173,11 +183,7 @@ def test_seeding_contract(sampler, prompts, eos):
 
 def test_update_weights_changes_what_is_sampled(sampler, tiny, prompts, eos):
     original = hf_greedy(tiny.model, prompts, eos)
-    policy = copy.deepcopy(tiny.model)
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(11)
-        for param in policy.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.3 * param.std())
+    policy = perturbed(tiny.model, seed=11)
     updated = hf_greedy(policy, prompts, eos)
     assert sum(a != b for a, b in zip(updated, original)) >= 4  # the perturbation is visible
     greedy = SamplingConfig(MAX_NEW, 0.0)
@@ -240,3 +246,35 @@ def test_input_errors(sampler, prompts, eos):
         sampler.sample(prompts[:1], n=2, sampling=sampling, eos_ids=eos, seeds=[2**63 - 1])
     with pytest.raises(ValueError, match="forward/all_done"):
         sampler.decode(prompts[:1], sampling=sampling, eos_ids=eos, seeds=[1], forward=lambda **kw: None)
+
+
+def test_policy_sampler_pushes_the_policy_then_decodes_every_row_with_its_seed(sampler, tiny, prompts, eos):
+    """VLLMPolicySampler (on-policy rollouts): one weight push per sample() call, then one n=1 request per
+    row seeded with the row's own seed; scoring is delegated."""
+    from dftkern.train.vllm_engine import VLLMPolicySampler
+
+    class Scorer:
+        def sequence_logps(self, examples):
+            return [[float(len(examples))]]
+
+    policy = perturbed(tiny.model, seed=5)
+    rows, seeds = prompts[:4] * 2, [11, 12, 13, 14, 11, 12, 99, 98]
+    before = sampler.weight_version
+    try:
+        greedy = VLLMPolicySampler(sampler, Scorer(), policy, tiny.tokenizer, sampling=SamplingConfig(MAX_NEW, 0.0),
+                                   eos_ids=eos)
+        out = greedy.sample(rows, seeds)
+        assert sampler.weight_version == before + 1
+        expected = hf_greedy(policy, rows, eos)
+        assert expected != hf_greedy(tiny.model, rows, eos)  # the push is what makes these equal
+        assert [s.token_ids for s in out] == [tokens for tokens, _ in expected]
+        assert [s.text for s in out] == [tiny.tokenizer.decode(t, skip_special_tokens=True) for t, _ in expected]
+        sampling = SamplingConfig(MAX_NEW, 1.0)
+        drawn = VLLMPolicySampler(sampler, Scorer(), policy, tiny.tokenizer, sampling=sampling, eos_ids=eos)
+        out = [s.token_ids for s in drawn.sample(rows, seeds)]
+        assert sampler.weight_version == before + 2
+        assert out == [t for t, _ in sampler.decode(rows, sampling=sampling, eos_ids=eos, seeds=seeds)]
+        assert out[:2] == out[4:6]  # same prompt and seed, same sample
+        assert greedy.sequence_logps(["a", "b"]) == [[2.0]]
+    finally:
+        sampler.update_weights(tiny.model)

@@ -8,7 +8,6 @@ Each generate / train call builds (and closes) its own engine: 4 engine loads in
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
@@ -19,13 +18,10 @@ from vllm_helpers import make_test_model, needs_vllm
 
 from dftkern.train import synthetic
 from dftkern.train.generate import GenerateConfig, SamplingConfig, decode, eos_token_ids, generate_samples
+from dftkern.train.options import option_names
+from dftkern.train.trainer import TrainConfig
 
-pytestmark = [
-    needs_vllm,
-    pytest.mark.skipif("engine" not in {f.name for f in dataclasses.fields(GenerateConfig)},
-                       reason="the generate stage has no engine option yet (integration of dftkern/train/"
-                              "vllm_engine.py into generate.py/onpolicy.py/trainer.py/cli.py not merged)"),
-]
+pytestmark = needs_vllm
 
 REWARD = "dftkern.train.synthetic:addition_reward"
 
@@ -64,6 +60,20 @@ def test_greedy_generate_writes_the_hf_engines_file(ws):
     assert {k: v for k, v in hf_meta.items() if k != "engine"} == {k: v for k, v in vl_meta.items() if k != "engine"}
 
 
+def test_sampling_only_instruction_on_both_engines(ws):
+    """The sampling-only template reaches vLLM as it reaches the HF engine: greedy files are identical,
+    differ from the uninstructed ones, and keep the training prompt in every line."""
+    template = "1+1=3<eos>2+2=5<eos>{prompt}"
+    hf = _generate(ws, "instructed_hf.jsonl", engine="hf", temperature=0.0, sample_prompt_template=template)
+    vl = _generate(ws, "instructed_vllm.jsonl", engine="vllm", temperature=0.0, sample_prompt_template=template)
+    plain = _generate(ws, "plain_hf.jsonl", engine="hf", temperature=0.0)
+    assert vl.read_text() == hf.read_text() != plain.read_text()
+    assert [x["prompt"] for x in _lines(vl)] == [x["prompt"] for x in _lines(plain)]
+    meta = _meta(vl)
+    assert meta["sample_prompt_template"] == template and meta["sample_prompt_example"].startswith("<bos>1+1=3<eos>")
+    assert meta["pool_stats"] == _meta(hf)["pool_stats"]
+
+
 def test_sampled_generate_records_resume_and_settings(ws):
     settings = dict(engine="vllm", temperature=0.7, top_k=50, top_p=1.0, seed=3, batch_size=16)
     full = _generate(ws, "sampled.jsonl", **settings)
@@ -95,7 +105,7 @@ def test_sampled_generate_records_resume_and_settings(ws):
 
 def test_dft_trains_on_vllm_negatives(ws):
     from dftkern.train.ref_logps import RefLogpsConfig, compute_ref_logps
-    from dftkern.train.trainer import TrainConfig, train
+    from dftkern.train.trainer import train
 
     negatives = _generate(ws, "negatives.jsonl", engine="vllm", temperature=0.7, top_k=50, seed=1)
     cache = compute_ref_logps(RefLogpsConfig(model=str(ws["model"]), data=str(ws["data"]), negatives=str(negatives),
@@ -108,9 +118,12 @@ def test_dft_trains_on_vllm_negatives(ws):
     assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
 
 
+@pytest.mark.skipif("sample_engine" not in option_names(TrainConfig),
+                    reason="train has no --sample-engine yet (the on-policy vLLM wiring of onpolicy.py/trainer.py "
+                           "is pending in the trainer's owner's branch)")
 def test_on_policy_with_colocated_vllm_pushes_weights_and_learns(tmp_path, monkeypatch):
     from dftkern.train import vllm_engine
-    from dftkern.train.trainer import TrainConfig, train
+    from dftkern.train.trainer import train
 
     tokenizer = synthetic.build_char_tokenizer()  # plain small init: starts near-uniform, learns fast
     synthetic.make_tiny_llama(tokenizer, hidden_size=128, num_layers=2, num_heads=2, max_positions=64, seed=0,

@@ -1,4 +1,9 @@
-"""Helpers shared by the vLLM tests (imported by name: tests/vllm is put on sys.path by its conftest)."""
+"""Helpers shared by the vLLM tests (imported by name: their conftest puts this folder on sys.path).
+
+The folder is not named ``vllm``: under pytest ``tests/`` is on sys.path, and a folder ``tests/vllm``
+would be found by ``importlib.util.find_spec("vllm")`` as a namespace package, which makes libraries
+that probe for vLLM (TRL's ``is_vllm_available``) believe it is installed and fail on its version.
+"""
 
 from __future__ import annotations
 
