@@ -48,10 +48,12 @@ def _stage_configs() -> dict[str, type]:
 
 # the default run's size options override the (--quick) sizes only when given
 _OVERRIDES = {"warmup_steps": None, "steps": None, "num_negatives": None}
+# command-line defaults that differ from the config's: `generate` uses vLLM when it imports (GenerateConfig: hf)
+_CLI_DEFAULTS = {"default": _OVERRIDES, "generate": {"engine": "auto"}}
 
 
 def _add_stage_options(parser: argparse.ArgumentParser, stage: str) -> None:
-    add_arguments(parser, _stage_configs()[stage], groups=_GROUPS, defaults=_OVERRIDES if stage == "default" else None)
+    add_arguments(parser, _stage_configs()[stage], groups=_GROUPS, defaults=_CLI_DEFAULTS.get(stage))
 
 
 def build_parser() -> argparse.ArgumentParser:

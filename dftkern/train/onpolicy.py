@@ -38,6 +38,14 @@ saved with it.
 times over, in the same order (:meth:`OnPolicyConfig.first_micro_batch`), with the
 ``old_logps`` fixed at sampling time, so the ratio moves away from 1 in the later passes.
 
+**Sampling engine** (``--sample-engine``): ``hf`` decodes through the training wrapper (below);
+``vllm`` decodes with a vLLM engine colocated in the process
+(:class:`~.vllm_engine.VLLMPolicySampler`, single process only), the policy's current weights
+pushed into it before every sampling round. Only the decoding moves: the sampled rows are scored
+(sequence log-probs, ``old_token_logps``) by the training wrapper's forward as with ``hf``, and
+the samples are the same function of the seeds below on a given engine, but not the same tokens
+as ``hf``'s (another random stream; see :mod:`.vllm_engine`).
+
 Sample j of prompt p at step s uses a generator seeded from ``(seed, s, p, j)``; the current window
 of samples is saved in checkpoints, so resuming stays bit-exact. Under FSDP2 every rank samples its
 own prompts through the sharded wrapper, in lockstep (same number of forward calls on every rank).
@@ -87,10 +95,11 @@ from .distributed import DistContext
 from .generate import SamplingConfig, decode, eos_token_ids
 from .model import score_rows, token_logps_rows
 from .objectives import LOSS_SPECS, POLICY_LOSS_SPECS
-from .options import Function, Integer, Number, option, validate
+from .options import Choice, Function, Integer, Number, option, validate
 from .records import PromptRecord
 from .rewards import RewardFn, resolve_reward
 from .util import derive_seed
+from .vllm_engine import ENGINE_CHOICES
 
 __all__ = ["ON_POLICY_FAMILIES", "ON_POLICY_LOSSES", "OnPolicyConfig", "ExampleSource", "Sampler", "Sample",
            "RowScorer", "PolicySampler", "PromptSet", "online_pair", "on_policy_example", "offline_layout",
@@ -132,6 +141,13 @@ class OnPolicyConfig:
                                 "negatives (--negatives, and --ref-logps where the loss needs them) instead of "
                                 "fresh samples: floor(f * batch size) per micro-batch (0 = all on-policy)",
                                 metavar="FRACTION", group="on_policy", label="offline_mix (--offline-mix)")
+    sample_engine: str = option("hf", Choice(ENGINE_CHOICES), "hf, or vllm: a vLLM engine colocated in this "
+                                "process, the policy's weights pushed into it before every sampling round (single "
+                                "process only; see docs/vllm.md); auto = vllm when importable", group="on_policy")
+    vllm_gpu_memory_utilization: float | None = option(
+        None, Number(low=0, high=1, low_open=True, optional=True), "with --sample-engine vllm on GPU: the fraction "
+        "of device memory vLLM may take (default: 0.3, the rest is the trainer's); on CPU the KV cache is a fixed "
+        "256 MiB", metavar="FRACTION", group="on_policy")
 
     def __post_init__(self):
         if self.reward is None or (isinstance(self.reward, str) and not self.reward.strip()):

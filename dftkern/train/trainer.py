@@ -25,6 +25,7 @@ Output in ``out``: ``checkpoints/``, ``metrics.jsonl`` (one line per logged step
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
@@ -99,11 +100,12 @@ from .prefix_sharing import (
     collate_shared,
     prepare_shared_prompt_model,
 )
-from .records import read_prompt_records, read_sample_records
-from .ref_logps import attach_ref_logps, cache_path
+from .records import DataError, read_prompt_records, read_sample_records
+from .ref_logps import RefLogpsPool, attach_ref_logps, cache_path
 from .resume import load_resume_point
 from .rewards import resolve_reward
 from .util import atomic_write_json, note
+from .vllm_engine import resolve_engine
 
 __all__ = ["OptimConfig", "TrainConfig", "TrainResult", "NonFiniteLossError", "train", "warmup_cosine",
            "load_training_examples"]
@@ -226,6 +228,7 @@ class TrainConfig(FlatKeywords):
             raise ValueError(f"loss {spec.name!r} needs at least {spec.min_rows_per_group} samples per prompt, "
                              f"got samples_per_prompt={sampling.samples_per_prompt} (--samples-per-prompt)")
         resolve_reward(sampling.reward, what="reward (--reward)")  # unknown names fail here, not after loading
+        resolve_engine(sampling.sample_engine)  # --sample-engine vllm without vLLM fails here, not after loading
         if sampling.ppo_epochs > 1 and not policy:
             raise ValueError(f"ppo_epochs={sampling.ppo_epochs} (--ppo-epochs) reuses each window of samples; only "
                              f"the policy losses {POLICY_LOSS_NAMES} correct for that (importance ratio to the "
@@ -322,6 +325,20 @@ class MetricsLog:
                 handle.write(json.dumps(record) + "\n")
 
 
+def _attach_reference(examples: list[TrainExample], path: Path) -> None:
+    """The cache made for exactly these rows, or else a pool cache that scored all of them (e.g. every
+    sample of the pool, when training takes K of them): looked up by row content (:class:`RefLogpsPool`)."""
+    try:
+        attach_ref_logps(examples, path)
+    except DataError:
+        raise
+    except ValueError as err:  # other rows: maybe a superset of these
+        try:
+            RefLogpsPool(path).attach(examples)
+        except (DataError, ValueError):
+            raise err from None
+
+
 def load_training_examples(cfg: TrainConfig, tokenizer, objective: Objective, *, vocab_size: int | None = None,
                            report: OverlongReport | None = None) -> list[TrainExample]:
     """Tokenized examples with negatives, reference log-probs and rewards as the loss needs them.
@@ -344,7 +361,7 @@ def load_training_examples(cfg: TrainConfig, tokenizer, objective: Objective, *,
             raise FileNotFoundError(f"loss {loss!r} needs reference log-probs, but {path} does not exist: run "
                                     f"`python -m dftkern.train ref-logps --model REF --data {cfg.data} --negatives "
                                     f"{cfg.negatives}` first (with the same --num-negatives/--max-length)")
-        attach_ref_logps(examples, path)
+        _attach_reference(examples, path)
     if spec.needs_rewards and any(e.rewards is None for e in examples):
         raise ValueError(f"loss {loss!r} needs rewards: generate the negatives with --reward module:function")
     return examples
@@ -433,12 +450,34 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int, dict], None] | None =
     (after any checkpoint of that step), e.g. to stop early or to log elsewhere."""
     ctx = init_distributed(cfg.model.device)
     try:
-        return _train(cfg, ctx, on_step_end)
+        with contextlib.ExitStack() as resources:  # e.g. the vLLM engine of --sample-engine vllm
+            return _train(cfg, ctx, on_step_end, resources)
     finally:
         ctx.shutdown()
 
 
-def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
+def _vllm_policy_sampler(cfg: TrainConfig, ctx: DistContext, resources: contextlib.ExitStack, scorer: RowScorer,
+                         causal_lm, tokenizer, autocast_dtype):
+    """``--sample-engine vllm``: rollouts from a vLLM engine colocated in this process (docs/vllm.md).
+
+    Only the decoding moves to vLLM: every row is still scored by ``scorer`` (the training
+    wrapper's forward), so the policy losses' ``old_logps`` and the online losses' sequence
+    log-probs are the trainer's own numbers at the training logit transform, never vLLM's."""
+    if ctx.distributed:
+        raise ValueError("sample_engine='vllm' (--sample-engine vllm) runs one colocated engine in a single "
+                         "process; under torchrun use --sample-engine hf")
+    from .vllm_engine import VLLMPolicySampler, VLLMSampler
+
+    memory = cfg.on_policy.vllm_gpu_memory_utilization
+    engine = resources.enter_context(VLLMSampler(
+        cfg.model.path, dtype=autocast_dtype or torch.float32, seed=cfg.optim.seed,
+        trust_remote_code=cfg.model.trust_remote_code,
+        gpu_memory_utilization=memory if memory is not None else (0.3 if ctx.device.type == "cuda" else None)))
+    return VLLMPolicySampler(engine, scorer, causal_lm, tokenizer, sampling=cfg.on_policy.sampling,
+                             eos_ids=engine.eos_token_ids(tokenizer))
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, on_step_end, resources: contextlib.ExitStack) -> TrainResult:
     run_dir, device, optim = Path(cfg.out), ctx.device, cfg.optim
     settings = flat_values(cfg)
     if ctx.is_main:
@@ -515,6 +554,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
     if cfg.on_policy:
         sampler = PolicySampler(wrapper, causal_lm, tokenizer, ctx, sampling=cfg.on_policy.sampling,
                                 batch_size=cfg.on_policy.generation_batch_size, packed=packed)
+        if resolve_engine(cfg.on_policy.sample_engine) == "vllm":
+            sampler = _vllm_policy_sampler(cfg, ctx, resources, sampler.scorer, causal_lm, tokenizer,
+                                           autocast_dtype)
         prompts = PromptSet.encode(tokenizer, records, use_chat_template=cfg.model.use_chat_template,
                                    max_length=cfg.max_length)
         reference = _reference_scorer(cfg, ctx, packed=packed, autocast_dtype=autocast_dtype,

@@ -477,12 +477,14 @@ class VLLMPolicySampler:
     with the row's seed -- the trainer's per-sample seeds ``(seed, "on-policy", step, p, j)``, so no
     grouping into ``n``-sample requests is needed (vLLM's prefix cache shares the prompt's prefill
     between a prompt's rows). Scoring (:meth:`sequence_logps`, the reference log-probs of the
-    sampled rows) stays with the trainer's own model through ``scorer``.
+    sampled rows, and the policy losses' per-token ``old_logps``) stays with the trainer's own model
+    through ``scorer``.
 
     Args:
         engine: a :class:`VLLMSampler` over a directory of the policy's architecture (its weights are
             replaced at the first push).
-        scorer: an object with ``sequence_logps(examples)`` (the HF :class:`~.onpolicy.PolicySampler`).
+        scorer: an object with ``sequence_logps(examples)`` and ``token_logps(examples)`` (the
+            trainer's :class:`~.onpolicy.RowScorer` over the training wrapper).
         causal_lm: the policy (the Hugging Face causal LM, not a wrapper); single process only.
         tokenizer: decodes the samples' texts (special tokens skipped, as on the HF path).
         sampling: a :class:`~dftkern.train.generate.SamplingConfig`.
@@ -504,6 +506,12 @@ class VLLMPolicySampler:
     def sequence_logps(self, examples) -> list[list[float]]:
         """The current policy's sequence log-prob of every row (delegated to ``scorer``)."""
         return self.scorer.sequence_logps(examples)
+
+    def token_logps(self, examples) -> list:
+        """The current policy's per-token log-probs of every row (delegated to ``scorer``): the policy
+        losses' ``old_logps`` come from the trainer's forward at the training logit transform, not from
+        vLLM's sampler (whose log-probs follow the sampling temperature and its own kernels)."""
+        return self.scorer.token_logps(examples)
 
 
 # -- benchmark -------------------------------------------------------------------------------------

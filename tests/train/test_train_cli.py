@@ -82,3 +82,36 @@ def test_default_run_quick_mode_end_to_end(tmp_path):
     assert list(out.glob("ref_logps-*.safetensors"))
     dft_metrics = [json.loads(line) for line in (out / "dft" / "metrics.jsonl").read_text().splitlines()]
     assert len(dft_metrics) == results["config"]["steps"] and "omega_mean" in dft_metrics[-1]
+
+
+def test_generate_engine_defaults_to_auto_on_the_command_line_and_hf_in_python():
+    from dftkern.train.cli import build_parser
+    from dftkern.train.generate import GenerateConfig
+
+    args = build_parser().parse_args(["generate", "--model", "m", "--data", "d.jsonl", "--out", "o.jsonl"])
+    assert args.engine == "auto"
+    assert GenerateConfig(model="m", data="d.jsonl", out="o.jsonl").engine == "hf"
+
+
+def test_sample_engine_is_an_on_policy_option(workspace, tmp_path):
+    from dftkern.train.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match=r"sample_engine='vllm' \(--sample-engine\): only used with on_policy"):
+        TrainConfig(model=str(workspace.model), data=str(workspace.data), out=str(tmp_path), loss="sft",
+                    sample_engine="vllm")
+
+
+def test_train_takes_k_negatives_of_a_pool_scored_once(workspace, tmp_path):
+    """--ref-logps may name the cache of the whole pool when training uses fewer negatives per prompt."""
+    from train_helpers import small_run
+
+    from dftkern.train.trainer import train
+
+    result = train(small_run(workspace, tmp_path / "k1", num_negatives=1, ref_logps=str(workspace.ref_cache),
+                             max_steps=1))
+    assert result.steps == 1
+    other = write_jsonl(tmp_path / "other.jsonl", [
+        {"prompt_id": json.loads(line)["id"], "responses": ["9"], "response_token_ids": [[12, 2]]}
+        for line in workspace.data.read_text().splitlines()])
+    with pytest.raises(ValueError, match="holds reference log-probs for other rows"):
+        train(small_run(workspace, tmp_path / "other", negatives=str(other), ref_logps=str(workspace.ref_cache)))

@@ -18,7 +18,6 @@ from vllm_helpers import make_test_model, needs_vllm
 
 from dftkern.train import synthetic
 from dftkern.train.generate import GenerateConfig, SamplingConfig, decode, eos_token_ids, generate_samples
-from dftkern.train.options import option_names
 from dftkern.train.trainer import TrainConfig
 
 pytestmark = needs_vllm
@@ -118,9 +117,6 @@ def test_dft_trains_on_vllm_negatives(ws):
     assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
 
 
-@pytest.mark.skipif("sample_engine" not in option_names(TrainConfig),
-                    reason="train has no --sample-engine yet (the on-policy vLLM wiring of onpolicy.py/trainer.py "
-                           "is pending in the trainer's owner's branch)")
 def test_on_policy_with_colocated_vllm_pushes_weights_and_learns(tmp_path, monkeypatch):
     from dftkern.train import vllm_engine
     from dftkern.train.trainer import train
@@ -154,3 +150,48 @@ def test_on_policy_with_colocated_vllm_pushes_weights_and_learns(tmp_path, monke
     rewards = [m["sample_reward"] for m in _lines(tmp_path / "rl" / "metrics.jsonl")]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.15, rewards  # learning from the engine's rollouts
+
+
+def test_policy_loss_on_vllm_rollouts_scores_old_logps_with_the_trainer(ws, tmp_path, monkeypatch):
+    """GRPO on vLLM rollouts sampled at T=0.7: the ratio's denominator is the training wrapper's
+    per-token log-prob at the training transform (T=1), so with one update per fresh window the
+    ratio is 1 and nothing is clipped; the sampled token ids are the rows that were scored."""
+    from dftkern.train import onpolicy
+    from dftkern.train.trainer import train
+
+    scored = []
+    original = onpolicy.RowScorer.token_logps
+
+    def recording(self, examples):
+        values = original(self, examples)
+        scored.append([[row.input_ids for row in e.rows] for e in examples])
+        return values
+
+    monkeypatch.setattr(onpolicy.RowScorer, "token_logps", recording)
+    sampled = []
+    from dftkern.train import vllm_engine
+
+    original_decode = vllm_engine.VLLMSampler.decode
+
+    def decode(self, prompts, **kw):
+        out = original_decode(self, prompts, **kw)
+        sampled.append([tuple(p) + tuple(tokens) for p, (tokens, _) in zip(prompts, out)])
+        return out
+
+    monkeypatch.setattr(vllm_engine.VLLMSampler, "decode", decode)
+    steps = 3
+    train(TrainConfig(model=str(ws["model"]), data=str(ws["data"]), out=str(tmp_path / "grpo"), loss="grpo",
+                      on_policy=True, sample_engine="vllm", reward=REWARD, samples_per_prompt=4,
+                      sample_max_new_tokens=4, sample_temperature=0.7, kl_beta=0.05, batch_size=4, max_steps=steps,
+                      lr=1e-3, device="cpu", progress=False, plot=False))
+    metrics = _lines(tmp_path / "grpo" / "metrics.jsonl")
+    assert len(metrics) == steps
+    for record in metrics:
+        assert abs(record["ratio_mean"] - 1.0) < 1e-5, record
+        assert record["clip_fraction_low"] == 0.0 and record["clip_fraction_high"] == 0.0
+        assert math.isfinite(record["kl_mean"]) and math.isfinite(record["entropy_mean"])
+    # every sampling round was scored by the trainer (policy: old_logps; the initial model: the KL's reference)
+    policy_rounds = scored[0::2]
+    assert len(sampled) == steps and len(policy_rounds) == steps
+    for rows, scored_rows in zip(sampled, policy_rounds):
+        assert [r for example in scored_rows for r in example] == rows
