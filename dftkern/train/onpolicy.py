@@ -96,14 +96,15 @@ from .generate import SamplingConfig, decode, eos_token_ids
 from .model import score_rows, token_logps_rows
 from .objectives import LOSS_SPECS, POLICY_LOSS_SPECS
 from .options import Choice, Function, Integer, Number, option, validate
-from .records import PromptRecord
+from .records import PromptRecord, SampleRecord, judge_samples, pool_candidates, rotate_negatives
+from .ref_logps import negatives_view
 from .rewards import RewardFn, resolve_reward
 from .util import derive_seed
 from .vllm_engine import ENGINE_CHOICES
 
 __all__ = ["ON_POLICY_FAMILIES", "ON_POLICY_LOSSES", "OnPolicyConfig", "ExampleSource", "Sampler", "Sample",
            "RowScorer", "PolicySampler", "PromptSet", "online_pair", "on_policy_example", "offline_layout",
-           "OfflineExamples", "OnPolicyExamples"]
+           "NegativeSchedule", "OfflineExamples", "OnPolicyExamples"]
 
 ON_POLICY_FAMILIES = ("group", "dft", "pairwise", "policy")
 """Loss families with an on-policy row rule (:func:`on_policy_example`)."""
@@ -389,21 +390,134 @@ class PromptSet:
 # ---------------------------------------------------------------------------------------------
 
 
-class OfflineExamples:
-    """:class:`ExampleSource` over the fixed training set (negatives sampled beforehand by the generate stage)."""
+@dataclass(frozen=True)
+class NegativeSchedule:
+    """Which ``k`` negatives of each offline example's pool of ``M`` samples an epoch trains on.
 
-    def __init__(self, examples: list[TrainExample]):
-        self._examples = examples
+    Epoch ``e`` gives example ``i`` the pool indices :func:`~.records.rotate_negatives`
+    ``(candidates[i], k, e)`` = ``candidates[i][(e * k + j) % n_i]`` for ``j < k`` (with ``rotate``;
+    without it, epoch 0's for every epoch): consecutive epochs take consecutive, disjoint slices of
+    the candidates while they last, then wrap around; with ``n_i < k`` an epoch repeats samples. A
+    pure function of the epoch, so resuming needs nothing but the micro-batch number.
+
+    ``candidates[i]``: the pool indices example ``i`` may use (:func:`~.records.pool_candidates`:
+    all of them, or with ``filtered`` those neither correct nor equal to the good answer, every
+    index again when that leaves none). ``correct[i]`` / ``equal[i]``: one flag per pool sample
+    (:func:`~.records.judge_samples`; ``correct[i]`` is None when the line has no rewards).
+    ``unfilterable``: how many examples the filter had to leave unfiltered.
+    """
+
+    k: int
+    rotate: bool
+    filtered: bool
+    candidates: tuple[tuple[int, ...], ...]
+    correct: tuple[tuple[bool, ...] | None, ...]
+    equal: tuple[tuple[bool, ...], ...]
+    unfilterable: int = 0
+
+    @classmethod
+    def build(cls, examples: Sequence[TrainExample], records: Sequence[PromptRecord],
+              samples: dict[str, SampleRecord], *, k: int, rotate: bool, filtered: bool,
+              correct_threshold: float | None = None) -> NegativeSchedule:
+        """The schedule of ``examples`` (built with the whole pool: rows ``1..M`` = samples ``0..M-1``
+        of the prompt's line in ``samples``; ``records`` holds their prompts, by id).
+
+        Raises:
+            ValueError: ``k`` is not an integer >= 1, or an example's rows do not match its pool.
+            DataError: with ``filtered``, a line has rewards but no ``positive_reward`` and no
+                ``correct_threshold`` (naming the file and line).
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        by_id = {r.prompt_id: r for r in records}
+        candidates, correct, equal, unfilterable = [], [], [], 0
+        for position, example in enumerate(examples):
+            if example.index != position:
+                raise ValueError(f"example {example.prompt_id!r} has index {example.index} at position {position}")
+            record, sample = by_id[example.prompt_id], samples[example.prompt_id]
+            if len(example.rows) - 1 != len(sample.responses):
+                raise ValueError(f"example {example.prompt_id!r} has {len(example.rows) - 1} negatives, its pool "
+                                 f"{len(sample.responses)}: build the examples with the whole pool")
+            kept, gave_up = pool_candidates(record, sample, filtered=filtered, correct_threshold=correct_threshold)
+            flags = judge_samples(record, sample, correct_threshold=correct_threshold)
+            candidates.append(tuple(kept))
+            correct.append(flags[0])
+            equal.append(flags[1])
+            unfilterable += gave_up
+        return cls(k, rotate, filtered, tuple(candidates), tuple(correct), tuple(equal), unfilterable)
+
+    def pick(self, index: int, epoch: int) -> list[int]:
+        """The pool indices (0-based) example ``index`` trains on in epoch ``epoch``."""
+        return rotate_negatives(self.candidates[index], self.k, epoch if self.rotate else 0)
+
+    def stats(self, picks: Sequence[tuple[int, Sequence[int]]]) -> dict[str, float]:
+        """Over ``(example index, picked pool indices)`` pairs: ``neg_frac_correct`` (the share of the
+        picked negatives the verifier marks correct, among examples with rewards; absent when none
+        has them) and ``neg_frac_equal_positive`` (equal to the good answer)."""
+        used = equal = scored = correct = 0
+        for index, chosen in picks:
+            used += len(chosen)
+            equal += sum(self.equal[index][j] for j in chosen)
+            if self.correct[index] is not None:
+                scored += len(chosen)
+                correct += sum(self.correct[index][j] for j in chosen)
+        out = {"neg_frac_equal_positive": equal / max(1, used)}
+        if scored:
+            out["neg_frac_correct"] = correct / scored
+        return out
+
+
+class OfflineExamples:
+    """:class:`ExampleSource` over the fixed training set (negatives sampled beforehand by the generate stage).
+
+    With a :class:`NegativeSchedule` (``negatives``; the examples then hold the whole pool of every
+    prompt) each micro-batch gets the negatives of its epoch (``micro-batch // batches per epoch``
+    of ``order``) as :func:`~.ref_logps.negatives_view` s, and :meth:`before_step` reports their
+    :meth:`NegativeSchedule.stats` over the step's ``grad_accum`` micro-batches. Calls must then
+    follow the trainer's order: after :meth:`before_step`, micro-batch ``first_micro_batch``, then
+    the following ones.
+    """
+
+    def __init__(self, examples: list[TrainExample], *, negatives: NegativeSchedule | None = None,
+                 order: ExampleOrder | None = None, grad_accum: int = 1):
+        self._examples, self.negatives, self.order, self.grad_accum = examples, negatives, order, grad_accum
+        if negatives is not None:
+            if order is None:
+                raise ValueError("OfflineExamples with a negative schedule needs the example order (order=)")
+            if len(negatives.candidates) != len(examples):
+                raise ValueError(f"the negative schedule covers {len(negatives.candidates)} examples, not "
+                                 f"{len(examples)}")
+        self._next_micro_batch: int | None = None
 
     @property
     def num_examples(self) -> int:
         return len(self._examples)
 
+    @property
+    def rows_per_example(self) -> int:
+        """Rows of every example a batch gets (the good answer and the negatives it trains on)."""
+        return 1 + self.negatives.k if self.negatives is not None else len(self._examples[0].rows)
+
     def before_step(self, step: int, first_micro_batch: int) -> dict[str, float]:
-        return {}
+        if self.negatives is None:
+            return {}
+        self._next_micro_batch = first_micro_batch
+        per_epoch = self.order.batches_per_epoch
+        return self.negatives.stats([(i, self.negatives.pick(i, m // per_epoch))
+                                     for m in range(first_micro_batch, first_micro_batch + self.grad_accum)
+                                     for i in self.order.batch(m)])
 
     def examples(self, indices: Sequence[int]) -> list[TrainExample]:
-        return [self._examples[i] for i in indices]
+        if self.negatives is None:
+            return [self._examples[i] for i in indices]
+        if self._next_micro_batch is None:
+            raise RuntimeError("examples() called before before_step(): the micro-batch (and epoch) is unknown")
+        micro_batch = self._next_micro_batch
+        if list(indices) != self.order.batch(micro_batch):
+            raise RuntimeError(f"examples() expected the indices of micro-batch {micro_batch}, got {list(indices)}")
+        self._next_micro_batch += 1
+        epoch = micro_batch // self.order.batches_per_epoch
+        return [negatives_view(self._examples[i], self.negatives.pick(i, epoch)) for i in indices]
 
     def state_dict(self) -> dict:
         return {}

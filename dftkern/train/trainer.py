@@ -84,6 +84,7 @@ from .objectives import LOSS_NAMES, POLICY_LOSS_NAMES, Objective, ObjectiveConfi
 from .onpolicy import (
     ON_POLICY_LOSSES,
     ExampleSource,
+    NegativeSchedule,
     OfflineExamples,
     OnPolicyConfig,
     OnPolicyExamples,
@@ -100,7 +101,7 @@ from .prefix_sharing import (
     collate_shared,
     prepare_shared_prompt_model,
 )
-from .records import DataError, read_prompt_records, read_sample_records
+from .records import DataError, pool_stats, read_prompt_records, read_sample_records
 from .ref_logps import RefLogpsPool, attach_ref_logps, cache_path
 from .resume import load_resume_point
 from .rewards import resolve_reward
@@ -161,8 +162,21 @@ class TrainConfig(FlatKeywords):
                                    "unless --on-policy; with --on-policy only for --offline-mix)")
     ref_logps: str | None = option(None, Text(optional=True), "reference log-prob cache file, or the directory "
                                    "holding it", default_text="next to --negatives")
-    num_negatives: int | None = option(None, Integer(low=1, optional=True), "first K samples per prompt",
+    num_negatives: int | None = option(None, Integer(low=1, optional=True), "K negatives per example: the first K "
+                                       "samples per prompt, or with --rotate-negatives / --filter-negatives K of "
+                                       "the prompt's pool (its M samples) per epoch", metavar="K",
                                        default_text="all")
+    rotate_negatives: bool = option(False, Flag(), "take fresh negatives each epoch: epoch e trains on pool samples "
+                                    "(e*K + j) mod n, j < K, of each prompt's n candidates (deterministic, "
+                                    "resumable); needs --num-negatives K and reference log-probs of the whole pool "
+                                    "(ref-logps without --num-negatives)")
+    filter_negatives: bool = option(False, Flag(), "drop negatives the verifier marks correct (the rewards of "
+                                    "generate --reward, see --correct-threshold) or equal to the good answer; a "
+                                    "prompt left with none keeps its whole pool (counted); needs --num-negatives K")
+    correct_threshold: float | None = option(None, Number(optional=True), "a negative counts as correct when its "
+                                             "reward >= this (--filter-negatives, the neg_frac_correct metric)",
+                                             default_text="the good answer's own reward (positive_reward)",
+                                             metavar="REWARD")
     max_length: int | None = option(None, Integer(low=2, optional=True), "truncate rows to this many tokens "
                                     "(response end cut first)")
     overlong: str = option("truncate", Choice(OVERLONG_CHOICES), "rows longer than --max-length: 'truncate' cuts "
@@ -209,6 +223,7 @@ class TrainConfig(FlatKeywords):
 
     def __post_init__(self):
         validate(self)
+        self._check_negative_selection()
         sampling = self.on_policy
         policy = self.objective.spec.family == "policy"
         if sampling is None:
@@ -247,6 +262,30 @@ class TrainConfig(FlatKeywords):
             raise ValueError("on_policy samples its own negatives and uses the sampler's log-probs as the "
                              "reference: drop negatives/ref_logps (--negatives/--ref-logps), or set "
                              "offline_mix (--offline-mix) > 0 to mix them in")
+
+    @property
+    def selects_negatives(self) -> bool:
+        """Whether the offline negatives are chosen from each prompt's pool (rotation and/or filter)."""
+        return self.rotate_negatives or self.filter_negatives
+
+    def _check_negative_selection(self) -> None:
+        chosen = [f"{name}=True (--{name.replace('_', '-')})" for name in ("rotate_negatives", "filter_negatives")
+                  if getattr(self, name)]
+        if not chosen:
+            if self.correct_threshold is not None:
+                raise ValueError(f"correct_threshold={self.correct_threshold} (--correct-threshold) is only used "
+                                 f"with rotate_negatives or filter_negatives (--rotate-negatives, --filter-negatives)")
+            return
+        what = " and ".join(chosen)
+        if self.on_policy is not None:
+            raise ValueError(f"{what} selects the offline negatives of offline training; with on_policy the "
+                             f"negatives are fresh samples (and --offline-mix takes the first ones)")
+        if not self.objective.spec.needs_negatives:
+            raise ValueError(f"{what}: loss={self.objective.loss!r} (--loss) trains on the good answers only, it "
+                             f"takes no negatives")
+        if self.num_negatives is None:
+            raise ValueError(f"{what} needs num_negatives (--num-negatives K): how many of each prompt's pool of M "
+                             f"samples a step trains on (the paper: K=2 of 12-16)")
 
     def objective_config(self) -> ObjectiveConfig:
         """The loss settings (same as ``self.objective``; kept for older callers)."""
@@ -335,8 +374,8 @@ def _attach_reference(examples: list[TrainExample], path: Path) -> None:
     except ValueError as err:  # other rows: maybe a superset of these
         try:
             RefLogpsPool(path).attach(examples)
-        except (DataError, ValueError):
-            raise err from None
+        except (DataError, ValueError) as pool_err:
+            raise ValueError(f"{err}; nor can it serve as a pool cache: {pool_err}") from None
 
 
 def load_training_examples(cfg: TrainConfig, tokenizer, objective: Objective, *, vocab_size: int | None = None,
@@ -345,26 +384,65 @@ def load_training_examples(cfg: TrainConfig, tokenizer, objective: Objective, *,
 
     ``vocab_size``: the model's; token ids outside ``[0, vocab_size)`` are a :class:`DataError`.
     ``report`` counts the rows longer than ``cfg.max_length`` (see :func:`build_examples`).
+    With ``rotate_negatives`` / ``filter_negatives`` the examples hold every prompt's whole pool
+    (what a step trains on is cut from them by :class:`~.onpolicy.NegativeSchedule`).
     """
+    return _load_offline(cfg, tokenizer, objective, vocab_size=vocab_size, report=report)[0]
+
+
+def _load_offline(cfg: TrainConfig, tokenizer, objective: Objective, *, vocab_size: int | None,
+                  report: OverlongReport | None) -> tuple[list[TrainExample], NegativeSchedule | None, dict | None]:
+    """:func:`load_training_examples`, the :class:`~.onpolicy.NegativeSchedule` of ``rotate_negatives``
+    / ``filter_negatives`` (else None) and then the pool's :func:`~.records.pool_stats` (else None)."""
     spec, loss = objective.spec, objective.spec.name
     if spec.needs_negatives and not cfg.negatives:
         raise ValueError(f"loss {loss!r} needs sampled negatives: pass --negatives (the generate stage's output)")
     records = read_prompt_records(cfg.data)
     samples = read_sample_records(cfg.negatives, vocab_size=vocab_size) if spec.needs_negatives else None
-    examples = build_examples(tokenizer, records, samples, num_negatives=cfg.num_negatives,
+    pooled = cfg.selects_negatives  # the whole pool; each step takes K of it
+    examples = build_examples(tokenizer, records, samples, num_negatives=None if pooled else cfg.num_negatives,
                               max_length=cfg.max_length, use_chat_template=cfg.model.use_chat_template,
                               overlong=cfg.overlong, vocab_size=vocab_size, report=report)
     if spec.needs_ref_logps:
         location = Path(cfg.ref_logps) if cfg.ref_logps else Path(cfg.negatives).parent
         path = cache_path(location, examples_fingerprint(examples)) if location.is_dir() else location
         if not path.exists():
+            how = ("without --num-negatives (the whole pool: --rotate-negatives/--filter-negatives draw from all of "
+                   "it)" if pooled else "with the same --num-negatives")
             raise FileNotFoundError(f"loss {loss!r} needs reference log-probs, but {path} does not exist: run "
                                     f"`python -m dftkern.train ref-logps --model REF --data {cfg.data} --negatives "
-                                    f"{cfg.negatives}` first (with the same --num-negatives/--max-length)")
+                                    f"{cfg.negatives}` first ({how} and --max-length)")
         _attach_reference(examples, path)
     if spec.needs_rewards and any(e.rewards is None for e in examples):
         raise ValueError(f"loss {loss!r} needs rewards: generate the negatives with --reward module:function")
-    return examples
+    if not pooled:
+        return examples, None, None
+    kept = {e.prompt_id for e in examples}  # --overlong drop may have skipped some
+    records = [r for r in records if r.prompt_id in kept]
+    schedule = NegativeSchedule.build(examples, records, samples, k=cfg.num_negatives, rotate=cfg.rotate_negatives,
+                                      filtered=cfg.filter_negatives, correct_threshold=cfg.correct_threshold)
+    return examples, schedule, pool_stats(records, samples, correct_threshold=cfg.correct_threshold)
+
+
+def _negatives_line(cfg: TrainConfig, schedule: NegativeSchedule, stats: dict) -> str:
+    """One line for the user: the pool, what a step takes of it, and what the filter drops."""
+    pool = len(schedule.equal[0]) if len({len(e) for e in schedule.equal}) == 1 else "M"
+    how = ("rotating each epoch (epoch e: candidates (e*K + j) mod n)" if cfg.rotate_negatives
+           else "the same ones every epoch")
+    text = (f"negatives: K={schedule.k} of a pool of {pool} per prompt, {how}; "
+            f"{stats['frac_equal_positive']:.1%} of the pool equal the good answer")
+    if "frac_correct" in stats:
+        text += f", {stats['frac_correct']:.1%} are correct ({stats['correct_rule']})"
+    elif cfg.filter_negatives:
+        text += "; no rewards (generate without --reward): only the equality filter applies"
+    if cfg.filter_negatives:
+        dropped = stats.get("frac_filtered", stats["frac_equal_positive"])
+        text += (f"; --filter-negatives drops {dropped:.1%} of the pool, {schedule.unfilterable} of "
+                 f"{len(schedule.candidates)} prompts have nothing left and keep their whole pool")
+    small = sum(len(c) < schedule.k for c in schedule.candidates)
+    if small:
+        text += f"; {small} prompts have fewer than K candidates (an epoch repeats some)"
+    return text
 
 
 def _reference_scorer(cfg: TrainConfig, ctx: DistContext, *, packed: bool, autocast_dtype, pad_token_id: int
@@ -390,7 +468,7 @@ def _rows_per_example(cfg: TrainConfig, objective: Objective, offline: OfflineEx
         return len(offline_layout(objective.spec.family, cfg.on_policy.samples_per_prompt))
     if objective.rows is not None:
         return len(objective.rows)
-    return len(offline.examples([0])[0].rows)
+    return offline.rows_per_example
 
 
 def _share_prompt(cfg: TrainConfig, causal_lm, rows_per_example: int) -> tuple[bool, str]:
@@ -517,10 +595,17 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end, resources: contextli
     vocab = vocab_size(causal_lm)
     overlong = OverlongReport()
     offline = None  # the offline training set (with on-policy sampling only for the offline mix)
+    examples, schedule, pool = None, None, None
     if cfg.on_policy is None or cfg.on_policy.offline_mix > 0:
-        offline = OfflineExamples(load_training_examples(cfg, tokenizer, objective, vocab_size=vocab, report=overlong))
+        examples, schedule, pool = _load_offline(cfg, tokenizer, objective, vocab_size=vocab, report=overlong)
     records = read_prompt_records(cfg.data) if cfg.on_policy else None
-    num_examples = len(records) if records is not None else offline.num_examples
+    num_examples = len(records) if records is not None else len(examples)
+    order = ExampleOrder(num_examples, optim.batch_size, seed=optim.seed, rank=ctx.rank, world_size=ctx.world_size,
+                         shuffle=optim.shuffle)
+    if examples is not None:
+        offline = OfflineExamples(examples, negatives=schedule, order=order, grad_accum=optim.grad_accum)
+        if schedule is not None and ctx.is_main:
+            note(_negatives_line(cfg, schedule, pool))
     heldout = None
     if cfg.eval_data:
         heldout = build_examples(tokenizer, read_prompt_records(cfg.eval_data), max_length=cfg.max_length,
@@ -543,8 +628,6 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end, resources: contextli
         wrapper.to(device)
     optimizer = torch.optim.AdamW(_param_groups(wrapper, optim.weight_decay), lr=optim.lr,
                                   betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps)
-    order = ExampleOrder(num_examples, optim.batch_size, seed=optim.seed, rank=ctx.rank, world_size=ctx.world_size,
-                         shuffle=optim.shuffle)
     ppo_epochs = cfg.on_policy.ppo_epochs if cfg.on_policy else 1  # every sampled window is trained on E times
     total_steps = optim.max_steps or ppo_epochs * max(1, math.ceil(optim.epochs * order.batches_per_epoch
                                                                    / optim.grad_accum))
@@ -585,7 +668,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end, resources: contextli
                           dict(settings, world_size=ctx.world_size, packed=packed,
                                share_prompt_active=share, share_prompt_reason=share_reason,
                                attn=causal_lm.config._attn_implementation, total_steps=total_steps,
-                               num_examples=num_examples, dftkern_version=getattr(dftkern, "__version__", None)))
+                               num_examples=num_examples, negatives_pool=pool,
+                               dftkern_version=getattr(dftkern, "__version__", None)))
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=step if resume else None)
 
     def save(at_step: int) -> Path:
