@@ -4,8 +4,14 @@
 prompts of the next ``refresh_every`` steps get ``n = samples_per_prompt`` fresh responses sampled
 from the *current* policy, scored by ``reward(prompt, response, reference) -> float`` (a built-in
 name or ``module:function``, see :mod:`.rewards`). The
-reference log-probs that DFT/DPO/IPO/hinge need are the sampling policy's own (computed right
-after sampling, with the same weights), so no reference model is ever loaded. Per loss:
+reference log-probs that DFT/DPO/IPO/hinge need are, by default (``--on-policy-reference
+sampler``), the sampling policy's own (computed right after sampling, with the same weights), so
+no reference model is loaded; the reference then moves with the policy, and with one update per
+window (``--refresh-every 1 --grad-accum 1``) online DPO's margin is 0 at every update, so its
+gradient is always ``-(beta / 2) * grad(log pi(chosen) - log pi(rejected))``: nothing holds the
+policy near a reference. ``--on-policy-reference initial`` scores them with a frozen
+copy of the *initial* model instead (loaded once, as ``--kl-beta``'s reference): a fixed
+reference, as offline DPO/DFT have. Per loss:
 
 ==============================  ================================================================
 loss                            rows of one example
@@ -102,7 +108,7 @@ from .rewards import RewardFn, resolve_reward
 from .util import derive_seed
 from .vllm_engine import ENGINE_CHOICES
 
-__all__ = ["ON_POLICY_FAMILIES", "ON_POLICY_LOSSES", "OnPolicyConfig", "ExampleSource", "Sampler", "Sample",
+__all__ = ["ON_POLICY_FAMILIES", "ON_POLICY_LOSSES", "ON_POLICY_REFERENCES", "OnPolicyConfig", "ExampleSource", "Sampler", "Sample",
            "RowScorer", "PolicySampler", "PromptSet", "online_pair", "on_policy_example", "offline_layout",
            "NegativeSchedule", "OfflineExamples", "OnPolicyExamples"]
 
@@ -110,6 +116,8 @@ ON_POLICY_FAMILIES = ("group", "dft", "pairwise", "policy")
 """Loss families with an on-policy row rule (:func:`on_policy_example`)."""
 ON_POLICY_LOSSES = tuple(name for name, spec in {**LOSS_SPECS, **POLICY_LOSS_SPECS}.items()
                          if spec.family in ON_POLICY_FAMILIES)
+ON_POLICY_REFERENCES = ("sampler", "initial")
+"""Where on-policy sequence reference log-probs come from (``--on-policy-reference``)."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,12 @@ class OnPolicyConfig:
                                 "negatives (--negatives, and --ref-logps where the loss needs them) instead of "
                                 "fresh samples: floor(f * batch size) per micro-batch (0 = all on-policy)",
                                 metavar="FRACTION", group="on_policy", label="offline_mix (--offline-mix)")
+    reference: str = option(
+        "sampler", Choice(ON_POLICY_REFERENCES), "the reference log-probs of the losses that take one (dft, dpo, ipo, "
+        "hinge): 'sampler' = the sampling policy's own, scored right after sampling (a moving reference: online "
+        "DPO's margin restarts at 0 every window); 'initial' = the frozen initial model (--model, loaded once, as "
+        "--kl-beta's reference), a fixed reference as offline training has", group="on_policy",
+        name="on_policy_reference", label="on_policy_reference (--on-policy-reference)")
     sample_engine: str = option("hf", Choice(ENGINE_CHOICES), "hf, or vllm: a vLLM engine colocated in this "
                                 "process, the policy's weights pushed into it before every sampling round (single "
                                 "process only; see docs/vllm.md); auto = vllm when importable", group="on_policy")
@@ -536,11 +550,14 @@ class OnPolicyExamples:
         order: which examples the coming micro-batches hold; ``grad_accum`` micro-batches per step,
             ``total_steps`` steps.
         family: the loss family (``"dft"``, ``"pairwise"``, ``"group"`` or ``"policy"``) and
-            ``needs_ref_logps``: which rows to build, and whether to score them (sequence log-probs
-            by the sampler). The ``"policy"`` family also records every sample's per-token log-probs
-            under the sampling weights (``old_token_logps``, via ``sampler.token_logps``).
-        reference: scores the per-token reference log-probs of every new window
-            (``ref_token_logps``): the initial model's :class:`RowScorer`, or None.
+            ``needs_ref_logps``: which rows to build, and whether to score them (sequence log-probs:
+            by the sampler, or by ``reference`` when ``cfg.reference == "initial"``). The ``"policy"``
+            family also records every sample's per-token log-probs under the sampling weights
+            (``old_token_logps``, via ``sampler.token_logps``).
+        reference: the initial model's :class:`RowScorer`, or None. It scores the per-token
+            reference log-probs of every new window for the ``"policy"`` family
+            (``ref_token_logps``, the KL's reference), and the sequence reference log-probs when
+            ``cfg.reference == "initial"`` (required then).
         offline: the offline training set (same data file, negatives from the generate stage) that
             ``cfg.offline_mix`` draws from; required when ``cfg.offline_mix > 0``.
     """
@@ -551,6 +568,9 @@ class OnPolicyExamples:
         self.cfg, self.prompts, self.sampler, self.order = cfg, prompts, sampler, order
         self.family, self.needs_ref_logps, self.reference = family, needs_ref_logps, reference
         self.grad_accum, self.total_steps, self.seed = grad_accum, total_steps, seed
+        if needs_ref_logps and cfg.reference == "initial" and reference is None:
+            raise ValueError("on_policy_reference='initial' (--on-policy-reference initial) needs the initial "
+                             "model's scorer (reference=)")
         self.reward_fn = resolve_reward(cfg.reward, what="--reward")
         self.overlong = OverlongReport(prompts.max_length)  # sampled rows cut to max_length
         self.window: dict[int, TrainExample] = {}
@@ -668,13 +688,14 @@ class OnPolicyExamples:
                                               positive_reward=positive_reward, max_length=prompts.max_length,
                                               report=self.overlong)
         examples = [window[i] for i in indices]  # duplicates kept: equal work on every rank
-        if self.needs_ref_logps:  # the reference log-probs are the sampling policy's own
-            for example, values in zip(examples, self.sampler.sequence_logps(examples)):
+        if self.needs_ref_logps:  # the sampling policy's own (a moving reference), or the initial model's
+            scorer = self.reference if self.cfg.reference == "initial" else self.sampler
+            for example, values in zip(examples, scorer.sequence_logps(examples)):
                 example.ref_logps = values
         if self.family == "policy":  # the ratio's denominator: same weights, training transform
             for example, values in zip(examples, self.sampler.token_logps(examples)):
                 example.old_token_logps = values
-        if self.reference is not None:  # the KL's reference: the initial model
+        if self.family == "policy" and self.reference is not None:  # the KL's reference: the initial model
             for example, values in zip(examples, self.reference.token_logps(examples)):
                 example.ref_token_logps = values
         self.window = window

@@ -244,6 +244,11 @@ class TrainConfig(FlatKeywords):
                              f"got samples_per_prompt={sampling.samples_per_prompt} (--samples-per-prompt)")
         resolve_reward(sampling.reward, what="reward (--reward)")  # unknown names fail here, not after loading
         resolve_engine(sampling.sample_engine)  # --sample-engine vllm without vLLM fails here, not after loading
+        if sampling.reference != "sampler" and not spec.needs_ref_logps:
+            kl = " (the policy losses' KL reference, --kl-beta, is always the initial model)" if policy else ""
+            raise ValueError(f"on_policy_reference={sampling.reference!r} (--on-policy-reference) chooses the "
+                             f"reference log-probs of the losses that take one (dft, dpo, ipo, hinge); "
+                             f"loss={spec.name!r} takes none{kl}")
         if sampling.ppo_epochs > 1 and not policy:
             raise ValueError(f"ppo_epochs={sampling.ppo_epochs} (--ppo-epochs) reuses each window of samples; only "
                              f"the policy losses {POLICY_LOSS_NAMES} correct for that (importance ratio to the "
@@ -447,7 +452,8 @@ def _negatives_line(cfg: TrainConfig, schedule: NegativeSchedule, stats: dict) -
 
 def _reference_scorer(cfg: TrainConfig, ctx: DistContext, *, packed: bool, autocast_dtype, pad_token_id: int
                       ) -> RowScorer:
-    """Per-token log-probs of the *initial* model (``cfg.model.path``), the KL reference of the policy losses.
+    """Log-probs of the *initial* model (``cfg.model.path``): per token, the KL reference of the policy
+    losses; per row (sequence), the reference of dft/dpo/ipo/hinge with ``--on-policy-reference initial``.
 
     A frozen float32 copy (eval mode, no gradients), loaded once, scores each new window of samples;
     under FSDP2 every rank keeps a whole copy on its device (not sharded: fine for models that fit
@@ -642,8 +648,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end, resources: contextli
                                            autocast_dtype)
         prompts = PromptSet.encode(tokenizer, records, use_chat_template=cfg.model.use_chat_template,
                                    max_length=cfg.max_length)
+        initial = objective.uses_reference or (objective.spec.needs_ref_logps
+                                               and cfg.on_policy.reference == "initial")
         reference = _reference_scorer(cfg, ctx, packed=packed, autocast_dtype=autocast_dtype,
-                                      pad_token_id=tokenizer.pad_token_id) if objective.uses_reference else None
+                                      pad_token_id=tokenizer.pad_token_id) if initial else None
         source = OnPolicyExamples(cfg.on_policy, prompts, sampler, order, family=family,
                                   needs_ref_logps=objective.spec.needs_ref_logps, grad_accum=optim.grad_accum,
                                   total_steps=total_steps, seed=optim.seed, offline=offline, reference=reference)

@@ -72,3 +72,46 @@ def test_on_policy_settings_are_validated(workspace, tmp_path):
         _cfg(workspace, tmp_path, sample_temperature=0.0)
     with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
         train(_cfg(workspace, tmp_path / "r", reward="no_such_module:f"))
+
+
+def _window_scores(workspace, tokenizer, checkpoint):
+    """The final window's examples, their stored ref_logps, and the initial model's sequence log-probs of their rows."""
+    from dftkern.train.model import load_causal_lm
+    from dftkern.train.ref_logps import score_examples
+
+    window = list(read_trainer_state(checkpoint)["source"][0]["window"].values())
+    base = load_causal_lm(str(workspace.model), attn="sdpa", device="cpu", dtype=torch.float32)
+    initial, _ = score_examples(base, window, pad_token_id=tokenizer.pad_token_id)
+    return window, torch.tensor([e.ref_logps for e in window]), initial
+
+
+@pytest.mark.parametrize("loss", ["dpo", "dft"])
+def test_on_policy_reference_initial_scores_with_the_frozen_initial_model(workspace, tokenizer, tmp_path, loss):
+    common = dict(loss=loss, max_steps=4, lr=3e-3)
+    moving = train(_cfg(workspace, tmp_path / "sampler", **common))
+    fixed = train(_cfg(workspace, tmp_path / "initial", on_policy_reference="initial", **common))
+    _, stored, initial = _window_scores(workspace, tokenizer, fixed.final_checkpoint)
+    assert torch.allclose(stored, initial, atol=1e-5, rtol=0)  # the last window (step 4) still has the initial model's
+    _, stored, initial = _window_scores(workspace, tokenizer, moving.final_checkpoint)
+    assert (stored - initial).abs().max() > 1e-3  # by default: the policy after 3 updates
+    config = json.loads((tmp_path / "initial" / "train_config.json").read_text())
+    assert config["on_policy_reference"] == "initial"
+    if loss == "dpo":  # online DPO: one update per window, so a moving reference makes every margin 0
+        margins = [json.loads(line)["margin_mean"] for line in (tmp_path / "sampler" / "metrics.jsonl").open()]
+        assert all(abs(m) < 1e-4 for m in margins), margins
+        margins = [json.loads(line)["margin_mean"] for line in (tmp_path / "initial" / "metrics.jsonl").open()]
+        assert abs(margins[0]) < 1e-4 and all(abs(m) > 1e-3 for m in margins[1:]), margins
+
+
+def test_on_policy_reference_is_validated(workspace, tmp_path):
+    with pytest.raises(ValueError, match=r"on_policy_reference='initial' \(--on-policy-reference\) chooses .* "
+                                         r"loss='rloo' takes none$"):
+        _cfg(workspace, tmp_path, loss="rloo", on_policy_reference="initial")
+    with pytest.raises(ValueError, match=r"loss='grpo' takes none \(the policy losses' KL reference"):
+        _cfg(workspace, tmp_path, loss="grpo", on_policy_reference="initial")
+    with pytest.raises(ValueError, match=r"on_policy_reference \(--on-policy-reference\) must be one of \(.sampler., .initial.\), got .frozen."):
+        _cfg(workspace, tmp_path, loss="dpo", on_policy_reference="frozen")
+    with pytest.raises(ValueError, match=r"on_policy_reference='initial' \(--on-policy-reference\): only used with "
+                                         r"on_policy"):
+        _cfg(workspace, tmp_path, loss="dpo", on_policy=False, negatives=str(workspace.negatives),
+             on_policy_reference="initial")
