@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from .._validation import validation_enabled
 from ..functional import fused_token_loss
 from ._common import check_bool, count_rows
 from .formulas import aggregation_weights, policy_token_terms
@@ -40,16 +41,32 @@ from .registry import check_hyperparameter
 __all__ = ["fused_policy_loss"]
 
 
-def _token_rows(labels: torch.Tensor, cu_seqlens, n_rows: int) -> torch.Tensor:
-    """int64 ``[N]``: the row of every flat position of ``labels`` (padded ``[R, T]`` or packed ``[N]``)."""
+def _on_host(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values costs no device synchronization (it lives in CPU memory)."""
+    return t.device.type == "cpu"
+
+
+def _to(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` on ``device`` as ``dtype``; a host tensor is copied without waiting for the device."""
+    return t.to(device=device, dtype=dtype, non_blocking=_on_host(t) and device.type != "cpu")
+
+
+def _token_rows(labels: torch.Tensor, cu_seqlens, n_rows: int, check: bool) -> torch.Tensor:
+    """int64 ``[N]`` on labels' device: the row of every flat position of ``labels`` (padded ``[R, T]``
+    or packed ``[N]``). ``cu_seqlens`` (a list or a tensor) is checked when it lives on the host,
+    or with ``check`` (a device sync); a host ``cu_seqlens`` gives the rows without any device sync."""
     n_tokens = labels.numel()
-    positions = torch.arange(n_tokens, device=labels.device)
+    device = labels.device
     if cu_seqlens is None:
-        return positions // max(labels.shape[1], 1)
-    bounds = torch.as_tensor(cu_seqlens, dtype=torch.int64).to(labels.device)
-    if bounds[0].item() != 0 or bounds[-1].item() != n_tokens or bool((bounds[1:] < bounds[:-1]).any()):
-        raise ValueError(f"cu_seqlens must be non-decreasing offsets from 0 to N={n_tokens}")
-    return torch.searchsorted(bounds[1:], positions, right=True)
+        return torch.arange(n_tokens, device=device) // max(labels.shape[1], 1)
+    bounds = torch.as_tensor(cu_seqlens, dtype=torch.int64)
+    if _on_host(bounds) or check:
+        if int(bounds[0]) != 0 or int(bounds[-1]) != n_tokens or bool((bounds[1:] < bounds[:-1]).any()):
+            raise ValueError(f"cu_seqlens must be non-decreasing offsets from 0 to N={n_tokens}")
+    if _on_host(bounds):  # the rows on the host, then one copy that does not wait for the device
+        rows = torch.repeat_interleave(torch.arange(n_rows, dtype=torch.int64), bounds[1:] - bounds[:-1])
+        return _to(rows, device, torch.int64)
+    return torch.searchsorted(bounds[1:].to(device), torch.arange(n_tokens, device=device), right=True)
 
 
 def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, advantages: torch.Tensor,
@@ -69,7 +86,10 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
             tokens = ``ignore_index``.
         advantages: float ``[R]`` (per sequence, broadcast over its tokens) or labels' shape (per
             token; for packed rows with N == R, [R] is read per sequence); must be finite at the
-            valid tokens (checked always: a host sync on CUDA, like old/ref_logps).
+            valid tokens. Checked (like old/ref_logps) where it costs no device sync: a tensor in
+            CPU memory (per token: with CPU labels, or with CPU ``valid_positions``); on a device
+            only with ``validate=True`` or ``DFTKERN_VALIDATE=1`` -- the default device path makes
+            no host sync here, and a NaN there gives a NaN loss.
         old_logps: float, labels' shape: the sampler's per-token log-probs (no gradient), or None
             (ratio 1). ref_logps: float, labels' shape: the reference model's (no gradient); needed
             when ``kl_beta > 0``. Values at ignored positions are not read.
@@ -106,25 +126,41 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     const_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     labels_flat = labels.reshape(-1)
     valid = labels_flat != ignore_index
-    rows = _token_rows(labels, cu_seqlens, n_rows)
+    check = validation_enabled(validate)  # device-side checks (a host sync each) only when asked for
+    rows = _token_rows(labels, cu_seqlens, n_rows, check)
+    host_valid = None  # the valid tokens' positions on the host, when known without a device sync
+    if _on_host(labels):
+        host_valid = valid
+    elif isinstance(valid_positions, torch.Tensor) and _on_host(valid_positions) and valid_positions.dim() == 1 \
+            and not valid_positions.is_floating_point():
+        positions = valid_positions.to(torch.int64)
+        if positions.numel() == 0 or (int(positions.min()) >= 0 and int(positions.max()) < labels.numel()):
+            host_valid = positions  # (malformed positions are left to fused_token_loss's own error)
 
     def float_input(name: str, value, per_row_ok: bool) -> torch.Tensor:
-        """``value`` as a flat per-token tensor of ``const_dtype``; finite at the valid tokens."""
+        """``value`` as a flat per-token tensor of ``const_dtype``; finite at the valid tokens (checked
+        on the host, or on the device with ``check``)."""
         shapes = ([f"[R={n_rows}] (per sequence)"] if per_row_ok else []) + [f"{list(labels.shape)} (labels' shape)"]
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
             raise TypeError(f"{name} must be a float tensor of shape {' or '.join(shapes)}, got {got}")
+        value = value.detach()
         if per_row_ok and tuple(value.shape) == (n_rows,):  # (packed with N == R: per sequence)
-            per_row = value.detach().to(device=device, dtype=const_dtype)
-            if not bool(torch.isfinite(per_row).all()):
+            if (_on_host(value) or check) and not bool(torch.isfinite(value).all()):
                 raise ValueError(f"{name} contains NaN or inf")
-            return per_row[rows]
+            return _to(value, device, const_dtype)[rows]
         if tuple(value.shape) != tuple(labels.shape):
             raise ValueError(f"{name} must have shape {' or '.join(shapes)}, got {list(value.shape)}")
-        flat = value.detach().reshape(-1).to(device=device, dtype=const_dtype)
-        if not bool(torch.isfinite(torch.where(valid, flat, 0.0)).all()):
+        flat = value.reshape(-1)
+        if _on_host(flat) and host_valid is not None:
+            at_valid = flat[host_valid]
+        elif check:
+            at_valid = flat[valid.to(flat.device)]
+        else:
+            at_valid = None
+        if at_valid is not None and not bool(torch.isfinite(at_valid).all()):
             raise ValueError(f"{name} contains NaN or inf at valid (non-ignored) tokens")
-        return flat
+        return _to(flat, device, const_dtype)
 
     adv_flat = float_input("advantages", advantages, per_row_ok=True)
     old_flat = None if old_logps is None else float_input("old_logps", old_logps, per_row_ok=False)

@@ -22,6 +22,7 @@ from pathlib import Path
 __all__ = [
     "read_metrics",
     "plot_metrics",
+    "metric_panels",
     "pyplot",
     "subplot_grid",
     "plot_mean_band",
@@ -41,6 +42,11 @@ _PANELS = (
     (("u_mean",), "DFT state u (mean)"),
     (("margin_mean",), "pairwise margin"),
     (("reward_mean", "sample_reward"), "reward"),
+    (("clip_fraction_low", "clip_fraction_high"), "PPO clip fraction"),
+    (("ratio_mean",), "importance ratio"),
+    (("kl_mean",), "KL to initial model (k3)"),
+    (("entropy_mean",), "token entropy"),
+    (("neg_frac_correct", "neg_frac_equal_positive"), "negatives: fraction correct / equal to the answer"),
     (("lr",), "learning rate"),
     (("grad_norm",), "grad norm (before clipping)"),
     (("tokens_per_s",), "tokens / s"),
@@ -133,10 +139,16 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def metric_panels(records: list[dict]) -> list[tuple[tuple[str, ...], str]]:
+    """The ``(metric keys, panel title)`` of :func:`plot_metrics`'s panels for these records: every
+    known panel with at least one of its keys in some record, in a fixed order."""
+    return [(keys, name) for keys, name in _PANELS if any(k in r for r in records for k in keys)]
+
+
 def plot_metrics(metrics_path: str | os.PathLike, out_path: str | os.PathLike, *, title: str | None = None) -> Path:
     """Draw every known metric present in ``metrics_path`` against ``step`` and save a PNG."""
     records = read_metrics(metrics_path)
-    panels = [(keys, name) for keys, name in _PANELS if any(k in r for r in records for k in keys)]
+    panels = metric_panels(records)
     if not panels:
         raise ValueError(f"{metrics_path}: no plottable metrics")
     columns = min(3, len(panels))
