@@ -205,8 +205,8 @@ class GenerateConfig(FlatKeywords):
     data: str = option(spec=Text(), help="prompts: JSONL/Parquet of {prompt, response} or {messages}")
     out: str = option(spec=Text(), help="output JSONL (one line per prompt; re-running resumes); settings and "
                       "pool statistics go to OUT.meta.json")
-    num_samples: int = option(4, Integer(low=1), "samples per prompt: the pool size M (training may take K of them "
-                              "per epoch, rotating)", aliases=("-k",))
+    num_samples: int = option(4, Integer(low=1), "samples per prompt: the pool size M (train --num-negatives K "
+                              "--rotate-negatives takes K of them per epoch, fresh each epoch)", aliases=("-k",))
     batch_size: int = option(64, Integer(low=1), "sequences decoded together (vLLM: sequences per engine call)")
     max_new_tokens: int = option(128, Integer(low=1), "longest sample, in tokens")
     temperature: float = option(1.0, Number(low=0), "0 = greedy (the DFT paper samples at 0.7)")

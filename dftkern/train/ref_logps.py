@@ -91,7 +91,7 @@ class RefLogpsConfig(FlatKeywords):
                                  default_text="next to --negatives")
     num_negatives: int | None = option(None, Integer(low=1, optional=True), "use the first K samples per prompt; "
                                        "must match train", default_text="all: the whole pool, scored once, so "
-                                       "that a trainer rotating K per epoch needs no re-scoring")
+                                       "that train --rotate-negatives (K per epoch) needs no re-scoring")
     max_length: int | None = option(None, Integer(low=2, optional=True), "truncate rows as train does")
     overlong: str = option("truncate", Choice(OVERLONG_CHOICES), "rows longer than --max-length: truncate them, "
                            "or drop their examples; as train does")

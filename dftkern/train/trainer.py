@@ -188,7 +188,7 @@ class TrainConfig(FlatKeywords):
         help="every --refresh-every steps sample --samples-per-prompt responses per prompt from the current policy, "
              "score them with --reward; losses: reinforce, rloo, rwr (samples only), dft/dft2 (fresh negatives), "
              "dpo/ipo/hinge/simpo/unlikelihood (online pairs; their reference log-probs are the sampling policy's "
-             "own), ppo/grpo/dapo/dr_grpo (token level: group advantages, the sampler's per-token log-probs as the "
+             "own, or the initial model's with --on-policy-reference initial), ppo/grpo/dapo/dr_grpo (token level: group advantages, the sampler's per-token log-probs as the "
              "ratio's denominator, the initial model as the KL reference)",
         unused_hint=" (offline group losses take their rewards from generate --reward)")
     precision: str = option("auto", Choice(PRECISION_CHOICES), "auto = bf16 autocast on CUDA (fp32 master "
