@@ -404,6 +404,25 @@ class PromptSet:
 # ---------------------------------------------------------------------------------------------
 
 
+class _MicroBatchCursor:
+    """Which micro-batch a source's next :meth:`ExampleSource.examples` call serves: set by
+    ``before_step`` to the step's first one, then advanced by each call, which must ask for exactly
+    that micro-batch's indices (``order.batch(m)``)."""
+
+    def __init__(self, order: ExampleOrder | None):
+        self.order, self.next = order, None
+
+    def advance(self, indices: Sequence[int]) -> int:
+        """The micro-batch number of ``indices`` (checked), moving on to the following one."""
+        if self.next is None:
+            raise RuntimeError("examples() called before before_step(): the micro-batch number is unknown")
+        micro_batch = self.next
+        if list(indices) != self.order.batch(micro_batch):
+            raise RuntimeError(f"examples() expected the indices of micro-batch {micro_batch}, got {list(indices)}")
+        self.next += 1
+        return micro_batch
+
+
 @dataclass(frozen=True)
 class NegativeSchedule:
     """Which ``k`` negatives of each offline example's pool of ``M`` samples an epoch trains on.
@@ -501,7 +520,7 @@ class OfflineExamples:
             if len(negatives.candidates) != len(examples):
                 raise ValueError(f"the negative schedule covers {len(negatives.candidates)} examples, not "
                                  f"{len(examples)}")
-        self._next_micro_batch: int | None = None
+        self._cursor = _MicroBatchCursor(order)
 
     @property
     def num_examples(self) -> int:
@@ -515,7 +534,7 @@ class OfflineExamples:
     def before_step(self, step: int, first_micro_batch: int) -> dict[str, float]:
         if self.negatives is None:
             return {}
-        self._next_micro_batch = first_micro_batch
+        self._cursor.next = first_micro_batch
         per_epoch = self.order.batches_per_epoch
         return self.negatives.stats([(i, self.negatives.pick(i, m // per_epoch))
                                      for m in range(first_micro_batch, first_micro_batch + self.grad_accum)
@@ -524,13 +543,7 @@ class OfflineExamples:
     def examples(self, indices: Sequence[int]) -> list[TrainExample]:
         if self.negatives is None:
             return [self._examples[i] for i in indices]
-        if self._next_micro_batch is None:
-            raise RuntimeError("examples() called before before_step(): the micro-batch (and epoch) is unknown")
-        micro_batch = self._next_micro_batch
-        if list(indices) != self.order.batch(micro_batch):
-            raise RuntimeError(f"examples() expected the indices of micro-batch {micro_batch}, got {list(indices)}")
-        self._next_micro_batch += 1
-        epoch = micro_batch // self.order.batches_per_epoch
+        epoch = self._cursor.advance(indices) // self.order.batches_per_epoch
         return [negatives_view(self._examples[i], self.negatives.pick(i, epoch)) for i in indices]
 
     def state_dict(self) -> dict:
@@ -584,7 +597,7 @@ class OnPolicyExamples:
             self.offline = self._offline_in_on_policy_layout(offline)
         elif offline is not None:
             raise ValueError("an offline source was given but offline_mix is 0: set --offline-mix > 0 or drop it")
-        self._next_micro_batch: int | None = None  # set by before_step; examples() walks the micro-batches
+        self._cursor = _MicroBatchCursor(order)  # set by before_step; examples() walks the micro-batches
 
     @property
     def num_examples(self) -> int:
@@ -632,12 +645,7 @@ class OnPolicyExamples:
         """
         if not self.offline_per_batch:
             return [self.window[i] for i in indices]
-        if self._next_micro_batch is None:
-            raise RuntimeError("examples() called before before_step(): the micro-batch number is unknown")
-        micro_batch = self._next_micro_batch
-        if list(indices) != self.order.batch(micro_batch):
-            raise RuntimeError(f"examples() expected the indices of micro-batch {micro_batch}, got {list(indices)}")
-        self._next_micro_batch += 1
+        micro_batch = self._cursor.advance(indices)
         offline = self.offline_positions(micro_batch)
         return [self.offline[i] if p in offline else self.window[i] for p, i in enumerate(indices)]
 
@@ -656,7 +664,7 @@ class OnPolicyExamples:
         :meth:`OnPolicyConfig.first_micro_batch` of ``step``. Returns ``{"sample_reward": mean
         reward of the current window's samples}``.
         """
-        self._next_micro_batch = first_micro_batch
+        self._cursor.next = first_micro_batch
         if not self.window or step % (self.cfg.refresh_every * self.cfg.ppo_epochs) == 0:
             end = self.cfg.first_micro_batch(self.total_steps - 1, self.grad_accum) + self.grad_accum
             last = min(first_micro_batch + self.cfg.refresh_every * self.grad_accum, end)
