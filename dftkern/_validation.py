@@ -10,11 +10,27 @@ import torch
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+_TRUE_FORMS = ("1", "true", "yes", "on")
+_FALSE_FORMS = ("", "0", "false", "no", "off")
+
+
 def validation_enabled(validate: bool | None) -> bool:
-    """Opt-in device-side checks that cost a host sync on CUDA (``validate=True`` or ``DFTKERN_VALIDATE=1``)."""
+    """Opt-in device-side checks that cost a host sync on CUDA (``validate=True`` or ``DFTKERN_VALIDATE=1``).
+
+    ``validate`` must be True, False or None (None: the environment variable decides, whose
+    accepted values are 1/true/yes/on and 0/false/no/off, any case).
+    """
     if validate is not None:
-        return bool(validate)
-    return os.environ.get("DFTKERN_VALIDATE", "0").lower() in ("1", "true", "yes")
+        if not isinstance(validate, bool):
+            raise TypeError(f"validate must be True, False or None, got {validate!r} ({type(validate).__name__})")
+        return validate
+    raw = os.environ.get("DFTKERN_VALIDATE", "0").strip().lower()
+    if raw in _TRUE_FORMS:
+        return True
+    if raw in _FALSE_FORMS:
+        return False
+    raise ValueError(f"DFTKERN_VALIDATE={raw!r} is not a boolean; accepted: {'/'.join(_TRUE_FORMS)} or "
+                     f"{'/'.join(f for f in _FALSE_FORMS if f)} (any case)")
 
 
 def check_positive_number(name: str, value, *, allow_none: bool = False) -> None:
@@ -26,14 +42,34 @@ def check_positive_number(name: str, value, *, allow_none: bool = False) -> None
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+def check_tensor(name: str, value, what: str) -> None:
+    """TypeError naming ``name`` unless ``value`` is a tensor (``what`` says which one is expected)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor ({what}), got {type(value).__name__}")
+
+
+def check_row_layout(hidden, cu_seqlens) -> None:
+    """The padded-vs-packed layout of the sequence ops, checked before anything else.
+
+    Padded: ``hidden [R, T, H]`` and ``cu_seqlens`` None. Packed: ``hidden [N, H]`` with
+    ``cu_seqlens [R+1]``. The message says which layout was expected.
+    """
+    check_tensor("hidden", hidden, "[R, T, H] padded, or [N, H] packed with cu_seqlens")
+    if cu_seqlens is None:
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden must be padded [R, T, H] (or packed [N, H] with cu_seqlens), got shape "
+                             f"{tuple(hidden.shape)}")
+    elif hidden.dim() != 2:
+        raise ValueError(f"with cu_seqlens, hidden must be packed [N, H] (labels [N]), got shape "
+                         f"{tuple(hidden.shape)}; pass a padded [R, T, H] batch without cu_seqlens, or "
+                         f"flatten it to [N, H]")
+
+
 def check_linear_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap) -> torch.Tensor:
     """Validate the token-op inputs; returns labels as int64 (same device)."""
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor of int64, got {type(labels).__name__}")
+    check_tensor("hidden", hidden, "[..., H] float")
+    check_tensor("weight", weight, "[V, H] float")
+    check_tensor("labels", labels, "int64 [...]")
     if hidden.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"hidden must be float32/float16/bfloat16 (or float64), got {hidden.dtype}")
     if hidden.dim() < 2:

@@ -1,43 +1,66 @@
-"""Autograd layer: thin ``torch.autograd.Function`` wrappers over :mod:`dftkern.chunking`.
+"""Autograd layer: thin ``torch.autograd.Function`` wrappers over :mod:`dftkern.chunking`, and the token ops.
 
-* :func:`fused_linear_logprobs` — token log-probs ``log softmax(h W^T + b)[y]``; forward 2NHV,
-  backward recomputes the logits (6NHV): works for any upstream gradient.
-* :func:`sequence_logprobs` — per-row sums/means of those.
-* :func:`grouped_sequence_loss` — the layer under every sequence loss: a scalar loss that is a sum
-  of per-group terms of sequence log-probs. When each group fits the chunk budget its gradients
-  are computed inside the forward pass (schedule "fused", 6NHV, no recompute); otherwise
-  schedule "recompute" (token op + autograd, 8NHV).
+Two Functions, as flash-attn's interface file keeps its own:
+
+* :class:`_LinearLogprobs` — token log-probs (and entropies) of the valid tokens; forward 2nHV,
+  backward recomputes the logits (6nHV): works for any upstream gradient.
+* :class:`_PrecomputedGradients` — a scalar loss whose input gradients were computed during the
+  forward (outside autograd, :func:`in_forward_gradients`); its backward only scales them by the
+  upstream gradient, in place (no second copy of ``dW``).
+
+Public token ops on them:
+
+* :func:`fused_linear_logprobs` — ``log softmax(h W^T + b)[y]`` (and the entropy), any upstream gradient (8nHV).
+* :func:`fused_linear_cross_entropy` — the SFT token loss (6nHV).
+* :func:`fused_token_loss` — any elementwise loss of token log-probs and entropies (6nHV).
+
+n is the number of valid tokens (label != ignore_index): ignored tokens enter no product
+(:class:`dftkern.chunking.ValidTokens`). Sequence ops and the grouped losses are in
+:mod:`dftkern.grouped`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 
-from ._validation import check_label_range, check_linear_inputs
+from ._validation import check_label_range, check_linear_inputs, validation_enabled
 from .chunking import (
+    ChunkGradient,
+    InForwardGradients,
+    ValidTokens,
     backward_logprobs,
     forward_logprobs,
     forward_with_grad,
-    index_ranges,
     resolve_chunk_bytes,
     tokens_per_chunk,
 )
-from .engines import LogitTransform, TorchRowEngine, TritonRowEngine, compute_dtype
+from .engines import LogitTransform, TorchRowEngine, TritonRowEngine, resolve_accum_dtype
 
 __all__ = [
     "fused_linear_logprobs",
     "fused_linear_cross_entropy",
+    "fused_token_loss",
     "sequence_logprobs",
     "grouped_sequence_loss",
     "RowLayout",
     "select_engine",
+    "TokenLoss",
 ]
 
 _BACKENDS = ("auto", "triton", "torch")
+_MOVED_TO_GROUPED = ("sequence_logprobs", "grouped_sequence_loss", "RowLayout", "make_layout", "GroupLoss")
+
+
+def __getattr__(name: str):
+    """The sequence ops moved to :mod:`dftkern.grouped`; they stay importable from here."""
+    if name in _MOVED_TO_GROUPED:
+        from . import grouped
+
+        return getattr(grouped, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _triton_available() -> bool:
@@ -78,39 +101,81 @@ def select_engine(backend: str, device: torch.device, dtype: torch.dtype):
     return TritonRowEngine()
 
 
-class _LinearLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, tf, engine, budget):
-        logp, lse = forward_logprobs(hidden, weight, bias, labels, tf, engine, budget)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.tf, ctx.engine, ctx.budget = tf, engine, budget
-        return logp
+def prepare_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap, backend, chunk_bytes,
+                   validate, accum_dtype="fp32", grouped=False):
+    """Checks shared by every public op; returns ``(labels int64, engine, budget, transform)``.
 
-    @staticmethod
-    def backward(ctx, grad_logp):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h, grad_w, grad_b = backward_logprobs(
-            hidden, weight, bias, labels, lse, grad_logp.contiguous(), ctx.tf, ctx.engine, ctx.budget,
-            need_hidden=need_h, need_weight=need_w, need_bias=need_b)
-        return grad_h, grad_w, grad_b, None, None, None, None
-
-
-def _prepare(hidden, weight, labels, bias, ignore_index, temperature, softcap, backend, chunk_bytes, validate,
-             grouped=False):
+    ``grouped``: the op computes its gradients in the forward (its default budget is larger).
+    """
     labels = check_linear_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap)
     check_label_range(labels, weight.shape[0], ignore_index, validate)
+    resolve_accum_dtype(accum_dtype, weight)
     engine = select_engine(backend, hidden.device, hidden.dtype)
     budget = resolve_chunk_bytes(chunk_bytes, hidden.device, grouped=grouped)
-    tf = LogitTransform(float(temperature), None if softcap is None else float(softcap), ignore_index)
-    return labels, engine, budget, tf
+    transform = LogitTransform(float(temperature), None if softcap is None else float(softcap), ignore_index)
+    return labels, engine, budget, transform
+
+
+def find_valid_tokens(labels1d: torch.Tensor, ignore_index: int, valid_positions, validate) -> ValidTokens:
+    """The valid tokens of a call (at most one host sync on CUDA; none with ``valid_positions``)."""
+    return ValidTokens.find(labels1d, ignore_index, valid_positions, check=validation_enabled(validate))
+
+
+def input_grads_wanted(hidden, weight, bias) -> bool:
+    """Whether autograd will want gradients of these inputs (decides the in-forward gradient paths)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+
+
+# ---------------------------------------------------------------------------------------------
+# Token log-probs (and entropy): any upstream gradient
+# ---------------------------------------------------------------------------------------------
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """``hidden [N, H]`` -> log-probs ``[n]`` (and entropies ``[n]``) of the valid tokens."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, tokens, transform, engine, budget, entropy, accum_dtype):
+        logp, lse, ent = forward_logprobs(hidden, weight, bias, labels, transform, engine, budget, tokens,
+                                          entropy=entropy)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
+        ctx.tokens, ctx.transform, ctx.engine, ctx.budget, ctx.accum_dtype = tokens, transform, engine, budget, accum_dtype
+        ctx.set_materialize_grads(False)
+        return (logp, ent) if entropy else logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 10
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grads = backward_logprobs(hidden, weight, bias, labels, lse, grad_logp.contiguous(), ctx.transform,
+                                  ctx.engine, ctx.budget, ctx.tokens, entropy=ent, grad_entropy=grad_entropy,
+                                  need_hidden=need_h, need_weight=need_w, need_bias=need_b,
+                                  accum_dtype=ctx.accum_dtype)
+        return (*grads,) + (None,) * 7
+
+
+def compact_token_logprobs(hidden2d, weight, bias, labels1d, tokens: ValidTokens, transform, engine, budget, *,
+                           entropy: bool = False, accum_dtype="fp32"):
+    """Differentiable log-probs ``[n]`` (and entropies ``[n]``) of the valid tokens, in order."""
+    if input_grads_wanted(hidden2d, weight, bias):
+        return _LinearLogprobs.apply(hidden2d, weight, bias, labels1d, tokens, transform, engine, budget, entropy,
+                                     accum_dtype)
+    with torch.no_grad():
+        logp, _, ent = forward_logprobs(hidden2d, weight, bias, labels1d, transform, engine, budget, tokens,
+                                        entropy=entropy)
+    return (logp, ent) if entropy else logp
 
 
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias: torch.Tensor | None = None, ignore_index: int = -100,
                           temperature: float = 1.0, softcap: float | None = None,
                           backend: str = "auto", chunk_bytes: int | None = None,
-                          validate: bool | None = None) -> torch.Tensor:
+                          validate: bool | None = None, return_entropy: bool = False,
+                          valid_positions: torch.Tensor | None = None, accum_dtype="fp32"):
     """Per-token log-probabilities of ``labels`` under ``softmax(z)``, never materializing ``[N, V]``.
 
     ``z = (hidden @ weight.T + bias) / temperature``, then ``softcap * tanh(z / softcap)`` if set.
@@ -120,75 +185,111 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         weight: ``[V, H]``, same dtype and device (may be tied to an input embedding).
         labels: int64 ``[...]`` = hidden's leading shape, already aligned: ``labels[..., t]`` is
             predicted from ``hidden[..., t]`` (no shift inside).
-        bias: ``[V]`` or None. ignore_index: label value whose log-prob is 0 and gets no gradient.
+        bias: ``[V]`` or None. ignore_index: label value whose log-prob is 0 and gets no gradient;
+            such tokens enter no matrix product.
         backend: "auto" (Triton on CUDA, PyTorch otherwise; env ``DFTKERN_BACKEND`` overrides),
             "triton" or "torch".
         chunk_bytes: workspace budget (see :mod:`dftkern.chunking`); env ``DFTKERN_CHUNK_BYTES``.
-        validate: check label range on CUDA too (costs one host sync; env ``DFTKERN_VALIDATE=1``).
-            On CPU labels are always checked; on CUDA without validation an out-of-range label
-            yields NaN at that position.
+        validate: True/False/None. Check label range (and ``valid_positions``) on CUDA too (costs a
+            host sync; env ``DFTKERN_VALIDATE=1``). On CPU labels are always checked; on CUDA
+            without validation an out-of-range label yields NaN at that position.
+        return_entropy: also return the entropy ``-sum_v p_v log p_v`` of ``p = softmax(z)`` per
+            token (computed in the same sweep over the vocabulary as the log-sum-exp).
+        valid_positions: optional int64 1-D tensor of the flat positions (into
+            ``labels.reshape(-1)``) whose label != ignore_index, increasing; CPU preferred. Saves
+            the one host sync the call otherwise makes on CUDA to find them.
+        accum_dtype: ``dW`` accumulation across token tiles in the backward: "fp32" (default) or
+            the weight's dtype (see :func:`dftkern.engines.resolve_accum_dtype`).
 
     Returns:
         float32 tensor of shape ``labels.shape`` (float64 for float64 inputs); 0.0 where
-        ``labels == ignore_index``. Differentiable w.r.t. hidden, weight and bias for any upstream
-        gradient; the gradients come back in the input dtypes. Cost: 2NHV forward, 6NHV backward.
+        ``labels == ignore_index``. With ``return_entropy``: ``(logp, entropy)``, both of that
+        shape and dtype (entropy 0 where ignored). Differentiable w.r.t. hidden, weight and bias
+        for any upstream gradients of either output; the gradients come back in the input dtypes
+        (0 at ignored tokens). Cost: 2nHV forward, 6nHV backward for n valid tokens.
     """
-    labels, engine, budget, tf = _prepare(hidden, weight, labels, bias, ignore_index, temperature, softcap,
-                                          backend, chunk_bytes, validate)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    labels, engine, budget, transform = prepare_inputs(hidden, weight, labels, bias, ignore_index, temperature,
+                                                       softcap, backend, chunk_bytes, validate, accum_dtype)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    logp = _LinearLogprobs.apply(hidden2d, weight, bias, labels.reshape(-1), tf, engine, budget)
-    return logp.view(labels.shape)
+    labels1d = labels.reshape(-1)
+    tokens = find_valid_tokens(labels1d, ignore_index, valid_positions, validate)
+    out = compact_token_logprobs(hidden2d, weight, bias, labels1d, tokens, transform, engine, budget,
+                                 entropy=return_entropy, accum_dtype=accum_dtype)
+    if return_entropy:
+        return tuple(tokens.scatter(t).view(labels.shape) for t in out)
+    return tokens.scatter(out).view(labels.shape)
 
 
-def _input_grads_wanted(hidden, weight, bias) -> bool:
-    """Whether autograd will want gradients of these inputs (decides the in-forward gradient paths)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+# ---------------------------------------------------------------------------------------------
+# Losses with their gradients computed in the forward (6NHV)
+# ---------------------------------------------------------------------------------------------
 
 
-def _scaled_saved_grads(ctx, grad_loss: torch.Tensor) -> tuple:
-    """Backward of a scalar loss whose input gradients were computed in the forward and saved:
-    ``(grad_hidden, grad_weight, grad_bias) * grad_loss`` (None stays None)."""
-    return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+class _PrecomputedGradients(torch.autograd.Function):
+    """``loss`` (a detached scalar) whose input gradients were computed in the forward pass.
 
-
-class _FusedTokenCrossEntropy(torch.autograd.Function):
-    """``-scale * sum_t logp_t`` with its gradients computed inside the forward (6NHV)."""
+    Backward returns those gradients times ``grad_output``, scaling them in place: no second
+    ``[V, H]`` buffer. It can run once (``retain_graph=True`` and a second backward raise).
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, tf, engine, chunk_ranges, scale):
-        def head(c: int, logp_chunk: torch.Tensor) -> torch.Tensor:
-            return (-scale).to(logp_chunk.dtype).expand_as(logp_chunk)
-
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        logp, grad_h, grad_w, grad_b = forward_with_grad(hidden, weight, bias, labels, tf, engine, chunk_ranges,
-                                                         head, need_hidden=need_h, need_weight=need_w,
-                                                         need_bias=need_b)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-        return -(logp.sum() * scale.to(logp.dtype))
+    def forward(ctx, loss, hidden, weight, bias, grads: InForwardGradients):
+        ctx.grads = (grads.grad_hidden, grads.grad_weight, grads.grad_bias)
+        return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return _scaled_saved_grads(ctx, grad_loss) + (None,) * 5
+        if ctx.grads is None:
+            raise RuntimeError("a dftkern loss with in-forward gradients can be backpropagated once: its saved "
+                               "gradients were scaled in place by the first backward (retain_graph=True is not "
+                               "supported); recompute the loss instead")
+        grads, ctx.grads = ctx.grads, None
+        scaled = tuple(None if g is None else g.mul_(grad_loss) for g in grads)
+        return (None, *scaled, None)
+
+
+def in_forward_gradients(hidden2d, weight, bias, labels1d, transform, engine, chunk_ranges,
+                         chunk_gradient: ChunkGradient, tokens: ValidTokens, *, entropy: bool = False,
+                         accum_dtype="fp32") -> InForwardGradients:
+    """:func:`dftkern.chunking.forward_with_grad` outside autograd, for the inputs that require grad."""
+    grad_on = torch.is_grad_enabled()
+    with torch.no_grad():
+        return forward_with_grad(hidden2d, weight, bias, labels1d, transform, engine, chunk_ranges, chunk_gradient,
+                                 tokens=tokens, entropy=entropy,
+                                 need_hidden=grad_on and hidden2d.requires_grad,
+                                 need_weight=grad_on and weight.requires_grad,
+                                 need_bias=grad_on and bias is not None and bias.requires_grad,
+                                 accum_dtype=accum_dtype)
+
+
+def with_precomputed_gradients(loss: torch.Tensor, hidden2d, weight, bias, grads: InForwardGradients) -> torch.Tensor:
+    """``loss`` attached to autograd with the gradients of :func:`in_forward_gradients`."""
+    return _PrecomputedGradients.apply(loss, hidden2d, weight, bias, grads)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                                reduction: str = "mean", bias: torch.Tensor | None = None,
                                ignore_index: int = -100, temperature: float = 1.0,
                                softcap: float | None = None, backend: str = "auto",
-                               chunk_bytes: int | None = None, validate: bool | None = None) -> torch.Tensor:
+                               chunk_bytes: int | None = None, validate: bool | None = None,
+                               accum_dtype="fp32", valid_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy ``-log p(label)`` of the fused head, reduced to a scalar: the SFT token loss.
 
     Because the loss is a scalar, its gradient w.r.t. every log-prob is known in the forward, so
-    the gradients are computed there from the same logits (6NHV, the matmul floor) and backward
-    only scales them — unlike :func:`fused_linear_logprobs` (8NHV), which accepts any upstream
+    the gradients are computed there from the same logits (6nHV, the matmul floor) and backward
+    only scales them — unlike :func:`fused_linear_logprobs` (8nHV), which accepts any upstream
     gradient.
 
     Its default chunk budget is the sequence losses' (4 GiB on CUDA): fewer chunks mean fewer
-    passes over the fp32 ``dW`` accumulator.
+    passes over the ``dW`` accumulator.
 
     Args:
         as :func:`fused_linear_logprobs`; reduction: "mean" (over non-ignored tokens; 0 when there
         are none), "sum", or "none" (per-token ``-logp``, through :func:`fused_linear_logprobs`).
+        accum_dtype: ``dW`` accumulation across chunks: "fp32" (default, exact up to fp32) or the
+            weight's dtype (one rounding per chunk; no fp32 ``[V, H]`` buffer).
     Returns:
         float32 scalar (``labels.shape`` for "none").
     """
@@ -197,256 +298,111 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if reduction == "none":
         return -fused_linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                       temperature=temperature, softcap=softcap, backend=backend,
-                                      chunk_bytes=chunk_bytes, validate=validate)
-    labels, engine, budget, tf = _prepare(hidden, weight, labels, bias, ignore_index, temperature, softcap,
-                                          backend, chunk_bytes, validate, grouped=True)
+                                      chunk_bytes=chunk_bytes, validate=validate, valid_positions=valid_positions,
+                                      accum_dtype=accum_dtype)
+    labels, engine, budget, transform = prepare_inputs(hidden, weight, labels, bias, ignore_index, temperature,
+                                                       softcap, backend, chunk_bytes, validate, accum_dtype,
+                                                       grouped=True)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     labels1d = labels.reshape(-1)
-    acc_dtype = compute_dtype(weight.dtype)
-    if reduction == "mean":  # a device tensor: no host sync
-        scale = 1.0 / (labels1d != ignore_index).sum().clamp_min(1).to(acc_dtype)
-    else:
-        scale = torch.ones((), dtype=acc_dtype, device=hidden.device)
-    if not _input_grads_wanted(hidden, weight, bias):
+    tokens = find_valid_tokens(labels1d, ignore_index, valid_positions, validate)
+    scale = 1.0 / max(tokens.num_valid, 1) if reduction == "mean" else 1.0
+    if not input_grads_wanted(hidden, weight, bias):
         with torch.no_grad():
-            logp, _ = forward_logprobs(hidden2d, weight, bias, labels1d, tf, engine, budget)
-        return -(logp.sum() * scale)
-    rows = tokens_per_chunk(budget, weight, engine.name, tf, bias is not None)
-    chunk_ranges = index_ranges(hidden2d.shape[0], rows) or [(0, 0)]
-    return _FusedTokenCrossEntropy.apply(hidden2d, weight, bias, labels1d, tf, engine, chunk_ranges, scale)
+            logp, _, _ = forward_logprobs(hidden2d, weight, bias, labels1d, transform, engine, budget, tokens)
+        return logp.sum() * -scale
+
+    def chunk_gradient(c, logp, entropy, positions):
+        return torch.full_like(logp, -scale), None
+
+    chunks = tokens.chunk_bounds(tokens_per_chunk(budget, weight))
+    grads = in_forward_gradients(hidden2d, weight, bias, labels1d, transform, engine, chunks, chunk_gradient, tokens,
+                                 accum_dtype=accum_dtype)
+    return with_precomputed_gradients(grads.logp.sum() * -scale, hidden2d, weight, bias, grads)
 
 
-# ---------------------------------------------------------------------------------------------
-# Row layouts (padded [R, T] or packed with cu_seqlens) and segment sums
-# ---------------------------------------------------------------------------------------------
+TokenLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``token_loss(logp [n], entropy [n], index [n]) -> terms [n]``: an elementwise, differentiable
+function of the log-probs and entropies of ``n`` valid tokens (fp32, fp64 for fp64 inputs).
+``index`` holds their int64 flat positions into ``labels.reshape(-1)`` (on the compute device), so
+the callable can gather its own per-token constants (advantages, old or reference log-probs,
+weights). The loss is the sum of all terms."""
 
 
-@dataclass(frozen=True)
-class RowLayout:
-    """Where each sequence (row) lives in the flattened token axis.
+def fused_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, token_loss: TokenLoss,
+                     cu_seqlens=None, bias: torch.Tensor | None = None, ignore_index: int = -100,
+                     temperature: float = 1.0, softcap: float | None = None, backend: str = "auto",
+                     chunk_bytes: int | None = None, validate: bool | None = None,
+                     valid_positions: torch.Tensor | None = None, accum_dtype="fp32",
+                     return_token_values: bool = False):
+    """A scalar loss ``sum_t token_loss(logp_t, entropy_t, t)`` over the valid tokens, at 6nHV.
 
-    ``bounds`` is a host list of R+1 token offsets (``cu_seqlens``); ``padded_len`` is T for a
-    padded ``[R, T]`` layout (rows are equal-length, contiguous) and None for a packed one.
-    """
-
-    bounds: tuple[int, ...]
-    padded_len: int | None
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.bounds) - 1
-
-    @property
-    def num_tokens(self) -> int:
-        return self.bounds[-1]
-
-    def segment_sum(self, token_values: torch.Tensor, row0: int = 0, row1: int | None = None) -> torch.Tensor:
-        """Differentiable per-row sums of ``token_values`` (the tokens of rows ``row0..row1``).
-
-        Padded rows sum by a reshape; packed rows by an fp64 prefix sum (deterministic on CUDA).
-        """
-        row1 = self.num_rows if row1 is None else row1
-        if self.padded_len is not None:
-            return token_values.reshape(row1 - row0, self.padded_len).sum(1)
-        t0 = self.bounds[row0]
-        local = torch.tensor([b - t0 for b in self.bounds[row0:row1 + 1]], device=token_values.device)
-        prefix = torch.cat([token_values.new_zeros(1, dtype=torch.float64),
-                            torch.cumsum(token_values.to(torch.float64), 0)])
-        return (prefix[local[1:]] - prefix[local[:-1]]).to(token_values.dtype)
-
-
-def make_layout(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens) -> tuple[torch.Tensor, torch.Tensor, RowLayout]:
-    """Flatten ``hidden``/``labels`` and describe the rows.
-
-    Padded: hidden ``[R, T, H]``, labels ``[R, T]``, cu_seqlens None. Packed: hidden ``[N, H]``,
-    labels ``[N]``, cu_seqlens ``[R+1]`` int (host list/tensor preferred: a CUDA tensor costs one sync).
-    """
-    if cu_seqlens is None:
-        if hidden.dim() != 3:
-            raise ValueError(f"hidden must be [R, T, H] (or [N, H] with cu_seqlens), got shape {tuple(hidden.shape)}")
-        rows, seq_len = hidden.shape[0], hidden.shape[1]
-        layout = RowLayout(tuple(range(0, rows * seq_len + 1, seq_len)) if seq_len > 0 else (0,) * (rows + 1),
-                           seq_len if seq_len > 0 else None)
-        return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), layout
-    if hidden.dim() != 2:
-        raise ValueError(f"with cu_seqlens, hidden must be packed [N, H], got shape {tuple(hidden.shape)}")
-    if isinstance(cu_seqlens, torch.Tensor):
-        if cu_seqlens.is_floating_point() or cu_seqlens.dim() != 1:
-            raise TypeError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-        bounds = [int(b) for b in cu_seqlens.tolist()]
-    else:
-        bounds = [int(b) for b in cu_seqlens]
-    if len(bounds) < 1 or bounds[0] != 0 or bounds[-1] != hidden.shape[0]:
-        raise ValueError(f"cu_seqlens must start at 0 and end at N={hidden.shape[0]}, got "
-                         f"{bounds[:3]}...{bounds[-2:]}")
-    if any(b1 < b0 for b0, b1 in zip(bounds, bounds[1:])):
-        raise ValueError("cu_seqlens must be non-decreasing")
-    return hidden, labels, RowLayout(tuple(bounds), None)
-
-
-def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                      average: bool = False, cu_seqlens=None, bias: torch.Tensor | None = None,
-                      ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
-                      backend: str = "auto", chunk_bytes: int | None = None,
-                      validate: bool | None = None) -> torch.Tensor:
-    """Sequence log-probs: the sum (or, with ``average=True``, the mean) of each row's token log-probs.
+    Per chunk of valid tokens: logits once -> log-probs and entropies (one sweep) ->
+    ``torch.autograd.grad`` of ``token_loss(...).sum()`` w.r.t. both -> the gradient epilogue on
+    the same logits -> ``dH`` and ``dW``. Backward only scales the saved gradients. When the loss
+    does not depend on the entropy (its gradient is None), the epilogue skips the entropy term.
 
     Args:
-        hidden: ``[B, T, H]`` with labels ``[B, T]``; or packed ``[N, H]`` with labels ``[N]`` and
-            ``cu_seqlens`` ``[B+1]``. Other arguments as in :func:`fused_linear_logprobs`.
+        hidden/weight/labels/bias/ignore_index/temperature/softcap/backend/validate/valid_positions:
+            as in :func:`fused_linear_logprobs` (``hidden [..., H]``, labels ``[...]``).
+        token_loss: see :data:`TokenLoss`. Called once per chunk (with ``torch.enable_grad()``);
+            chunks split the token axis wherever the budget says, so it must be elementwise.
+        cu_seqlens: optional ``[R+1]`` offsets of a packed ``[N, H]`` batch; only checked (the
+            loss is per token; ``index`` is what locates a token).
+        chunk_bytes: workspace budget (default as :func:`fused_linear_cross_entropy`'s).
+        accum_dtype: "fp32" (default) or the weight's dtype, for ``dW`` across chunks.
+        return_token_values: also return the detached log-probs and entropies.
+
     Returns:
-        float32 ``[B]``. A row with no non-ignored token gives 0 (never NaN).
+        float32 scalar (float64 for float64 inputs); with ``return_token_values``:
+        ``(loss, logp, entropy)``, the latter two ``labels.shape``, 0 at ignored tokens.
     """
-    token_logp = fused_linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                                       temperature=temperature, softcap=softcap, backend=backend,
-                                       chunk_bytes=chunk_bytes, validate=validate)
-    _, flat_labels, layout = make_layout(hidden, labels, cu_seqlens)
-    sums = layout.segment_sum(token_logp.reshape(-1))
-    if not average:
-        return sums
-    counts = layout.segment_sum((flat_labels != ignore_index).to(sums.dtype))
-    return sums / counts.clamp_min(1)
+    if not callable(token_loss):
+        raise TypeError(f"token_loss must be a callable (logp, entropy, index) -> per-token terms, got "
+                        f"{type(token_loss).__name__}")
+    if not isinstance(return_token_values, bool):
+        raise TypeError(f"return_token_values must be a bool, got {type(return_token_values).__name__}")
+    if cu_seqlens is not None:
+        from .grouped import make_layout
 
+        make_layout(hidden, labels, cu_seqlens)  # the packed layout's checks
+    labels, engine, budget, transform = prepare_inputs(hidden, weight, labels, bias, ignore_index, temperature,
+                                                       softcap, backend, chunk_bytes, validate, accum_dtype,
+                                                       grouped=True)
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    labels1d = labels.reshape(-1)
+    tokens = find_valid_tokens(labels1d, ignore_index, valid_positions, validate)
+    device = hidden.device
+    parts: list[torch.Tensor] = []
 
-# ---------------------------------------------------------------------------------------------
-# Grouped sequence losses
-# ---------------------------------------------------------------------------------------------
+    def terms_sum(logp, entropy, positions) -> torch.Tensor:
+        terms = token_loss(logp, entropy, positions)
+        if not isinstance(terms, torch.Tensor):
+            raise TypeError(f"token_loss must return a tensor of per-token terms, got {type(terms).__name__}")
+        return terms.sum()
 
-GroupHead = Callable[..., tuple[torch.Tensor, dict]]
-"""``head(seq_sums [r], token_counts [r], g0, g1) -> (per_group_loss [g1 - g0], stats)``.
-
-``seq_sums`` are the differentiable sums of token log-probs of rows ``g0*n .. g1*n`` (n rows
-per group); ``stats`` maps names to detached tensors with leading dim ``g1 - g0``. A head with
-an attribute ``token_term`` (a function of token log-probs) also receives
-``token_term_sums [r]``, the per-row sums of ``token_term(logp_t)`` over non-ignored tokens.
-"""
-
-
-def _plan_group_chunks(layout: RowLayout, rows_per_group: int, max_tokens: int) -> list[tuple[int, int]] | None:
-    """Greedy chunks of whole groups with at most ``max_tokens`` tokens each; None if a group is too big."""
-    n_groups = layout.num_rows // rows_per_group
-    chunks, g0 = [], 0
-    while g0 < n_groups:
-        g1 = g0
-        start = layout.bounds[g0 * rows_per_group]
-        while g1 < n_groups and layout.bounds[(g1 + 1) * rows_per_group] - start <= max_tokens:
-            g1 += 1
-        if g1 == g0:
-            return None
-        chunks.append((g0, g1))
-        g0 = g1
-    return chunks
-
-
-class _FusedGroupedLoss(torch.autograd.Function):
-    """Loss and its input gradients in one forward pass; backward only scales by grad_output."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, tf, engine, layout, rows_per_group, group_chunks,
-                head, counts, outputs):
-        n_groups = layout.num_rows // rows_per_group
-        token_ranges = [(layout.bounds[g0 * rows_per_group], layout.bounds[g1 * rows_per_group])
-                        for g0, g1 in group_chunks]
-        per_group_losses, seq_parts, stat_parts = [], [], []
-        valid = labels != tf.ignore_index
-
-        def chunk_head(c: int, logp_chunk: torch.Tensor) -> torch.Tensor:
-            g0, g1 = group_chunks[c]
-            r0, r1 = g0 * rows_per_group, g1 * rows_per_group
+    if not input_grads_wanted(hidden, weight, bias):
+        with torch.no_grad():
+            logp, _, ent = forward_logprobs(hidden2d, weight, bias, labels1d, transform, engine, budget, tokens,
+                                            entropy=True)
+            loss = terms_sum(logp, ent, tokens.positions_on(device, 0, tokens.num_valid)).to(logp.dtype)
+    else:
+        def chunk_gradient(c, logp, entropy, positions):
             with torch.enable_grad():
-                lp = logp_chunk.detach().requires_grad_(True)
-                sums = layout.segment_sum(lp, r0, r1)
-                extra = _token_term_sums(head, lp, valid[token_ranges[c][0]:token_ranges[c][1]], layout, r0, r1)
-                per_group, stats = head(sums, counts[r0:r1], g0, g1, **extra)
-                (grad,) = torch.autograd.grad(per_group.sum() / n_groups, lp)
-            per_group_losses.append(per_group.detach())
-            seq_parts.append(sums.detach())
-            stat_parts.append(stats)
-            return grad
+                lp = logp.detach().requires_grad_(True)
+                en = entropy.detach().requires_grad_(True)
+                total = terms_sum(lp, en, positions)
+                grad_lp = grad_en = None
+                if total.requires_grad:
+                    grad_lp, grad_en = torch.autograd.grad(total, (lp, en), allow_unused=True)
+            parts.append(total.detach().to(lp.dtype).reshape(()))
+            return (torch.zeros_like(logp) if grad_lp is None else grad_lp), grad_en
 
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        _, grad_h, grad_w, grad_b = forward_with_grad(hidden, weight, bias, labels, tf, engine, token_ranges,
-                                                      chunk_head, need_hidden=need_h, need_weight=need_w,
-                                                      need_bias=need_b)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-        outputs["seq_logps"] = torch.cat(seq_parts) if seq_parts else counts.new_zeros(0)
-        outputs["stats"] = _cat_stats(stat_parts)
-        loss = torch.cat(per_group_losses).sum() / n_groups if per_group_losses else counts.new_zeros(())
+        chunks = tokens.chunk_bounds(tokens_per_chunk(budget, weight))
+        grads = in_forward_gradients(hidden2d, weight, bias, labels1d, transform, engine, chunks, chunk_gradient,
+                                     tokens, entropy=True, accum_dtype=accum_dtype)
+        logp, ent = grads.logp, grads.entropy
+        loss = with_precomputed_gradients(torch.stack(parts).sum(), hidden2d, weight, bias, grads)
+    if not return_token_values:
         return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return _scaled_saved_grads(ctx, grad_loss) + (None,) * 9
-
-
-def _token_term_sums(head, token_logp: torch.Tensor, valid: torch.Tensor, layout: RowLayout,
-                     r0: int, r1: int | None) -> dict:
-    """Per-row sums of ``head.token_term(logp_t)`` over non-ignored tokens, if the head asks for them."""
-    token_term = getattr(head, "token_term", None)
-    if token_term is None:
-        return {}
-    term = torch.where(valid, token_term(token_logp), torch.zeros_like(token_logp))
-    return {"token_term_sums": layout.segment_sum(term, r0, r1)}
-
-
-def _cat_stats(parts: Sequence[dict]) -> dict:
-    if not parts:
-        return {}
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
-def grouped_sequence_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                          rows_per_group: int, head: GroupHead, cu_seqlens=None,
-                          bias: torch.Tensor | None = None, ignore_index: int = -100,
-                          temperature: float = 1.0, softcap: float | None = None, backend: str = "auto",
-                          chunk_bytes: int | None = None, schedule: str = "auto",
-                          validate: bool | None = None):
-    """A scalar ``loss = (1/G) sum_g head(group g)`` over groups of ``rows_per_group`` consecutive rows.
-
-    Args:
-        hidden/labels/cu_seqlens: a padded ``[R, T, H]``/``[R, T]`` or packed layout (see
-            :func:`sequence_logprobs`); ``R = G * rows_per_group``.
-        head: the per-group loss on sequence log-prob sums (see :data:`GroupHead`). It is called
-            exactly once for every group in a call (per chunk of groups under the fused schedule).
-        schedule: "auto" (fused when every group fits the chunk budget and a gradient is needed),
-            "fused" (gradients in the forward, 6NHV), "recompute" (token op + autograd, 8NHV).
-
-    Returns:
-        ``(loss, seq_logps [R] detached, token_counts [R], stats)`` with stats the concatenated
-        per-group stats of ``head``.
-    """
-    if schedule not in ("auto", "fused", "recompute"):
-        raise ValueError(f"schedule must be 'auto', 'fused' or 'recompute', got {schedule!r}")
-    labels, engine, budget, tf = _prepare(hidden, weight, labels, bias, ignore_index, temperature, softcap,
-                                          backend, chunk_bytes, validate, grouped=True)
-    hidden2d, labels1d, layout = make_layout(hidden, labels, cu_seqlens)
-    if layout.num_rows == 0 or layout.num_rows % rows_per_group != 0:
-        raise ValueError(f"the number of rows ({layout.num_rows}) must be a positive multiple of the group "
-                         f"size {rows_per_group}")
-    n_groups = layout.num_rows // rows_per_group
-    counts = layout.segment_sum((labels1d != ignore_index).to(torch.float32))
-    wants_grad = _input_grads_wanted(hidden, weight, bias)
-
-    group_chunks = None
-    if wants_grad and schedule != "recompute":
-        max_tokens = tokens_per_chunk(budget, weight, engine.name, tf, bias is not None)
-        group_chunks = _plan_group_chunks(layout, rows_per_group, max_tokens)
-        if group_chunks is None and schedule == "fused":
-            raise ValueError(f"schedule='fused' needs every group to fit the chunk budget ({budget} bytes = "
-                             f"{max_tokens} tokens); raise chunk_bytes or use schedule='recompute'")
-
-    if group_chunks is not None:
-        outputs: dict = {}
-        loss = _FusedGroupedLoss.apply(hidden2d, weight, bias, labels1d, tf, engine, layout, rows_per_group,
-                                       group_chunks, head, counts, outputs)
-        return loss, outputs["seq_logps"], counts, outputs["stats"]
-
-    if wants_grad:
-        token_logp = _LinearLogprobs.apply(hidden2d, weight, bias, labels1d, tf, engine, budget)
-    else:
-        with torch.no_grad():
-            token_logp, _ = forward_logprobs(hidden2d, weight, bias, labels1d, tf, engine, budget)
-    sums = layout.segment_sum(token_logp)
-    extra = _token_term_sums(head, token_logp, labels1d != ignore_index, layout, 0, None)
-    per_group, stats = head(sums, counts, 0, n_groups, **extra)
-    return per_group.sum() / n_groups, sums.detach(), counts, stats
+    return (loss, tokens.scatter(logp.detach()).view(labels.shape), tokens.scatter(ent.detach()).view(labels.shape))

@@ -5,6 +5,8 @@ Everything here is deliberately the *naive* math, written independently of ``dft
 * :func:`reference_token_logprobs` — ``log_softmax(z)[label]`` in float64 with
   ``z = (h W^T + b) / temperature``, then ``softcap * tanh(z / softcap)``; 0 where
   ``label == ignore_index``. Differentiable (autograd in float64).
+* :func:`reference_token_entropy` — float64 entropy ``-sum_v p_v log p_v`` of ``p = softmax(z)`` per
+  token (same ``z``), 0 where ignored. Differentiable.
 * :func:`reference_token_grads` — float64 gradients of ``sum(grad_out * logp)`` w.r.t. hidden,
   weight and bias, computed by autograd on float64 copies of the inputs.
 * :func:`reference_sequence_logprobs` — per-row sums or means, padded ``[B, T]`` or packed with
@@ -33,6 +35,7 @@ __all__ = [
     "relative_error",
     "transformed_logits",
     "reference_token_logprobs",
+    "reference_token_entropy",
     "reference_token_grads",
     "reference_sequence_logprobs",
     "naive_same_dtype_logprobs",
@@ -117,6 +120,21 @@ def reference_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels:
                            bias=None if bias is None else bias.to(torch.float64),
                            temperature=temperature, softcap=softcap)
     return _gather_masked(torch.log_softmax(z, dim=-1), labels, ignore_index)
+
+
+def reference_token_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                            bias: torch.Tensor | None = None, ignore_index: int = -100,
+                            temperature: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+    """Float64 entropy of ``softmax(z)`` per token, ``-sum_v p_v log p_v`` (0 where ``label == ignore_index``).
+
+    Same arguments as :func:`reference_token_logprobs`; returns float64 ``labels.shape``.
+    """
+    z = transformed_logits(hidden.to(torch.float64), weight.to(torch.float64),
+                           bias=None if bias is None else bias.to(torch.float64),
+                           temperature=temperature, softcap=softcap)
+    logp_all = torch.log_softmax(z, dim=-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    return torch.where(labels == ignore_index, torch.zeros_like(ent), ent)
 
 
 def _fp64_leaf(t: torch.Tensor | None) -> torch.Tensor | None:

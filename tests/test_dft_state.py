@@ -207,3 +207,132 @@ def test_checkpoint_two_calls_before_one_backward(schedule):
     torch.testing.assert_close(ckpt[2], plain[2], rtol=1e-6, atol=1e-7, msg="weight gradient")
     for i in range(2):
         torch.testing.assert_close(ckpt[1][i], plain[1][i], rtol=1e-6, atol=1e-7, msg=f"hidden gradient {i}")
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite inputs and empty groups never reach the state (issue 9)
+# ---------------------------------------------------------------------------------------------
+
+
+def _dft_call(state, ids, hidden, labels, ref_logps, weight, **kwargs):
+    h = hidden.clone().requires_grad_(True)
+    loss, stats = fused_dft_loss(h, weight, labels, num_negatives=K, ids=ids, state=state, ref_logps=ref_logps,
+                                 backend="torch", return_stats=True, **kwargs)
+    loss.backward()
+    return loss.detach(), stats
+
+
+def _expected_u(u_prev: torch.Tensor, d: torch.Tensor, gamma: float = 0.85) -> torch.Tensor:
+    """The documented recursion in float64, linear space."""
+    return torch.log((1 - gamma) * torch.exp(u_prev.double()) + gamma * torch.exp(d.double()).mean(1))
+
+
+@pytest.mark.parametrize("schedule", ["fused", "recompute"])
+@pytest.mark.parametrize("bad_row", [4, 3], ids=["nan-negative", "nan-positive"])
+def test_nan_group_is_not_written_and_next_clean_call_is_finite(bad_row, schedule):
+    weight = make_weight()
+    state = DFTState(6, init=-1.0)
+    state.u[4] = 2.5
+    ids = torch.tensor([0, 4])  # group 1 (rows 3..5) is id 4
+    hidden, labels, ref_logps = make_step(2, seed=40)
+    poisoned = hidden.clone()
+    poisoned[bad_row] = float("nan")
+    loss, stats = _dft_call(state, ids, poisoned, labels, ref_logps, weight, schedule=schedule)
+    assert not bool(torch.isfinite(loss)), "the loss may be non-finite: the trainer skips such a step"
+    assert int(stats["skipped_groups"]) == 1
+    assert bool(torch.isfinite(state.u).all())
+    assert state.u[4].item() == 2.5 and state.num_updates[4].item() == 0, "the NaN group keeps its u"
+    torch.testing.assert_close(state.u[0].double(), _expected_u(torch.tensor([-1.0]), stats["d"][:1])[0],
+                               rtol=0, atol=1e-5)
+    assert state.num_updates[0].item() == 1, "the clean group is written"
+    # the next clean call on the same ids: finite, and it starts from the unchanged u
+    clean_hidden, clean_labels, clean_ref = make_step(2, seed=41)
+    u_before = state.u[ids].clone()
+    loss2, stats2 = _dft_call(state, ids, clean_hidden, clean_labels, clean_ref, weight, schedule=schedule)
+    assert bool(torch.isfinite(loss2)) and int(stats2["skipped_groups"]) == 0
+    torch.testing.assert_close(state.u[ids].double(), _expected_u(u_before, stats2["d"]), rtol=0, atol=1e-5)
+    assert state.num_updates.tolist() == [2, 0, 0, 0, 1, 0]
+
+
+@pytest.mark.parametrize("variant", ["dft", "dft2"])
+def test_group_without_response_tokens_does_not_move_u(variant):
+    weight = make_weight()
+    state = DFTState(4, init=0.0)
+    hidden, labels, ref_logps = make_step(2, seed=43)
+    labels = labels.clone()
+    labels[3:6] = IGNORE  # group 1 (id 2): every row all-ignored
+    ref = ref_logps if variant == "dft" else None
+    h = hidden.clone().requires_grad_(True)
+    loss, stats = fused_dft_loss(h, weight, labels, num_negatives=K, ids=torch.tensor([1, 2]), state=state,
+                                 ref_logps=ref, variant=variant, backend="torch", return_stats=True)
+    loss.backward()
+    assert bool(torch.isfinite(loss))
+    assert int(stats["skipped_groups"]) == 1
+    assert state.u[2].item() == 0.0 and state.num_updates.tolist() == [0, 1, 0, 0]
+    assert bool(torch.isfinite(stats["weights"]).all())
+    assert bool((h.grad[3:6] == 0).all())
+    # only the negatives empty (the positive has tokens): still nothing to estimate u from
+    labels[3] = make_step(2, seed=43)[1][3]
+    fused_dft_loss(hidden, weight, labels, num_negatives=K, ids=torch.tensor([1, 2]), state=state, ref_logps=ref,
+                   variant=variant, backend="torch")
+    assert state.u[2].item() == 0.0 and state.num_updates.tolist() == [0, 2, 0, 0]
+
+
+@pytest.mark.parametrize("layout", ["all-ignored", "T=0", "packed-empty"])
+def test_batch_without_response_tokens_leaves_the_state(layout):
+    weight = make_weight()
+    state = DFTState(3, init=0.0)
+    hidden, labels, ref_logps = make_step(2, seed=44)
+    cu_seqlens = None
+    if layout == "all-ignored":
+        labels = torch.full_like(labels, IGNORE)
+    elif layout == "T=0":
+        hidden, labels = hidden[:, :0], labels[:, :0]
+    else:
+        hidden, labels, cu_seqlens = hidden.reshape(-1, HIDDEN)[:0], labels.reshape(-1)[:0], [0] * 7
+    loss, stats = fused_dft_loss(hidden.clone().requires_grad_(True), weight, labels, num_negatives=K,
+                                 ids=torch.tensor([0, 2]), state=state, ref_logps=ref_logps, backend="torch",
+                                 return_stats=True, cu_seqlens=cu_seqlens)
+    assert loss.item() == 0.0
+    assert int(stats["skipped_groups"]) == 2
+    assert state.u.tolist() == [0.0, 0.0, 0.0] and int(state.num_updates.sum()) == 0
+
+
+def test_write_never_stores_non_finite_values():
+    state = DFTState(3, init=1.0)
+    state.write(torch.tensor([0, 1, 2]), torch.tensor([float("nan"), 2.0, float("inf")]))
+    assert state.u.tolist() == [1.0, 2.0, 1.0] and state.num_updates.tolist() == [0, 1, 0]
+    state.write(torch.tensor([0, 2]), torch.tensor([5.0, 6.0]), update=torch.tensor([False, True]))
+    assert state.u.tolist() == [1.0, 2.0, 6.0] and state.num_updates.tolist() == [0, 1, 1]
+
+
+LOAD_ERRORS = {
+    "u-nan": (lambda d: d.__setitem__("u", torch.tensor([0.0, float("nan"), 0.0, 0.0])), ValueError, "non-finite"),
+    "u-inf": (lambda d: d.__setitem__("u", torch.tensor([0.0, 0.0, -float("inf"), 0.0])), ValueError, "non-finite"),
+    "u-int": (lambda d: d.__setitem__("u", torch.zeros(4, dtype=torch.int64)), TypeError, "u must be a float"),
+    "u-list": (lambda d: d.__setitem__("u", [0.0] * 4), TypeError, "u must be a float"),
+    "u-2d": (lambda d: d.__setitem__("u", torch.zeros(4, 1)), ValueError, "examples"),
+    "num_updates-float": (lambda d: d.__setitem__("num_updates", torch.zeros(4)), TypeError, "num_updates"),
+    "num_updates-shape": (lambda d: d.__setitem__("num_updates", torch.zeros(5, dtype=torch.int64)), ValueError,
+                          "num_updates"),
+    "num_updates-negative": (lambda d: d.__setitem__("num_updates", torch.tensor([0, -1, 0, 0])), ValueError,
+                             "num_updates"),
+    "init-nan": (lambda d: d.__setitem__("init", float("nan")), ValueError, "init"),
+    "num_examples-str": (lambda d: d.__setitem__("num_examples", "4"), TypeError, "num_examples"),
+}
+
+
+@pytest.mark.parametrize("case", list(LOAD_ERRORS.values()), ids=list(LOAD_ERRORS))
+def test_load_state_dict_rejects_bad_values_and_changes_nothing(case):
+    corrupt, exc, match = case
+    state = DFTState(4, init=0.5)
+    state.u[1] = -2.0
+    state.num_updates[1] = 3
+    saved = DFTState(4, init=1.0).state_dict()
+    corrupt(saved)
+    with pytest.raises(exc, match=match):
+        state.load_state_dict(saved)
+    assert state.u.tolist() == [0.5, -2.0, 0.5, 0.5] and state.num_updates.tolist() == [0, 3, 0, 0]
+    assert state.init == 0.5
+    with pytest.raises(TypeError, match="dict"):
+        state.load_state_dict([("u", state.u)])

@@ -293,3 +293,62 @@ def test_sequence_logprobs_validates_like_the_token_op(inputs):
         sequence_logprobs(hidden, weight, labels, cu_seqlens=[0, 6], temperature=0.0)
     with pytest.raises(TypeError, match="labels"):
         sequence_logprobs(hidden, weight, labels.float(), cu_seqlens=[0, 6])
+
+
+# ---------------------------------------------------------------------------------------------
+# strict arguments (issue 9, item 5)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env_value", ["inf", "nan", "1e400", "-inf", "12e3", "0.4"])
+def test_chunk_bytes_env_non_finite_or_odd_forms(inputs, monkeypatch, env_value):
+    """Never an OverflowError: a ValueError naming the variable and listing the accepted forms."""
+    hidden, weight, labels, _ = inputs
+    monkeypatch.setenv("DFTKERN_CHUNK_BYTES", env_value)
+    with pytest.raises(ValueError, match=r"DFTKERN_CHUNK_BYTES.*256M"):
+        fused_linear_logprobs(hidden, weight, labels)
+
+
+@pytest.mark.parametrize("value", ["no", "yes", 1, 0, torch.tensor(True)], ids=["no", "yes", "1", "0", "tensor"])
+def test_validate_must_be_bool_or_none(inputs, value):
+    hidden, weight, labels, _ = inputs
+    with pytest.raises(TypeError, match="validate"):
+        fused_linear_logprobs(hidden, weight, labels, validate=value)
+
+
+def test_validate_env_parsed_strictly(inputs, monkeypatch):
+    hidden, weight, labels, _ = inputs
+    for ok in ("1", "TRUE", "off", "No", ""):
+        monkeypatch.setenv("DFTKERN_VALIDATE", ok)
+        fused_linear_logprobs(hidden, weight, labels)
+    monkeypatch.setenv("DFTKERN_VALIDATE", "maybe")
+    with pytest.raises(ValueError, match=r"DFTKERN_VALIDATE.*1/true/yes/on"):
+        fused_linear_logprobs(hidden, weight, labels)
+
+
+def test_list_inputs_are_type_errors_naming_the_argument(inputs):
+    hidden, weight, labels, _ = inputs
+    with pytest.raises(TypeError, match="hidden"):
+        fused_linear_logprobs(hidden.tolist(), weight, labels)
+    with pytest.raises(TypeError, match="hidden"):
+        sequence_logprobs(hidden.tolist(), weight, labels, cu_seqlens=[0, 6])
+    with pytest.raises(TypeError, match="weight"):
+        fused_linear_logprobs(hidden, weight.tolist(), labels)
+
+
+def test_cu_seqlens_with_padded_hidden_says_packed_was_expected(inputs):
+    hidden, weight, labels, _ = inputs
+    with pytest.raises(ValueError, match=r"with cu_seqlens, hidden must be packed \[N, H\]"):
+        sequence_logprobs(hidden.reshape(2, 3, 8), weight, labels.reshape(2, 3), cu_seqlens=[0, 3, 6])
+
+
+@pytest.mark.parametrize("bad,error", [(torch.tensor([0.0, 1.0]), TypeError), ([0, 1], TypeError),
+                                       (torch.tensor([[0, 1]]), ValueError), (torch.tensor([1, 0]), ValueError),
+                                       (torch.tensor([0, 9]), ValueError), (torch.tensor([0, 1]), ValueError)],
+                         ids=["float", "list", "2-D", "decreasing", "out-of-range", "not-the-valid-set"])
+def test_bad_valid_positions(inputs, bad, error):
+    hidden, weight, labels, _ = inputs
+    labels = labels.clone()
+    labels[1] = -100
+    with pytest.raises(error, match="valid_positions"):
+        fused_linear_logprobs(hidden, weight, labels, valid_positions=bad)

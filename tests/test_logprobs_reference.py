@@ -357,19 +357,21 @@ def test_chunk_sizes_give_the_same_answer(dtype, forward_chunk_rows, no_dftkern_
     grad_out = random_upstream(labels.shape)
     kwargs = {"bias": bias, "temperature": 0.8, "softcap": 5.0, "backend": "torch"}
     row_upper = 3 * V * 4  # per-row bytes never exceed 3 fp32 rows (logits + two temporaries)
+    n_valid = int((labels != -100).sum())  # ignored tokens never reach the epilogue (compaction)
+    assert 0 < n_valid < N
     baseline = value_and_grads(fused_linear_logprobs, hidden, weight, labels, grad_out, **kwargs)
-    assert forward_chunk_rows == [N]  # the default budget holds everything in one chunk
+    assert forward_chunk_rows == [n_valid]  # the default budget holds everything in one chunk
     ref = reference_token_grads(hidden, weight, labels, grad_out, bias=bias, temperature=0.8, softcap=5.0)
     for chunk_bytes, expect_rows in ((1, 1), (row_upper * 2, None), (row_upper * 5, None),
-                                     ((N - 1) * row_upper, None), (1 << 40, N)):
+                                     ((n_valid - 1) * V * 4, None), (1 << 40, n_valid)):
         forward_chunk_rows.clear()
         ours = value_and_grads(fused_linear_logprobs, hidden, weight, labels, grad_out, chunk_bytes=chunk_bytes,
                                **kwargs)
-        # forward-pass chunks (the spy sees only the forward epilogue): they tile [0, N) in equal
-        # chunks (the last may be shorter), use at least a third of the budget and respect it
-        assert sum(forward_chunk_rows) == N
+        # forward-pass chunks (the spy sees only the forward epilogue): they tile the n_valid valid
+        # tokens in equal chunks (the last may be shorter), use at least a third of the budget and respect it
+        assert sum(forward_chunk_rows) == n_valid
         assert len(set(forward_chunk_rows[:-1])) <= 1 and forward_chunk_rows[-1] <= forward_chunk_rows[0]
-        assert forward_chunk_rows[0] >= min(N, max(1, chunk_bytes // row_upper))
+        assert forward_chunk_rows[0] >= min(n_valid, max(1, chunk_bytes // row_upper))
         if chunk_bytes >= V * 4:
             assert forward_chunk_rows[0] * V * 4 <= chunk_bytes, "a chunk's fp32 logits exceed the budget"
         if expect_rows is not None:
@@ -385,10 +387,10 @@ def test_chunk_sizes_give_the_same_answer(dtype, forward_chunk_rows, no_dftkern_
                 torch.testing.assert_close(ours[name], baseline[name], rtol=2e-3, atol=1e-4)
         if dtype == torch.float32:
             assert_matches_reference(ours, ref)
-    assert forward_chunk_rows == [N]
+    assert forward_chunk_rows == [n_valid]
     forward_chunk_rows.clear()
     fused_linear_logprobs(hidden, weight, labels, chunk_bytes=1, **kwargs)
-    assert forward_chunk_rows == [1] * N, "chunk_bytes=1 must give one row per chunk"
+    assert forward_chunk_rows == [1] * n_valid, "chunk_bytes=1 must give one row per chunk"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,15 +557,17 @@ def test_backward_vocab_column_tiles(backend, dtype, grad_tile_spy, request, no_
     grad_out = random_upstream(N)
     kwargs = {"bias": bias, "softcap": 7.0, "temperature": 1.1}
     ref = reference_token_grads(hidden, weight, labels, grad_out, **kwargs)
-    # workspace bytes per logit (chunking.py docstring): fp32 logits, plus two fp32 temporaries
-    # for bias/temperature/softcap in the torch engine; the Triton epilogue works in place
-    per_logit = 12 if backend == "torch" else 4
+    # budgeted bytes per logit (chunking.py docstring): fp32 logits; both epilogues write the
+    # gradient over them (the torch engine's row-block scratch is outside the budget)
+    per_logit = 4
+    n_valid = N - 1  # the ignored last token enters no tile (compaction)
     # single tile; columns split with all tokens; tokens and columns both split; one token per tile
-    for chunk_bytes, min_col_tiles in ((None, 1), (N * 5000 * per_logit, 2), (2 * 4096 * per_logit, 3), (1, 3)):
+    for chunk_bytes, min_col_tiles in ((None, 1), (n_valid * 5000 * per_logit, 2), (2 * 4096 * per_logit, 3),
+                                       (1, 3)):
         grad_tile_spy.clear()
         ours = value_and_grads(fused_linear_logprobs, hidden, weight, labels, grad_out, backend=backend,
                                chunk_bytes=chunk_bytes, **kwargs)
-        _assert_tiles_cover_grid(grad_tile_spy, N, V)
+        _assert_tiles_cover_grid(grad_tile_spy, n_valid, V)
         assert len({v0 for _, v0, _ in grad_tile_spy}) >= min_col_tiles, grad_tile_spy
         if dtype == torch.float32:
             assert_matches_reference(ours, ref)

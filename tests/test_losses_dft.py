@@ -210,12 +210,13 @@ def test_stats_contents_shapes_and_detached():
     loss, stats = fused_dft_loss(h, weight, labels, num_negatives=k, ref_logps=ref_logps, bias=bias,
                                  return_stats=True, backend="torch")
     expected_shapes = {"seq_logps": (9,), "token_counts": (9,), "scores": (3, 3), "d": (3, 2),
-                       "weights": (3, 2), "u": (3,), "group_losses": (3,)}
+                       "weights": (3, 2), "u": (3,), "group_losses": (3,), "skipped_groups": ()}
     assert set(stats) == set(expected_shapes)
     for name, shape in expected_shapes.items():
         assert tuple(stats[name].shape) == shape, name
         assert not stats[name].requires_grad, f"{name} must be detached"
-        assert stats[name].dtype == torch.float32, name
+        assert stats[name].dtype == (torch.int64 if name == "skipped_groups" else torch.float32), name
+    assert int(stats["skipped_groups"]) == 0
     torch.testing.assert_close(loss.detach(), stats["group_losses"].mean())
     # without return_stats: just the scalar, the same value
     plain = fused_dft_loss(h, weight, labels, num_negatives=k, ref_logps=ref_logps, bias=bias, backend="torch")
@@ -519,6 +520,17 @@ ERROR_CASES = {
     "state-wrong-type": (dict(state="u"), TypeError, "state"),
     "schedule-unknown": (dict(schedule="eager"), ValueError, "schedule"),
     "label-out-of-vocabulary": (dict(labels_fill=30), ValueError, "labels"),
+    # strict arguments (issue 9)
+    "return_stats-not-bool": (dict(return_stats="yes"), TypeError, "return_stats must be a bool"),
+    "num_negatives-string": (dict(num_negatives="2"), TypeError, "num_negatives"),
+    "num_negatives-bool": (dict(num_negatives=True), TypeError, "num_negatives"),
+    "tau-tiny": (dict(tau=1e-30), ValueError, r"tau must be a finite number in \[1e-06, 1e\+06\]"),
+    "tau-bool": (dict(tau=True), TypeError, "tau"),
+    "gamma-nan": (dict(gamma=float("nan")), ValueError, r"gamma must be a finite number in \(0, 1\]"),
+    "ref_logps-list": (dict(ref_logps=[[0.0, 0.0], [0.0, 0.0]]), TypeError, "ref_logps"),
+    "ids-list": (dict(ids=[3, 5]), TypeError, "ids"),
+    "cu_seqlens-with-padded-hidden": (dict(cu_seqlens=[0, 4, 8, 12, 16, 20, 24]), ValueError,
+                                      "cu_seqlens is given, so the packed layout is expected"),
 }
 
 

@@ -327,6 +327,25 @@ ERROR_CASES = {
     "unlikelihood_alpha-negative": ("unlikelihood", 4, {"unlikelihood_alpha": -0.5}, ValueError,
                                     "unlikelihood_alpha"),
     "schedule-unknown": ("sft", 4, {"schedule": "eager"}, ValueError, "schedule"),
+    # strict arguments (issue 9): flags are bools, hyper-parameters finite and in their documented range
+    "average-not-bool": ("sft", 4, {"average": "yes"}, TypeError, "average must be a bool"),
+    "average-int": ("dpo", 4, {"average": 1, "ref_logps": torch.zeros(4)}, TypeError, "average"),
+    "return_stats-not-bool": ("sft", 4, {"return_stats": "yes"}, TypeError, "return_stats must be a bool"),
+    "baseline-bool": ("reinforce", 4, {"rewards": torch.zeros(2, 2), "baseline": True}, TypeError, "baseline"),
+    "baseline-nan": ("reinforce", 4, {"rewards": torch.zeros(2, 2), "baseline": float("nan")}, ValueError,
+                     "baseline"),
+    "baseline-huge": ("reinforce", 4, {"rewards": torch.zeros(2, 2), "baseline": 1e300}, ValueError,
+                      r"baseline must be 'mean', 'none' or a finite number in \[-1e\+09, 1e\+09\]"),
+    "ipo-beta-tiny": ("ipo", 4, {"beta": 1e-30, "ref_logps": torch.zeros(4)}, ValueError,
+                      r"beta must be a finite number in \[1e-06, 1e\+06\]"),
+    "dpo-beta-huge": ("dpo", 4, {"beta": 1e300, "ref_logps": torch.zeros(4)}, ValueError, r"1e\+06\]"),
+    "beta-string": ("dpo", 4, {"beta": "0.1", "ref_logps": torch.zeros(4)}, TypeError, "beta"),
+    "beta-inf": ("rwr", 4, {"beta": float("inf"), "rewards": torch.zeros(2, 2)}, ValueError, "beta"),
+    "unlikelihood_alpha-bool": ("unlikelihood", 4, {"unlikelihood_alpha": True}, TypeError, "unlikelihood_alpha"),
+    "rewards-list": ("rloo", 4, {"rewards": [[0.0, 1.0], [1.0, 0.0]]}, TypeError, "rewards"),
+    "ref_logps-list": ("dpo", 4, {"ref_logps": [0.0, 0.0, 0.0, 0.0]}, TypeError, "ref_logps"),
+    "loss-not-a-string": ("sft", 4, {"loss": None}, ValueError, "loss must be one of"),
+    "loss-from-another-family": ("sft", 4, {"loss": "dft"}, ValueError, "loss must be one of"),
 }
 
 
@@ -334,5 +353,31 @@ ERROR_CASES = {
 def test_bad_arguments_raise(case):
     loss, n_rows, kwargs, exc, match = case
     hidden, weight, labels, _ = make_rows(n_rows, 4, 8, 30, seed=1)
+    kwargs = dict({"loss": loss}, **kwargs)
     with pytest.raises(exc, match=match):
-        fused_preference_loss(hidden, weight, labels, loss=loss, backend="torch", **kwargs)
+        fused_preference_loss(hidden, weight, labels, backend="torch", **kwargs)
+
+
+def test_non_tensor_inputs_and_layout_mistakes_name_the_argument():
+    hidden, weight, labels, _ = make_rows(4, 5, 8, 30, seed=2)
+    with pytest.raises(TypeError, match="hidden must be a torch.Tensor"):
+        fused_preference_loss(hidden.tolist(), weight, labels, loss="sft")
+    with pytest.raises(TypeError, match="labels must be a torch.Tensor"):
+        fused_preference_loss(hidden, weight, labels.tolist(), loss="sft")
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        fused_preference_loss(hidden, weight.tolist(), labels, loss="sft")
+    # padded hidden with cu_seqlens: the message says the packed layout was expected
+    with pytest.raises(ValueError, match=r"cu_seqlens is given, so the packed layout is expected: hidden \[N, H\]"):
+        fused_preference_loss(hidden, weight, labels, loss="sft", cu_seqlens=[0, 5, 10, 15, 20])
+    # packed hidden without cu_seqlens: the message says so
+    packed_h, packed_l = hidden.reshape(20, 8), labels.reshape(20)
+    with pytest.raises(ValueError, match=r"packed layout \[N, H\] but cu_seqlens is None"):
+        fused_preference_loss(packed_h, weight, packed_l, loss="sft")
+    with pytest.raises(ValueError, match=r"packed layout \(cu_seqlens given\) expects labels \[N\]"):
+        fused_preference_loss(packed_h, weight, labels, loss="sft", cu_seqlens=[0, 5, 10, 15, 20])
+    with pytest.raises(ValueError, match=r"padded layout \(no cu_seqlens\) expects labels \[R, T\]"):
+        fused_preference_loss(hidden, weight, packed_l, loss="sft")
+    with pytest.raises(TypeError, match="cu_seqlens"):
+        fused_preference_loss(packed_h, weight, packed_l, loss="sft", cu_seqlens=torch.tensor([0.0, 20.0]))
+    with pytest.raises(TypeError, match="cu_seqlens"):
+        fused_preference_loss(packed_h, weight, packed_l, loss="sft", cu_seqlens="0,20")

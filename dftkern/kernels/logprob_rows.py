@@ -10,12 +10,17 @@ The logit transform shared by both kernels, for a raw product ``x = h . w_v``::
     z = softcap * tanh(a / softcap)      if HAS_SOFTCAP else a
 
 ``_row_lse_target_kernel``  writes ``lse = logsumexp_v z_v`` and ``logp = z_label - lse``
-(0 where label == ignore_index, NaN where the label is outside [0, V) — never clamped).
+(0 where label == ignore_index, NaN where the label is outside [0, V) — never clamped), and with
+``HAS_ENTROPY`` the entropy ``H = -sum_v p_v log p_v`` of ``p = softmax(z)`` from the same sweep:
+each lane keeps a running max ``m``, ``s = sum e^(z-m)`` and ``t = sum e^(z-m) (z-m)``; when the
+max grows to ``m'`` both are rescaled, ``s' = e^(m-m') s`` and ``t' = e^(m-m') (t + s (m-m'))``,
+and at the end ``H = log s - t / s`` (lanes merged to the row max the same way).
 
-``_row_grad_kernel`` writes ``dx_v = g * (1[v == label] - exp(z_v - lse)) * dz_v/dx_v``,
-with ``dz/dx = inv_temperature * (1 - tanh(a / softcap)**2)`` under a softcap, else
-``inv_temperature``; ``g`` is the upstream gradient of the row's log-prob (0 for ignored
-rows). The output may alias the input (fp32 in place) or be a separate fp16/bf16 buffer.
+``_row_grad_kernel`` writes ``dx_v = (g * (1[v == label] - p_v) - g_H * p_v * (z_v - lse + H))
+* dz_v/dx_v`` with ``p_v = exp(z_v - lse)``, ``dz/dx = inv_temperature * (1 - tanh(a / softcap)**2)``
+under a softcap, else ``inv_temperature``; ``g`` (``g_H``) is the upstream gradient of the row's
+log-prob (entropy), 0 for ignored rows; the ``g_H`` term only with ``HAS_ENTROPY``. The output
+may alias the input (fp32 in place) or be an fp16/bf16 buffer (also over the input's memory).
 """
 
 from __future__ import annotations
@@ -50,21 +55,25 @@ def _row_lse_target_kernel(
     labels_ptr,  # *int64 [n_rows]
     lse_ptr,  # *fp32 [n_rows] out
     logp_ptr,  # *fp32 [n_rows] out
+    entropy_ptr,  # *fp32 [n_rows] out (HAS_ENTROPY) or dummy
     V,
     inv_temperature,
     softcap,
     ignore_index,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     cols0 = tl.arange(0, BLOCK_V)
 
-    # Lane-wise online log-sum-exp: each lane keeps its own running max and sum, merged at the end.
+    # Lane-wise online log-sum-exp: each lane keeps its own running max and sum (and, for the
+    # entropy, t = sum e^(z - max) (z - max)), merged at the end.
     run_max = tl.full([BLOCK_V], _NEG_BIG, tl.float32)
     run_sum = tl.zeros([BLOCK_V], tl.float32)
+    run_t = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         in_vocab = cols < V
@@ -74,10 +83,17 @@ def _row_lse_target_kernel(
         z = _transform(x, inv_temperature, softcap, HAS_SOFTCAP)
         z = tl.where(in_vocab, z, _NEG_BIG)
         new_max = tl.maximum(run_max, z)
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.where(in_vocab, tl.exp(z - new_max), 0.0)
+        scale = tl.exp(run_max - new_max)
+        e = tl.where(in_vocab, tl.exp(z - new_max), 0.0)
+        if HAS_ENTROPY:
+            # rescale t to the new max first (it uses the old sum), then add the new terms
+            run_t = scale * (run_t + run_sum * (run_max - new_max)) + e * (z - new_max)
+        run_sum = run_sum * scale + e
         run_max = new_max
     row_max = tl.max(run_max, axis=0)
-    lse = row_max + tl.log(tl.sum(run_sum * tl.exp(run_max - row_max), axis=0))
+    lane_scale = tl.exp(run_max - row_max)
+    row_sum = tl.sum(run_sum * lane_scale, axis=0)
+    lse = row_max + tl.log(row_sum)
 
     label = tl.load(labels_ptr + row)
     valid = (label >= 0) & (label < V)
@@ -90,6 +106,10 @@ def _row_lse_target_kernel(
     logp = tl.where(label == ignore_index, 0.0, logp)
     tl.store(lse_ptr + row, lse)
     tl.store(logp_ptr + row, logp)
+    if HAS_ENTROPY:
+        row_t = tl.sum(lane_scale * (run_t + run_sum * (run_max - row_max)), axis=0)
+        entropy = tl.log(row_sum) - row_t / row_sum
+        tl.store(entropy_ptr + row, tl.where(label == ignore_index, 0.0, entropy))
 
 
 @triton.jit
@@ -100,6 +120,8 @@ def _row_grad_kernel(
     labels_ptr,  # *int64 [n_rows]
     lse_ptr,  # *fp32 [n_rows]
     grad_ptr,  # *fp32 [n_rows]: upstream d(out)/d(logp_row), 0 for ignored rows
+    entropy_ptr,  # *fp32 [n_rows] (HAS_ENTROPY) or dummy
+    grad_entropy_ptr,  # *fp32 [n_rows]: upstream d(out)/d(entropy_row), 0 for ignored rows (HAS_ENTROPY)
     out_ptr,  # *fp32|fp16|bf16 [n_rows, V], row stride = stride_out_row; may alias logits_ptr
     stride_out_row,
     V,
@@ -108,6 +130,7 @@ def _row_grad_kernel(
     softcap,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
     OUT_ALIASES_IN: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -117,6 +140,9 @@ def _row_grad_kernel(
     label = tl.load(labels_ptr + row) - label_offset
     lse = tl.load(lse_ptr + row)
     g = tl.load(grad_ptr + row)
+    if HAS_ENTROPY:
+        g_h = tl.load(grad_entropy_ptr + row)
+        shift = tl.load(entropy_ptr + row) - lse  # z - lse + H = z + shift
     cols0 = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
@@ -127,6 +153,8 @@ def _row_grad_kernel(
         z = _transform(x, inv_temperature, softcap, HAS_SOFTCAP)
         prob = tl.exp(z - lse)
         d = g * (tl.where(cols == label, 1.0, 0.0) - prob)
+        if HAS_ENTROPY:
+            d -= g_h * prob * (z + shift)
         if HAS_SOFTCAP:
             t = z / softcap
             d = d * (1.0 - t * t)
@@ -155,40 +183,44 @@ def launch_row_lse_target(
     inv_temperature: float,
     softcap: float | None,
     ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-sum-exp and target log-prob of each row of a logit chunk.
+    return_entropy: bool = False,
+):
+    """Log-sum-exp and target log-prob (and entropy) of each row of a logit chunk, in one sweep.
 
     Args:
         logits: fp32 ``[n, V]``, unit stride along V (raw ``h @ W.T``, without bias).
         bias: ``[V]`` (any float dtype) or None.
         labels: int64 ``[n]``.
+        return_entropy: also return the entropy of ``softmax(z)`` per row.
     Returns:
-        ``(logp, lse)``, both fp32 ``[n]``. ``logp`` is 0 at ignore_index and NaN for a label
-        outside ``[0, V)``.
+        ``(logp, lse)`` or ``(logp, lse, entropy)``, each fp32 ``[n]``. ``logp`` and ``entropy``
+        are 0 at ignore_index; ``logp`` is NaN for a label outside ``[0, V)``.
     """
     n_rows, vocab_size = logits.shape
     lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    if n_rows == 0:
-        return logp, lse
-    block_v = _block_v(vocab_size)
-    _row_lse_target_kernel[(n_rows,)](
-        logits,
-        logits.stride(0),
-        bias if bias is not None else logits,
-        labels,
-        lse,
-        logp,
-        vocab_size,
-        inv_temperature,
-        softcap if softcap is not None else 1.0,
-        ignore_index,
-        HAS_BIAS=bias is not None,
-        HAS_SOFTCAP=softcap is not None,
-        BLOCK_V=block_v,
-        num_warps=_num_warps(block_v),
-    )
-    return logp, lse
+    entropy = torch.empty(n_rows, dtype=torch.float32, device=logits.device) if return_entropy else None
+    if n_rows > 0:
+        block_v = _block_v(vocab_size)
+        _row_lse_target_kernel[(n_rows,)](
+            logits,
+            logits.stride(0),
+            bias if bias is not None else logits,
+            labels,
+            lse,
+            logp,
+            entropy if entropy is not None else lse,
+            vocab_size,
+            inv_temperature,
+            softcap if softcap is not None else 1.0,
+            ignore_index,
+            HAS_BIAS=bias is not None,
+            HAS_SOFTCAP=softcap is not None,
+            HAS_ENTROPY=return_entropy,
+            BLOCK_V=block_v,
+            num_warps=_num_warps(block_v),
+        )
+    return (logp, lse, entropy) if return_entropy else (logp, lse)
 
 
 def launch_row_grad(
@@ -202,23 +234,31 @@ def launch_row_grad(
     inv_temperature: float,
     softcap: float | None,
     label_offset: int = 0,
+    entropy: torch.Tensor | None = None,
+    grad_entropy: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient of ``sum_rows grad_logp[r] * logp[r]`` w.r.t. the raw logits of the chunk.
+    """Gradient of ``sum_rows grad_logp[r] * logp[r] (+ grad_entropy[r] * entropy[r])`` w.r.t. the
+    raw logits of the chunk.
 
     Args:
         logits: fp32 ``[n, v]`` raw products (no bias) of vocabulary columns
             ``label_offset .. label_offset + v``, unit stride along v; bias: ``[v]`` (that slice) or None.
         labels: int64 ``[n]`` (global vocabulary ids); lse: fp32 ``[n]`` over the whole vocabulary;
             grad_logp: fp32 ``[n]`` (must be 0 on ignored rows).
+        entropy, grad_entropy: fp32 ``[n]`` each, or both None (no entropy term). ``entropy`` is
+            the rows' entropy over the whole vocabulary; ``grad_entropy`` must be 0 on ignored rows.
         out: ``[n, v]`` fp32/fp16/bf16 destination, unit stride along v; may be ``logits`` itself or
             a half-precision view over the same memory (``logits.view(dtype)[:, :v]``).
     Returns:
         ``out``.
     """
+    if (entropy is None) != (grad_entropy is None):
+        raise ValueError("launch_row_grad needs both entropy and grad_entropy, or neither")
     n_rows, vocab_size = logits.shape
     if n_rows == 0:
         return out
     block_v = _block_v(vocab_size)
+    has_entropy = grad_entropy is not None
     _row_grad_kernel[(n_rows,)](
         logits,
         logits.stride(0),
@@ -226,6 +266,8 @@ def launch_row_grad(
         labels,
         lse,
         grad_logp,
+        entropy if has_entropy else lse,
+        grad_entropy if has_entropy else grad_logp,
         out,
         out.stride(0),
         vocab_size,
@@ -234,6 +276,7 @@ def launch_row_grad(
         softcap if softcap is not None else 1.0,
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=softcap is not None,
+        HAS_ENTROPY=has_entropy,
         OUT_ALIASES_IN=out.data_ptr() == logits.data_ptr() and out.dtype != logits.dtype,
         BLOCK_V=block_v,
         num_warps=_num_warps(block_v),

@@ -1,60 +1,88 @@
-"""Checks and helpers shared by the loss functions (small tensors only)."""
+"""Checks and helpers shared by the fused loss entry points (small tensors only)."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 
 from .._validation import validation_enabled
 
 
-def count_rows(hidden: torch.Tensor, cu_seqlens) -> int:
-    """Number of sequences (rows) in a padded ``[R, T, H]`` or packed (``cu_seqlens [R+1]``) batch."""
+def count_rows(hidden, labels, cu_seqlens) -> int:
+    """Number of sequences (rows) of a padded or packed batch, with a message naming the expected layout.
+
+    Padded: ``hidden [R, T, H]``, ``labels [R, T]``, ``cu_seqlens=None``. Packed: ``hidden [N, H]``,
+    ``labels [N]``, ``cu_seqlens [R+1]`` (a 1-D integer tensor or a list/tuple of ints).
+    """
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of int64, got {type(labels).__name__}")
     if cu_seqlens is None:
+        if hidden.dim() == 2:
+            raise ValueError(f"hidden {list(hidden.shape)} is the packed layout [N, H] but cu_seqlens is None: pass "
+                             f"cu_seqlens [R+1] for packed rows, or hidden [R, T, H] with labels [R, T] (padded)")
         if hidden.dim() != 3:
-            raise ValueError(f"hidden must be [R, T, H] (or packed [N, H] with cu_seqlens), got {tuple(hidden.shape)}")
+            raise ValueError(f"hidden must be padded [R, T, H] (or packed [N, H] with cu_seqlens), got "
+                             f"{list(hidden.shape)}")
+        if tuple(labels.shape) != tuple(hidden.shape[:2]):
+            raise ValueError(f"the padded layout (no cu_seqlens) expects labels [R, T] = {list(hidden.shape[:2])}, "
+                             f"got {list(labels.shape)}")
         return hidden.shape[0]
-    return (cu_seqlens.numel() if isinstance(cu_seqlens, torch.Tensor) else len(cu_seqlens)) - 1
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool or cu_seqlens.dim() != 1:
+            raise TypeError(f"cu_seqlens must be a 1-D integer tensor (or a list of ints), got {cu_seqlens.dtype} "
+                            f"{list(cu_seqlens.shape)}")
+        n_bounds = cu_seqlens.numel()
+    elif isinstance(cu_seqlens, (list, tuple)):
+        if any(isinstance(b, bool) or not isinstance(b, int) for b in cu_seqlens):
+            raise TypeError("cu_seqlens must be a 1-D integer tensor or a list of ints")
+        n_bounds = len(cu_seqlens)
+    else:
+        raise TypeError(f"cu_seqlens must be a 1-D integer tensor, a list of ints or None, got "
+                        f"{type(cu_seqlens).__name__}")
+    if hidden.dim() != 2:
+        raise ValueError(f"cu_seqlens is given, so the packed layout is expected: hidden [N, H] and labels [N]; got "
+                         f"hidden {list(hidden.shape)} (for padded rows [R, T, H] leave cu_seqlens=None)")
+    if tuple(labels.shape) != (hidden.shape[0],):
+        raise ValueError(f"the packed layout (cu_seqlens given) expects labels [N] = [{hidden.shape[0]}], got "
+                         f"{list(labels.shape)}")
+    if n_bounds < 2:
+        raise ValueError(f"cu_seqlens must hold R+1 >= 2 offsets, got {n_bounds}")
+    return n_bounds - 1
+
+
+def check_bool(name: str, value) -> bool:
+    """A flag must be a real ``bool`` (not ``"yes"``, 1 or None)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+    return value
 
 
 def check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
 
 
-def check_float(name: str, value, *, low=None, high=None, low_open=True, high_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    ok = True
-    if low is not None:
-        ok &= value > low if low_open else value >= low
-    if high is not None:
-        ok &= value < high if high_open else value <= high
-    if not ok:
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        raise ValueError(f"{name} must be in {lo}{low if low is not None else '-inf'}, "
-                         f"{high if high is not None else 'inf'}{hi}, got {value!r}")
-    return float(value)
-
-
 def check_float_tensor(name: str, value, shape: tuple[int, ...], device: torch.device,
-                       validate: bool | None) -> torch.Tensor:
-    """A float tensor of exactly ``shape``; NaN/inf rejected when it costs no device sync (or validate)."""
+                       validate: bool | None, *, always_check_finite: bool = False) -> torch.Tensor:
+    """A float tensor of exactly ``shape``, returned as float32 on ``device`` (detached).
+
+    NaN/inf are rejected where it costs no device sync (CPU), with ``validate``, or with
+    ``always_check_finite``.
+    """
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {list(shape)}, got {type(value).__name__}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a float tensor, got {value.dtype}")
     if tuple(value.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(value.shape)}")
-    if not value.is_cuda or validation_enabled(validate):
+    if always_check_finite or not value.is_cuda or validation_enabled(validate):
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{name} contains NaN or inf")
-    return value.to(device=device, dtype=torch.float32)
+    return value.detach().to(device=device, dtype=torch.float32)
 
 
 def check_ids(ids, n_groups: int, num_examples: int, device: torch.device, validate: bool | None) -> torch.Tensor:
@@ -77,3 +105,4 @@ def check_ids(ids, n_groups: int, num_examples: int, device: torch.device, valid
 def in_backward_recompute() -> bool:
     """True while the autograd engine runs a backward (e.g. activation-checkpoint recomputation)."""
     return torch._C._current_graph_task_id() != -1
+

@@ -11,21 +11,30 @@ Preference Data". For group i with positive y_i and K negatives y'_ij sampled fr
   without a state, ``u_i = logsumexp_j d_ij - log K``.
 * ``omega_ij = exp(d_ij - u_i)`` (constants: no gradient).
 * ``loss_i = -s(y_i) + (1/K) sum_j omega_ij * s(y'_ij)``; ``loss = mean_i loss_i``.
+
+The math is the pure :func:`dftkern.losses.formulas.dft_step`; :class:`DFTState` owns the state.
+
+Non-finite inputs. The state never becomes non-finite: a group whose ``d_ij`` or positive score
+is NaN/inf, or whose negatives have no response token at all (all ignored, or ``T = 0``), is
+*not* written (its ``u`` keeps the previous value, ``num_updates`` does not move); the call's
+``stats["skipped_groups"]`` counts them. The *loss* of such a call may be non-finite (a NaN in a
+hidden row gives a NaN loss): the trainer checks the loss and skips that optimizer step.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ..functional import grouped_sequence_loss
-from ._common import check_float, check_float_tensor, check_ids, check_int, count_rows, in_backward_recompute
+from ..grouped import grouped_sequence_loss
+from ._common import check_bool, check_float_tensor, check_ids, check_int, count_rows, in_backward_recompute
+from .formulas import dft_step
+from .registry import get_loss, loss_names
 from .state import DFTState
 
 __all__ = ["fused_dft_loss", "DFT_DEFAULTS"]
 
-DFT_DEFAULTS = {"dft": {"tau": 1.0, "gamma": 0.85}, "dft2": {"tau": 0.3, "gamma": 0.9}}
+DFT_DEFAULTS = {name: dict(get_loss(name).defaults) for name in loss_names("dft")}
+"""Per-variant defaults (from the registry): DFT tau 1.0 / gamma 0.85, DFT2 tau 0.3 / gamma 0.9."""
 
 
 def fused_dft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, num_negatives: int,
@@ -43,41 +52,47 @@ def fused_dft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
             with ``cu_seqlens [G*(1+K)+1]``.
         weight: ``[V, H]`` LM-head weight; labels: int64 ``[G*(1+K), T]`` (or ``[N]``), aligned
             (no shift inside), prompt/padding tokens = ignore_index.
-        num_negatives: K >= 1.
+        num_negatives: K >= 1 (an int).
         ids: int64 ``[G]`` example ids into ``state`` (required with a state).
         state: :class:`DFTState`, updated in place exactly once per call, in the forward. None:
             ``u`` is the batch estimate and ``gamma`` is unused.
         ref_logps: ``[G, K]`` reference sequence log-probs of the negatives: required for
             variant "dft", rejected for "dft2".
-        tau: temperature > 0; None -> the paper's default for the variant (DFT 1.0, DFT2 0.3).
+        tau: in [1e-6, 1e6]; None -> the paper's default for the variant (DFT 1.0, DFT2 0.3).
         gamma: in (0, 1]; None -> the variant's default (DFT 0.85, DFT2 0.9).
         schedule: "auto" | "fused" (gradients computed in the forward, 6NHV) | "recompute" (8NHV).
-        return_stats: also return a dict of detached tensors: ``seq_logps [R]`` (sums), ``token_counts
-            [R]``, ``scores [G, 1+K]`` (s, or s̄ for dft2), ``d [G, K]``, ``weights [G, K]`` (omega),
-            ``u [G]``, ``group_losses [G]``.
+        return_stats: bool; also return a dict of detached tensors: ``seq_logps [R]`` (sums),
+            ``token_counts [R]``, ``scores [G, 1+K]`` (s, or s̄ for dft2), ``d [G, K]``,
+            ``weights [G, K]`` (omega), ``u [G]`` (the normalizer used), ``group_losses [G]`` and
+            ``skipped_groups`` (int64 scalar: groups whose batch estimate is unusable — non-finite,
+            or no negative response token — so that a state keeps their previous ``u``; counted
+            the same way without a state, where nothing is written).
 
     Returns:
-        scalar float32 loss (and stats).
+        scalar float32 loss (and stats). The loss may be NaN/inf when the inputs are; the state
+        stays finite.
     """
     if variant not in DFT_DEFAULTS:
-        raise ValueError(f"variant must be 'dft' or 'dft2', got {variant!r}")
+        raise ValueError(f"variant must be one of {tuple(DFT_DEFAULTS)}, got {variant!r}")
+    spec = get_loss(variant)
     k = check_int("num_negatives", num_negatives, 1)
-    tau = DFT_DEFAULTS[variant]["tau"] if tau is None else tau
-    gamma = DFT_DEFAULTS[variant]["gamma"] if gamma is None else gamma
-    tau = check_float("tau", tau, low=0.0)
-    gamma = check_float("gamma", gamma, low=0.0, high=1.0)
-    n_rows = count_rows(hidden, cu_seqlens)
+    check_bool("return_stats", return_stats)
+    hp = spec.hyperparameters(**{name: value for name, value in (("tau", tau), ("gamma", gamma))
+                                 if value is not None})
+    tau, gamma = hp["tau"], hp["gamma"]
+    n_rows = count_rows(hidden, labels, cu_seqlens)
     if n_rows <= 0 or n_rows % (1 + k) != 0:
         raise ValueError(f"the number of rows ({n_rows}) must be a positive multiple of 1 + num_negatives = {1 + k}")
     n_groups = n_rows // (1 + k)
     device = hidden.device
-    if variant == "dft":
+    if spec.needs_ref:
         if ref_logps is None:
-            raise ValueError("ref_logps [G, K] is required for variant='dft' (reference log-probs of the negatives)")
+            raise ValueError(f"ref_logps [G, K] is required for variant={variant!r} (reference log-probs of the "
+                             f"negatives)")
         ref = check_float_tensor("ref_logps", ref_logps, (n_groups, k), device, validate)
     else:
         if ref_logps is not None:
-            raise ValueError("ref_logps must be None for variant='dft2' (DFT2 is reference-free)")
+            raise ValueError(f"ref_logps must be None for variant={variant!r} (reference-free)")
         ref = None
     if state is not None:
         if not isinstance(state, DFTState):
@@ -90,39 +105,35 @@ def fused_dft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
 
     recompute = state is not None and in_backward_recompute()
     recomputed_u = state.take_recomputed_values(ids) if recompute else None
-    log_k = math.log(k)
-    log_gamma = math.log(gamma)
-    log_one_minus_gamma = math.log1p(-gamma) if gamma < 1.0 else -math.inf
-    pending_u: list[torch.Tensor] = []
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (u, update) per chunk of groups
 
-    def head(seq_sums: torch.Tensor, counts: torch.Tensor, g0: int, g1: int):
+    def group_loss(seq_sums: torch.Tensor, counts: torch.Tensor, g0: int, g1: int, token_term_sums=None):
         sums = seq_sums.reshape(g1 - g0, 1 + k).float()
-        scores = sums if variant == "dft" else sums / counts.reshape(g1 - g0, 1 + k).clamp_min(1)
-        pos, neg = scores[:, 0], scores[:, 1:]
-        d = neg.detach() / tau
-        if ref is not None:
-            d = d - ref[g0:g1]
-        lse = torch.logsumexp(d, dim=1)
-        if state is None:
-            u = lse - log_k
-        elif recompute and recomputed_u is not None:
-            u = recomputed_u[g0:g1].to(d.device)
-        else:
-            u_prev = state.u[ids[g0:g1]].to(d.device)
-            u = torch.logaddexp(log_one_minus_gamma + u_prev, log_gamma + lse - log_k)
-            pending_u.append(u)
-        weights = torch.exp(d - u.unsqueeze(1))
-        per_group = -pos + (weights * neg).mean(dim=1)
-        stats = {"scores": scores.detach(), "d": d, "weights": weights, "u": u, "group_losses": per_group.detach()}
-        return per_group, stats
+        group_counts = counts.reshape(g1 - g0, 1 + k)
+        scores = sums / group_counts.clamp_min(1) if spec.mean_scores else sums
+        u_prev = u_replay = None
+        if recompute and recomputed_u is not None:
+            u_replay = recomputed_u[g0:g1].to(scores.device)
+        elif state is not None:
+            u_prev = state.u[ids[g0:g1]].to(scores.device)
+        step = dft_step(scores, ref=None if ref is None else ref[g0:g1], counts=group_counts, tau=tau, gamma=gamma,
+                        u_prev=u_prev, u=u_replay)
+        if u_prev is not None:
+            pending.append((step.u, step.update))
+        stats = {"scores": scores.detach(), "d": step.d, "weights": step.weights, "u": step.u,
+                 "group_losses": step.per_group.detach(), "skipped": ~step.update}
+        return step.per_group, stats
 
     loss, seq_logps, counts, stats = grouped_sequence_loss(
-        hidden, weight, labels, rows_per_group=1 + k, head=head, cu_seqlens=cu_seqlens, bias=bias,
+        hidden, weight, labels, rows_per_group=1 + k, group_loss=group_loss, cu_seqlens=cu_seqlens, bias=bias,
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
         chunk_bytes=chunk_bytes, schedule=schedule, validate=validate)
-    if pending_u:  # every group succeeded: commit the state once
-        state.write(ids, torch.cat(pending_u))
+    if pending:  # every group was evaluated: commit the state once (finite, non-empty groups only)
+        state.write(ids, torch.cat([u for u, _ in pending]), update=torch.cat([m for _, m in pending]))
     if not return_stats:
         return loss
-    stats = dict(stats, seq_logps=seq_logps, token_counts=counts)
-    return loss, stats
+    stats = dict(stats)
+    skipped = stats.pop("skipped", None)
+    stats["skipped_groups"] = (skipped.sum() if skipped is not None else torch.zeros((), dtype=torch.int64)).to(
+        torch.int64)
+    return loss, dict(stats, seq_logps=seq_logps, token_counts=counts)

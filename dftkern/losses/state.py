@@ -22,6 +22,10 @@ class DFTState:
         u: float32 ``[num_examples]``.
         num_updates: int64 ``[num_examples]``, how many times each ``u_i`` was updated.
 
+    ``u`` stays finite: :meth:`write` skips non-finite values and the groups the loss marks as not
+    updatable (non-finite scores, no negative response token), and :meth:`load_state_dict` rejects
+    a state with non-finite ``u``.
+
     Under ``torch.distributed`` (initialized, world size > 1) every update is all-gathered so all
     ranks hold identical state after each step, although each rank sees different ids (updates
     are applied in rank order, so a duplicated id resolves identically everywhere).
@@ -47,15 +51,40 @@ class DFTState:
                 "init": self.init, "num_examples": self.num_examples}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`. Checks everything first (a rejected load changes nothing):
+        the keys, ``num_examples``, ``u`` a finite float tensor ``[num_examples]``, ``num_updates`` a
+        non-negative integer tensor ``[num_examples]``, ``init`` a finite number."""
+        if not isinstance(state, dict):
+            raise TypeError(f"DFTState.load_state_dict: state must be a dict, got {type(state).__name__}")
         for key in ("u", "num_updates", "init", "num_examples"):
             if key not in state:
                 raise ValueError(f"DFTState.load_state_dict: missing key {key!r}")
-        if int(state["num_examples"]) != self.num_examples or tuple(state["u"].shape) != (self.num_examples,):
-            raise ValueError(f"DFTState.load_state_dict: state is for {state['num_examples']} examples, "
+        u, num_updates, init, num_examples = (state[k] for k in ("u", "num_updates", "init", "num_examples"))
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int):
+            raise TypeError(f"DFTState.load_state_dict: num_examples must be an int, got {type(num_examples).__name__}")
+        if not isinstance(u, torch.Tensor) or not u.is_floating_point():
+            raise TypeError(f"DFTState.load_state_dict: u must be a float tensor, got "
+                            f"{u.dtype if isinstance(u, torch.Tensor) else type(u).__name__}")
+        if not isinstance(num_updates, torch.Tensor) or num_updates.is_floating_point() \
+                or num_updates.is_complex() or num_updates.dtype == torch.bool:
+            raise TypeError(f"DFTState.load_state_dict: num_updates must be an integer tensor, got "
+                            f"{num_updates.dtype if isinstance(num_updates, torch.Tensor) else type(num_updates).__name__}")
+        if num_examples != self.num_examples or tuple(u.shape) != (self.num_examples,):
+            raise ValueError(f"DFTState.load_state_dict: state is for {num_examples} examples (u {list(u.shape)}), "
                              f"this DFTState has {self.num_examples}")
-        self.u.copy_(state["u"].to(torch.float32))
-        self.num_updates.copy_(state["num_updates"])
-        self.init = float(state["init"])
+        if tuple(num_updates.shape) != (self.num_examples,):
+            raise ValueError(f"DFTState.load_state_dict: num_updates must have shape [{self.num_examples}], got "
+                             f"{list(num_updates.shape)}")
+        if not bool(torch.isfinite(u).all()):
+            bad = int((~torch.isfinite(u)).sum())
+            raise ValueError(f"DFTState.load_state_dict: u contains {bad} non-finite value(s) (NaN/inf)")
+        if num_examples and int(num_updates.min()) < 0:
+            raise ValueError("DFTState.load_state_dict: num_updates must be >= 0")
+        if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
+            raise ValueError(f"DFTState.load_state_dict: init must be a finite number, got {init!r}")
+        self.u.copy_(u.to(torch.float32))
+        self.num_updates.copy_(num_updates.to(torch.int64))
+        self.init = float(init)
         self._recent_updates.clear()
 
     def to(self, device) -> DFTState:
@@ -73,15 +102,25 @@ class DFTState:
         return f"DFTState(num_examples={self.num_examples}, init={self.init}, device={self.device})"
 
     # -- updates -------------------------------------------------------------------------------
-    def write(self, ids: torch.Tensor, u_new: torch.Tensor) -> None:
-        """Set ``u[ids] = u_new`` (and sync across ranks when distributed)."""
+    def write(self, ids: torch.Tensor, u_new: torch.Tensor, update: torch.Tensor | None = None) -> None:
+        """Set ``u[ids] = u_new`` where ``update`` (bool ``[len(ids)]``, default all) holds and ``u_new`` is
+        finite, counting those in ``num_updates``; the other ids keep their value. Synced across
+        ranks when distributed (only the written ids travel)."""
         ids = ids.to(self.u.device, torch.int64)
         u_new = u_new.detach().to(self.u.device, torch.float32)
+        # an activation-checkpoint replay must reuse the values the forward used, written or not
         self._recent_updates.append([ids.clone(), u_new.clone(), False])
+        keep = torch.isfinite(u_new)
+        if update is not None:
+            keep = keep & update.to(self.u.device, torch.bool)
         if self.sync_distributed and _distributed_world_size() > 1:
-            ids, u_new = _all_gather_updates(ids, u_new)
-        self.u[ids] = u_new
-        self.num_updates[ids] += 1
+            ids, u_new = _all_gather_updates(ids[keep], u_new[keep])
+            self.u[ids] = u_new
+            self.num_updates[ids] += 1
+            return
+        # no boolean indexing: no host sync on CUDA (ids are unique within a call)
+        self.u[ids] = torch.where(keep, u_new, self.u[ids])
+        self.num_updates[ids] += keep.to(torch.int64)
 
     def take_recomputed_values(self, ids: torch.Tensor) -> torch.Tensor | None:
         """For an activation-checkpoint recomputation: the u written by the newest not-yet-replayed

@@ -1,0 +1,177 @@
+"""On-policy RL losses on the fused head: PPO-clip and the GRPO family, token level.
+
+For every valid (non-ignored) token t of row i, with ``A`` the advantage (per row, or per token):
+
+* ``r_t = exp(logp_t - old_t)`` — the importance ratio to the sampler (``old_logps=None``: the
+  current log-probs detached, ``r = 1``: one on-policy update);
+* ``surr_t = -min(r_t A, clip(r_t, 1 - clip_eps, 1 + eps_high) A)``, ``eps_high = clip_eps_high``
+  or ``clip_eps`` (Schulman et al. 2017, "Proximal Policy Optimization Algorithms"; clip-higher:
+  Yu et al. 2025, "DAPO");
+* ``kl_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1`` (the k3 estimator of KL(pi || pi_ref)),
+  when ``ref_logps`` is given;
+* ``term_t = surr_t + kl_beta * kl_t - entropy_coef * H_t``, ``H_t`` the entropy of
+  ``softmax(z_t)`` (after temperature/softcap), with its exact gradient.
+
+Aggregations (the loss is ``sum_t w_t term_t``):
+
+=================  =================================================================  ==========================
+``token_mean``     ``sum_t term_t / #valid tokens``                                   PPO; DAPO (Yu et al. 2025)
+``sequence_mean``  each row's mean over its valid tokens, then the mean over rows     GRPO (Shao et al. 2024,
+                   that have any valid token                                          DeepSeekMath)
+``constant``       ``sum_t term_t / (R * max_tokens)``                                Dr. GRPO (Liu et al. 2025)
+=================  =================================================================  ==========================
+
+The per-token math is :func:`dftkern.losses.formulas.policy_token_terms` and the weights
+:func:`dftkern.losses.formulas.aggregation_weights` (also used by the pure
+:func:`~dftkern.losses.formulas.policy_loss`); the registry lists ppo / grpo / dapo / dr_grpo with
+their defaults. The LM head runs through :func:`dftkern.fused_token_loss` (6NHV: the gradients
+are computed in the forward from the same logits; backward only scales them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..functional import fused_token_loss
+from ._common import check_bool, count_rows
+from .formulas import aggregation_weights, policy_token_terms
+from .registry import check_hyperparameter
+
+__all__ = ["fused_policy_loss"]
+
+
+def _token_rows(labels: torch.Tensor, cu_seqlens, n_rows: int) -> torch.Tensor:
+    """int64 ``[N]``: the row of every flat position of ``labels`` (padded ``[R, T]`` or packed ``[N]``)."""
+    n_tokens = labels.numel()
+    positions = torch.arange(n_tokens, device=labels.device)
+    if cu_seqlens is None:
+        return positions // max(labels.shape[1], 1)
+    bounds = torch.as_tensor(cu_seqlens, dtype=torch.int64).to(labels.device)
+    if bounds[0].item() != 0 or bounds[-1].item() != n_tokens or bool((bounds[1:] < bounds[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be non-decreasing offsets from 0 to N={n_tokens}")
+    return torch.searchsorted(bounds[1:], positions, right=True)
+
+
+def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, advantages: torch.Tensor,
+                      old_logps: torch.Tensor | None = None, ref_logps: torch.Tensor | None = None,
+                      clip_eps: float = 0.2, clip_eps_high: float | None = None, kl_beta: float = 0.0,
+                      entropy_coef: float = 0.0, aggregation: str = "token_mean", max_tokens: int | None = None,
+                      cu_seqlens=None, bias: torch.Tensor | None = None, ignore_index: int = -100,
+                      temperature: float = 1.0, softcap: float | None = None, return_stats: bool = False,
+                      backend: str = "auto", chunk_bytes: int | None = None, validate: bool | None = None,
+                      valid_positions: torch.Tensor | None = None):
+    """PPO-clip / GRPO-family policy loss on the fused LM head (formulas in the module doc).
+
+    Args:
+        hidden: padded ``[R, T, H]`` with labels int64 ``[R, T]``, or packed ``[N, H]`` with labels
+            ``[N]`` and ``cu_seqlens [R+1]``; float32/float16/bfloat16 (float64 on the torch engine).
+        weight: ``[V, H]``; bias ``[V]`` or None. Labels are aligned (no shift); prompt/padding
+            tokens = ``ignore_index``.
+        advantages: float ``[R]`` (per sequence, broadcast over its tokens) or labels' shape (per
+            token; for packed rows with N == R, [R] is read per sequence); must be finite at the
+            valid tokens (checked always: a host sync on CUDA, like old/ref_logps).
+        old_logps: float, labels' shape: the sampler's per-token log-probs (no gradient), or None
+            (ratio 1). ref_logps: float, labels' shape: the reference model's (no gradient); needed
+            when ``kl_beta > 0``. Values at ignored positions are not read.
+        clip_eps: in (0, 1e6]; clip_eps_high: None (= clip_eps) or in [0, 1e6]; kl_beta: in
+            [0, 1e6]; entropy_coef: in [-1e6, 1e6] (positive = entropy bonus).
+        aggregation: "token_mean" | "sequence_mean" | "constant"; max_tokens: int >= 1, required
+            by (and only accepted with) "constant".
+        return_stats: bool; also return a dict of detached 0-d float32 tensors over the valid
+            tokens: ``clip_fraction_low`` (share with ``r < 1 - clip_eps`` and ``A < 0``: the
+            lower clip is active), ``clip_fraction_high`` (``r > 1 + eps_high`` and ``A > 0``),
+            ``ratio_mean``, ``kl_mean`` (0 without ``ref_logps``), ``entropy_mean``, and
+            ``num_tokens``.
+        backend, chunk_bytes, validate, valid_positions, temperature, softcap: as in
+            :func:`dftkern.fused_token_loss`.
+
+    Returns:
+        scalar float32 loss (and stats). 0 when no token is valid.
+    """
+    check_bool("return_stats", return_stats)
+    clip_eps = check_hyperparameter("clip_eps", clip_eps)
+    clip_eps_high = check_hyperparameter("clip_eps_high", clip_eps_high)
+    kl_beta = check_hyperparameter("kl_beta", kl_beta)
+    entropy_coef = check_hyperparameter("entropy_coef", entropy_coef)
+    aggregation = check_hyperparameter("aggregation", aggregation)
+    max_tokens = check_hyperparameter("max_tokens", max_tokens)
+    if aggregation == "constant" and max_tokens is None:
+        raise ValueError("aggregation='constant' (Dr. GRPO) needs max_tokens (an int >= 1: the normalizer R * "
+                         "max_tokens)")
+    if aggregation != "constant" and max_tokens is not None:
+        raise ValueError(f"max_tokens is only used by aggregation='constant', not aggregation={aggregation!r}")
+    n_rows = count_rows(hidden, labels, cu_seqlens)
+    device = hidden.device
+    const_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    labels_flat = labels.reshape(-1)
+    valid = labels_flat != ignore_index
+    rows = _token_rows(labels, cu_seqlens, n_rows)
+
+    def float_input(name: str, value, per_row_ok: bool) -> torch.Tensor:
+        """``value`` as a flat per-token tensor of ``const_dtype``; finite at the valid tokens."""
+        shapes = ([f"[R={n_rows}] (per sequence)"] if per_row_ok else []) + [f"{list(labels.shape)} (labels' shape)"]
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TypeError(f"{name} must be a float tensor of shape {' or '.join(shapes)}, got {got}")
+        if per_row_ok and tuple(value.shape) == (n_rows,):  # (packed with N == R: per sequence)
+            per_row = value.detach().to(device=device, dtype=const_dtype)
+            if not bool(torch.isfinite(per_row).all()):
+                raise ValueError(f"{name} contains NaN or inf")
+            return per_row[rows]
+        if tuple(value.shape) != tuple(labels.shape):
+            raise ValueError(f"{name} must have shape {' or '.join(shapes)}, got {list(value.shape)}")
+        flat = value.detach().reshape(-1).to(device=device, dtype=const_dtype)
+        if not bool(torch.isfinite(torch.where(valid, flat, 0.0)).all()):
+            raise ValueError(f"{name} contains NaN or inf at valid (non-ignored) tokens")
+        return flat
+
+    adv_flat = float_input("advantages", advantages, per_row_ok=True)
+    old_flat = None if old_logps is None else float_input("old_logps", old_logps, per_row_ok=False)
+    ref_flat = None if ref_logps is None else float_input("ref_logps", ref_logps, per_row_ok=False)
+    if kl_beta > 0 and ref_flat is None:
+        raise ValueError(f"kl_beta={kl_beta} > 0 needs ref_logps (the reference model's per-token log-probs, "
+                         f"labels' shape {list(labels.shape)})")
+    token_weights = aggregation_weights(valid, rows, n_rows, aggregation, max_tokens, dtype=const_dtype)
+
+    def token_loss(logp: torch.Tensor, entropy: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        terms = policy_token_terms(
+            logp, advantages=adv_flat[index], old_logps=None if old_flat is None else old_flat[index],
+            ref_logps=None if ref_flat is None else ref_flat[index], entropy=entropy, clip_eps=clip_eps,
+            clip_eps_high=clip_eps_high, kl_beta=kl_beta, entropy_coef=entropy_coef)
+        return terms * token_weights[index].to(terms.dtype)
+
+    result = fused_token_loss(
+        hidden, weight, labels, token_loss=token_loss, cu_seqlens=cu_seqlens, bias=bias, ignore_index=ignore_index,
+        temperature=temperature, softcap=softcap, backend=backend, chunk_bytes=chunk_bytes, validate=validate,
+        valid_positions=valid_positions, return_token_values=return_stats)
+    if not return_stats:
+        return result
+    loss, logp, entropy = result
+    return loss, _policy_stats(logp.reshape(-1), entropy.reshape(-1), valid, adv_flat, old_flat, ref_flat,
+                               clip_eps, clip_eps if clip_eps_high is None else clip_eps_high)
+
+
+@torch.no_grad()
+def _policy_stats(logp, entropy, valid, adv, old, ref, eps_low: float, eps_high: float) -> dict:
+    """Means over the valid tokens (detached 0-d float32 tensors); see :func:`fused_policy_loss`."""
+    logp = logp.to(adv.dtype)
+    v = valid.to(adv.dtype)
+    n = v.sum().clamp_min(1.0)
+    ratio = torch.ones_like(logp) if old is None else torch.exp(torch.where(valid, logp - old, 0.0))
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        return ((x.to(adv.dtype) * v).sum() / n).to(torch.float32)
+
+    stats = {
+        "clip_fraction_low": mean((ratio < 1.0 - eps_low) & (adv < 0)),
+        "clip_fraction_high": mean((ratio > 1.0 + eps_high) & (adv > 0)),
+        "ratio_mean": mean(ratio),
+        "entropy_mean": mean(entropy),
+        "num_tokens": valid.sum().to(torch.float32),
+    }
+    if ref is None:
+        stats["kl_mean"] = torch.zeros((), dtype=torch.float32, device=logp.device)
+    else:
+        delta = torch.where(valid, ref - logp, 0.0)
+        stats["kl_mean"] = mean(torch.exp(delta) - delta - 1.0)
+    return stats

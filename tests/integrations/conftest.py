@@ -1,0 +1,32 @@
+"""Setup for the Transformers/TRL integration tests: offline, no telemetry, one torch thread.
+
+Every model here is a tiny random-init model built in-process (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+for path in (HERE.parents[1], HERE):  # `import dftkern`, `import integ_helpers`
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+# TRL pings a telemetry endpoint from Trainer.__init__ unless told not to; nothing may leave the machine.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run faster (and steadier on a shared 2-core machine) on one intra-op thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
