@@ -295,6 +295,12 @@ def test_quick_study_writes_the_pinned_schema(quick_study):
     assert dpo["steps"] == [s + d for s, d in zip(dpo["sft_steps"], dpo["dpo_steps"])]
     assert all(d >= 1 for d in dpo["dpo_steps"])
     assert len(results["base"]["accuracy"]) == 2 and "train_samples_correct" in results["base"]
+    for check in results["base"]["gradient_check"]:
+        for sampler in ("main", "exact"):
+            row = check[sampler]
+            assert all(math.isfinite(v) for v in row.values())
+            # averaging 64 reference samples shrinks the negative term well below one step's K=2 estimate
+            assert row["ratio_many"] < row[f"ratio_k{check['k']}"]
     assert cfg["command"].startswith("python -m dftkern.experiments.dft_study --quick")
     assert cfg["wall_seconds"] > 0 and cfg["environment"]["torch"] == torch.__version__
     assert "| dft |" in stdout and "| ablation: exact_sampling |" in stdout

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import protocol
+from .diagnostics import gradient_check
 from .config import ABLATIONS, ARMS, METHODS, StudyConfig
 from .stats import mean_sd, paired_t_test, sign_test
 
@@ -65,6 +66,8 @@ def _task(kind: str, cfg: StudyConfig, root: str, args: tuple) -> dict:
         return protocol.run_arm(cfg, *args, root)
     if kind == "dpo":
         return protocol.run_dpo(cfg, *args, root)
+    if kind == "diagnose":
+        return gradient_check(cfg, *args, root)
     raise ValueError(f"unknown task kind {kind!r}")
 
 
@@ -79,6 +82,10 @@ def select_lr(runs_by_lr: dict[float, list[dict]]) -> float:
 
 
 def _describe(key: tuple, result: dict) -> str:
+    if key[0] == "diagnose":
+        k = result["k"]
+        return (f"seed {key[1]} negative term at the base: |g_dft - g_sft| / |g_sft| with K={k}: "
+                f"{result['main'][f'ratio_k{k}']:.2f} (T=0.7), {result['exact'][f'ratio_k{k}']:.2f} (T=1)")
     if key[0] == "prepare":
         base = result["base"]
         return (f"seed {key[1]} base: {base['steps']} steps, test {100 * base['accuracy']:.1f}%, "
@@ -102,6 +109,7 @@ def _execute(cfg: StudyConfig, root: Path, log) -> tuple[dict, dict, float]:
     pending: list[tuple] = [("prepare", s) for s in cfg.seeds]
     pending += [("arm", s, arm, lr) for s in cfg.seeds for arm, lr in arms[s] if arm == "sft"]
     pending += [("arm", s, arm, lr) for s in cfg.seeds for arm, lr in arms[s] if arm != "sft"]
+    pending += [("diagnose", s) for s in cfg.seeds]
     pending += [("dpo", s, lr) for s in cfg.seeds for lr in cfg.lr_grid["sft_dpo"]]
     total = len(pending)
     results: dict[tuple, dict] = {}
@@ -109,7 +117,7 @@ def _execute(cfg: StudyConfig, root: Path, log) -> tuple[dict, dict, float]:
     sft_keys = [("arm", s, "sft", lr) for s in cfg.seeds for lr in cfg.lr_grid["sft"]]
 
     def ready(key) -> bool:
-        if key[0] == "arm":
+        if key[0] in ("arm", "diagnose"):
             return ("prepare", key[1]) in results
         if key[0] == "dpo":
             return all(k in results for k in sft_keys)
@@ -205,6 +213,7 @@ def aggregate(cfg: StudyConfig, results: dict, prepared: dict) -> dict:
                  "train_samples_correct", "in_band")
     base = {key: [prepared[s]["base"][key] for s in cfg.seeds] for key in base_keys}
     base["probe_history"] = [prepared[s]["base"]["probe_history"] for s in cfg.seeds]
+    base["gradient_check"] = [results[("diagnose", s)] for s in cfg.seeds]
     for key in ("accuracy", "pass1", "train_samples_correct"):
         base[f"{key}_mean"], base[f"{key}_sd"] = mean_sd(base[key])
     return {"seeds": list(cfg.seeds), "methods": methods, "ablations": ablations, "base": base,
@@ -305,7 +314,7 @@ def format_results_md(results: dict) -> str:
             out.append(f"| {name} | {lr}{mark} | {100 * value:.1f} | {100 * entry['grid_accuracy'][lr]:.1f} |")
     base = results["base"]
     out += ["", "## Base model", "",
-            f"Pretraining steps per seed: {base['steps']}; probe accuracy at the stop: "
+            f"Pretraining steps per seed: {', '.join(map(str, base['steps']))}; probe accuracy at the stop: "
             + ", ".join("—" if v is None else f"{100 * v:.1f}%" for v in base["probe_accuracy"]) + ".  ",
             f"Test greedy accuracy {_pct(base['accuracy'])}% (band {cfg['base_band'][0]:.0%}–"
             f"{cfg['base_band'][1]:.0%}: {sum(base['in_band'])}/{len(base['in_band'])} seeds inside); "
@@ -320,9 +329,27 @@ def format_results_md(results: dict) -> str:
         out.append(f"| {name} | {_pct([s['frac_correct'] for s in stats])} "
                    f"| {_pct([s['frac_equal_positive'] for s in stats])} | {_pct([s['frac_fresh'] for s in stats])} "
                    f"| {_pct(dropped) if dropped else '—'} |")
+    out += ["", "## Training diagnostics (selected lr, mean ± sd over seeds)", "",
+            "| arm | mean gradient norm before clipping (clip at 1.0) | log p(answer) | log p(wrong sample) |",
+            "|---|---|---|---|"]
+    for name, entry in list(results["methods"].items()) + list(results["ablations"].items()):
+        out.append(f"| {name} | {_num(entry['grad_norm_mean'])} | {_num(entry['answer_logp'])} "
+                   f"| {_num(entry['wrong_logp'])} |")
+    checks = results["base"]["gradient_check"]
+    k = checks[0]["k"]
+    out += ["", f"## DFT's negative term at the start of training (θ = base, ω = 1; {checks[0]['num_prompts']} "
+            f"training prompts; mean ± sd over seeds)", "",
+            f"| negatives | ‖g_dft − g_sft‖ / ‖g_sft‖, K = {k} | cos(g_dft, g_sft), K = {k} "
+            f"| ‖g_dft − g_sft‖ / ‖g_sft‖, K = {checks[0]['many']} | cos(g_dft − g_sft, g_sft), "
+            f"K = {checks[0]['many']} |", "|---|---|---|---|---|"]
+    for name, label in (("main", "T = 0.7, top-k 50 (dft)"), ("exact", "T = 1 (exact_sampling)")):
+        rows = [c[name] for c in checks]
+        out.append(f"| {label} | {_num([r[f'ratio_k{k}'] for r in rows])} | {_num([r[f'cos_k{k}'] for r in rows])} "
+                   f"| {_num([r['ratio_many'] for r in rows])} | {_num([r['neg_cos_many'] for r in rows])} |")
     dpo = results["methods"]["sft_dpo"]
     out += ["", f"sft_dpo: DPO (beta {cfg['dpo_beta']}) from the sft model trained with lr {dpo['sft_lr']:g}; "
-            f"pairs per seed {dpo['num_pairs']}; steps SFT + DPO = {dpo['steps']}.", ""]
+            f"pairs per seed {', '.join(map(str, dpo['num_pairs']))}; steps SFT + DPO = "
+            f"{', '.join(f'{a} + {b}' for a, b in zip(dpo['sft_steps'], dpo['dpo_steps']))}.", ""]
     return "\n".join(out)
 
 
