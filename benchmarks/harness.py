@@ -40,6 +40,7 @@ __all__ = [
     "SESSION_STATE",
     "device",
     "budget_seconds",
+    "row_group",
     "skip_row",
     "make_step",
     "measure_matmul_tflops",
@@ -79,23 +80,36 @@ def budget_seconds() -> float | None:
     return value
 
 
-def skip_row(operation: str, shape, impl_name: str, reason: str):
+def row_group(operation: str, shape, forward_only: bool = False) -> str:
+    """The report group of a row: the shape's group, renamed for the entropy operation and for
+    forward-only rows (which are timed apart from the forward+backward rows)."""
+    group = shape.group
+    if operation == "entropy":
+        group = group.replace("token_logprobs", "token_entropy", 1)
+    if forward_only:
+        group = group.replace("fwd+bwd", "fwd only", 1)
+    return group
+
+
+def skip_row(operation: str, shape, impl_name: str, reason: str, group: str | None = None):
     """Record a skipped row and skip the test (never returns)."""
-    SKIPPED_ROWS.append({"operation": operation, "group": shape.group, "implementation": impl_name,
+    SKIPPED_ROWS.append({"operation": operation, "group": group or shape.group, "implementation": impl_name,
                          "shape": shape.id, "reason": reason})
     pytest.skip(reason)
 
 
 def make_step(loss_fn: Callable[[], torch.Tensor], leaves: tuple[torch.Tensor, ...],
-              dev: torch.device) -> Callable[[], torch.Tensor]:
-    """One timed unit: clear grads, loss forward, backward, (CUDA) synchronize. Returns the detached loss."""
+              dev: torch.device, backward: bool = True) -> Callable[[], torch.Tensor]:
+    """One timed unit: clear grads, loss forward, backward (unless ``backward=False``: a forward-only
+    row), (CUDA) synchronize. Returns the detached loss."""
     sync = dev.type == "cuda"
 
     def step() -> torch.Tensor:
         for leaf in leaves:
             leaf.grad = None
         loss = loss_fn()
-        loss.backward()
+        if backward:
+            loss.backward()
         if sync:
             torch.cuda.synchronize(dev)
         return loss.detach()
@@ -253,20 +267,23 @@ def _input_bytes(shape) -> int:
 def run_row(benchmark, *, operation: str, shape, shape_set: str, impl: Implementation,
             make_problem: Callable, matmul: dict | None) -> None:
     """Benchmark one (operation, shape, implementation) row and fill ``benchmark.extra_info``."""
-    benchmark.group = shape.group
+    group = row_group(operation, shape, impl.forward_only)
+    benchmark.group = group
     dev = device()
     smoke = benchmark.disabled
+
+    def skip(reason: str):
+        skip_row(operation, shape, impl.name, reason, group=group)
 
     budget = budget_seconds()
     elapsed = time.monotonic() - SESSION_STATE["start"]
     if budget is not None and elapsed > budget:
-        skip_row(operation, shape, impl.name, f"time budget exhausted ({elapsed:.0f} s > {BUDGET_ENV}={budget:g})")
+        skip(f"time budget exhausted ({elapsed:.0f} s > {BUDGET_ENV}={budget:g})")
     reason = impl.unavailable(dev)
     if reason is not None:
-        skip_row(operation, shape, impl.name, reason)
+        skip(reason)
     if smoke and impl.compiles and dev.type == "cpu":
-        skip_row(operation, shape, impl.name,
-                 "uses torch.compile (first compile ~25 s on 2 CPU cores); skipped in --benchmark-disable smoke runs")
+        skip("uses torch.compile (first compile ~25 s on 2 CPU cores); skipped in --benchmark-disable smoke runs")
 
     e = torch.finfo(shape.dtype).bits // 8
     grad_bytes = (shape.tokens + shape.vocab_size) * shape.hidden_size * e
@@ -276,8 +293,7 @@ def run_row(benchmark, *, operation: str, shape, shape_set: str, impl: Implement
         free, _total = torch.cuda.mem_get_info(dev)
         needed = estimate + _input_bytes(shape)
         if needed > 0.95 * free:
-            skip_row(operation, shape, impl.name,
-                     f"OOM (estimated {needed / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free; not attempted)")
+            skip(f"OOM (estimated {needed / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free; not attempted)")
 
     oom_message = None
     outcome: dict = {}
@@ -289,10 +305,11 @@ def run_row(benchmark, *, operation: str, shape, shape_set: str, impl: Implement
         oom_message = str(exc).splitlines()[0][:160]
     if oom_message is not None:
         _free_cuda_memory()
-        skip_row(operation, shape, impl.name, f"OOM: {oom_message}")
+        skip(f"OOM: {oom_message}")
     if dev.type == "cuda":
         _free_cuda_memory()
 
+    flops = shape.flops // 3 if impl.forward_only else shape.flops
     info = benchmark.extra_info
     info.update({
         "operation": operation,
@@ -303,8 +320,8 @@ def run_row(benchmark, *, operation: str, shape, shape_set: str, impl: Implement
         "shape": shape.id,
         **shape.describe(),
         "device": dev.type,
-        "flops": shape.flops,
-        "flop_model": "6*N*H*V",
+        "flops": flops,
+        "flop_model": "2*N*H*V (forward only)" if impl.forward_only else "6*N*H*V",
         "loss_value": outcome.get("loss_value"),
     })
     if dev.type == "cuda":
@@ -325,7 +342,7 @@ def run_row(benchmark, *, operation: str, shape, shape_set: str, impl: Implement
             info["peak_mem_error"] = str(exc)[:300]
     median = benchmark.stats.stats.median
     info["median_s"] = median
-    info["tflops"] = shape.flops / median / 1e12 if median > 0 else None
+    info["tflops"] = flops / median / 1e12 if median > 0 else None
     if matmul is not None and info["tflops"] is not None:
         info["matmul_tflops"] = matmul["tflops"]
         info["matmul_dtype"] = matmul["dtype"]
@@ -337,7 +354,7 @@ def _attempt(benchmark, impl: Implementation, make_problem: Callable, shape, dev
     """Build inputs and run the benchmark; all tensors die with this frame (OOM-safe)."""
     problem = make_problem(shape, dev)
     loss_fn, leaves = impl.build(problem)
-    step = make_step(loss_fn, leaves, dev)
+    step = make_step(loss_fn, leaves, dev, backward=not impl.forward_only)
     loss = benchmark(step)
     outcome = {"loss_value": float(loss)}
     if measure_memory and dev.type == "cuda":

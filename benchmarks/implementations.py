@@ -2,8 +2,11 @@
 
 Three operations, each a scalar loss followed by ``.backward()``:
 
-* ``token``  mean token cross-entropy ``-(1/N) sum_t log softmax(h_t W^T)[y_t]`` over ``N`` tokens
-             (no ignored labels), from hidden ``[N, H]``, weight ``[V, H]``, labels ``[N]``.
+* ``token``  mean token cross-entropy ``-(1/n) sum_t log softmax(h_t W^T)[y_t]`` over the ``n``
+             non-ignored of ``N`` tokens, from hidden ``[N, H]``, weight ``[V, H]``, labels ``[N]``.
+* ``entropy`` the same with an entropy bonus, ``-(1/n) sum_t (logp_t + beta * H_t)``, ``H_t`` the
+             entropy of the token's softmax (the RL token loss of TRL #7244); rows marked
+             ``forward_only`` time the forward (log-probs and entropies, no gradient) alone.
 * ``dft``    the DFT loss (Guo et al. 2025) over ``G`` groups of ``1 + K`` rows of ``T`` tokens.
 * ``dpo``    the DPO loss over ``G`` (chosen, rejected) pairs of rows of ``T`` tokens.
 
@@ -35,6 +38,7 @@ from .shapes import LossShape, TokenShape
 __all__ = [
     "IGNORE_INDEX",
     "DPO_BETA",
+    "ENTROPY_BETA",
     "DFT_TAU",
     "DFT_GAMMA",
     "TokenProblem",
@@ -43,9 +47,11 @@ __all__ = [
     "make_token_problem",
     "make_loss_problem",
     "naive_token_logprobs",
+    "naive_entropy_loss",
     "naive_dft_loss",
     "naive_dpo_loss",
     "token_implementations",
+    "entropy_implementations",
     "loss_implementations",
     "find_implementation",
     "package_version",
@@ -55,6 +61,7 @@ IGNORE_INDEX = -100
 DPO_BETA = 0.1
 DFT_TAU = 1.0
 DFT_GAMMA = 0.85
+ENTROPY_BETA = 0.01
 
 LossClosure = Callable[[], torch.Tensor]
 Built = tuple[LossClosure, tuple[torch.Tensor, ...]]
@@ -114,6 +121,9 @@ def make_token_problem(shape: TokenShape, device: torch.device | str, seed: int 
     hidden = _leaf_randn((shape.tokens, shape.hidden_size), 1.0, shape.dtype, device, gen)
     weight = _leaf_randn((shape.vocab_size, shape.hidden_size), shape.hidden_size ** -0.5, shape.dtype, device, gen)
     labels = torch.randint(0, shape.vocab_size, (shape.tokens,), device=device, generator=gen)
+    if shape.ignore_fraction:
+        ignored = torch.rand(shape.tokens, device=device, generator=gen) < shape.ignore_fraction
+        labels = labels.masked_fill(ignored, IGNORE_INDEX)
     return TokenProblem(shape, hidden, weight, labels)
 
 
@@ -162,8 +172,23 @@ def naive_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     return picked.masked_fill(labels == ignore_index, 0.0)
 
 
+def _valid_count(labels: torch.Tensor) -> torch.Tensor:
+    return (labels != IGNORE_INDEX).sum().clamp_min(1)
+
+
 def _naive_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return -naive_token_logprobs(hidden, weight, labels).mean()
+    return -naive_token_logprobs(hidden, weight, labels).sum() / _valid_count(labels)
+
+
+def naive_entropy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                       beta: float = ENTROPY_BETA, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``-(1/n) sum_t (logp_t + beta * H_t)`` over non-ignored tokens via full logits (input dtype),
+    fp32 log_softmax, gather and ``H = -sum_v p_v log p_v``."""
+    logp_all = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+    picked = logp_all.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    keep = labels != ignore_index
+    return -torch.where(keep, picked + beta * entropy, torch.zeros_like(picked)).sum() / _valid_count(labels)
 
 
 def naive_dft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tensor,
@@ -214,6 +239,7 @@ class Implementation:
             the inputs and their gradients (only used to skip hopeless rows before allocating).
         compiles: uses torch.compile (expensive first call; skipped in CPU smoke runs).
         options: engine/schedule/impl settings recorded in the row's extra_info.
+        forward_only: the step is the forward alone (no gradient; own group, FLOPs 2NHV).
     """
 
     name: str
@@ -224,6 +250,7 @@ class Implementation:
     workspace: Callable[[object], int]
     compiles: bool = False
     options: dict = field(default_factory=dict)
+    forward_only: bool = False
 
     def unavailable(self, device: torch.device) -> str | None:
         return self.check(torch.device(device))
@@ -364,7 +391,7 @@ def _build_dftkern_token(backend: str) -> Callable[[TokenProblem], Built]:
     def build(p: TokenProblem) -> Built:
         from dftkern import fused_linear_logprobs
 
-        n = p.labels.numel()
+        n = _valid_count(p.labels)
 
         def loss() -> torch.Tensor:
             return -(fused_linear_logprobs(p.hidden, p.weight, p.labels, backend=backend).sum() / n)
@@ -372,23 +399,30 @@ def _build_dftkern_token(backend: str) -> Callable[[TokenProblem], Built]:
     return build
 
 
-def _build_dftkern_ce(backend: str) -> Callable[[TokenProblem], Built]:
+def _build_dftkern_ce(backend: str, accum_dtype: str = "fp32",
+                      chunk_bytes: int | None = None) -> Callable[[TokenProblem], Built]:
     def build(p: TokenProblem) -> Built:
         from dftkern import fused_linear_cross_entropy
 
         def loss() -> torch.Tensor:
-            return fused_linear_cross_entropy(p.hidden, p.weight, p.labels, reduction="mean", backend=backend)
+            return fused_linear_cross_entropy(p.hidden, p.weight, p.labels, reduction="mean", backend=backend,
+                                              accum_dtype=accum_dtype, chunk_bytes=chunk_bytes)
         return loss, (p.hidden, p.weight)
     return build
 
 
-def _build_naive_token(p: TokenProblem) -> Built:
-    return (lambda: _naive_token_loss(p.hidden, p.weight, p.labels)), (p.hidden, p.weight)
+def _naive_builders(fn: Callable, key: str) -> tuple[Callable[[TokenProblem], Built], Callable[[TokenProblem], Built]]:
+    """Builders of ``fn(hidden, weight, labels)`` as is, and of its ``torch.compile``."""
+    def plain(p: TokenProblem) -> Built:
+        return (lambda: fn(p.hidden, p.weight, p.labels)), (p.hidden, p.weight)
+
+    def compiled(p: TokenProblem) -> Built:
+        compiled_fn = _compiled(key, fn)
+        return (lambda: compiled_fn(p.hidden, p.weight, p.labels)), (p.hidden, p.weight)
+    return plain, compiled
 
 
-def _build_compiled_token(p: TokenProblem) -> Built:
-    fn = _compiled("naive_token_loss", _naive_token_loss)
-    return (lambda: fn(p.hidden, p.weight, p.labels)), (p.hidden, p.weight)
+_build_naive_token, _build_compiled_token = _naive_builders(_naive_token_loss, "naive_token_loss")
 
 
 def _torch_lce_check(device: torch.device) -> str | None:
@@ -457,6 +491,25 @@ def token_implementations() -> list[Implementation]:
         for backend in ("triton", "torch")
     ]
     rows += [
+        Implementation(f"dftkern-{backend}-ce-wacc", "dftkern",
+                       f"dftkern.fused_linear_cross_entropy(backend='{backend}', accum_dtype='weight'): dW "
+                       "accumulated across chunks in the weight's dtype (no fp32 [V, H] buffer)",
+                       _dftkern_check(backend), _build_dftkern_ce(backend, "weight"), _chunked_workspace,
+                       options={"backend": backend, "schedule": "fused", "accum_dtype": "weight"})
+        for backend in ("triton", "torch")
+    ]
+    # a smaller chunk budget than the CE default (4 GiB on CUDA): the memory/time trade-off that
+    # the defaults should be chosen from (CUDA only: on CPU the default is already 256 MiB)
+    rows += [
+        Implementation(f"dftkern-triton-ce-{acc_name}-512M", "dftkern",
+                       f"dftkern.fused_linear_cross_entropy(backend='triton', accum_dtype='{accum}', "
+                       "chunk_bytes=512 MiB)",
+                       _dftkern_check("triton"), _build_dftkern_ce("triton", accum, 512 << 20),
+                       _chunked_workspace, options={"backend": "triton", "schedule": "fused",
+                                                    "accum_dtype": accum, "chunk_bytes": 512 << 20})
+        for acc_name, accum in (("fp32acc", "fp32"), ("wacc", "weight"))
+    ]
+    rows += [
         Implementation("naive", "naive", "logits = h @ W.T (input dtype), fp32 log_softmax, gather",
                        _always, _build_naive_token, _naive_workspace),
         Implementation("naive-compile", "naive", "torch.compile(dynamic=True) of the naive code",
@@ -475,6 +528,109 @@ def token_implementations() -> list[Implementation]:
                        "cut_cross_entropy.linear_cross_entropy, exact mode (no gradient filtering)",
                        _needs_cuda("cut_cross_entropy", "cut-cross-entropy", "Triton kernels"),
                        _build_cce(True), _chunked_workspace, options={"impl": "cce_exact"}),
+    ]
+    return rows
+
+
+# ---- token loss with entropy (TRL #7244) -------------------------------------------------------
+
+
+def _build_dftkern_entropy(backend: str, fused: bool) -> Callable[[TokenProblem], Built]:
+    def build(p: TokenProblem) -> Built:
+        import dftkern
+
+        n = _valid_count(p.labels)
+        if fused:
+            def token_loss(logp, entropy, index):
+                return -(logp + ENTROPY_BETA * entropy) / n.to(logp.dtype)
+
+            def loss() -> torch.Tensor:
+                return dftkern.fused_token_loss(p.hidden, p.weight, p.labels, token_loss=token_loss, backend=backend)
+        else:
+            def loss() -> torch.Tensor:
+                logp, entropy = dftkern.fused_linear_logprobs(p.hidden, p.weight, p.labels, backend=backend,
+                                                              return_entropy=True)
+                return -(logp.sum() + ENTROPY_BETA * entropy.sum()) / n
+        return loss, (p.hidden, p.weight)
+    return build
+
+
+def _build_dftkern_entropy_forward(backend: str) -> Callable[[TokenProblem], Built]:
+    def build(p: TokenProblem) -> Built:
+        import dftkern
+
+        def forward() -> torch.Tensor:
+            with torch.no_grad():
+                logp, entropy = dftkern.fused_linear_logprobs(p.hidden, p.weight, p.labels, backend=backend,
+                                                              return_entropy=True)
+            return logp.sum() + entropy.sum()
+        return forward, (p.hidden, p.weight)
+    return build
+
+
+_build_naive_entropy, _build_compiled_entropy = _naive_builders(naive_entropy_loss, "naive_entropy_loss")
+
+
+def _build_naive_entropy_forward(p: TokenProblem) -> Built:
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return naive_entropy_loss(p.hidden, p.weight, p.labels)
+    return forward, (p.hidden, p.weight)
+
+
+def _bare_gemm_loss(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (hidden @ weight.T).sum()
+
+
+def _build_bare_gemm(p: TokenProblem) -> Built:
+    return (lambda: _bare_gemm_loss(p.hidden, p.weight)), (p.hidden, p.weight)
+
+
+def _build_bare_gemm_forward(p: TokenProblem) -> Built:
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return (p.hidden @ p.weight.T).sum()
+    return forward, (p.hidden, p.weight)
+
+
+def _logits_workspace(shape) -> int:
+    return _elem_bytes(shape.dtype) * shape.tokens * shape.vocab_size * 2
+
+
+def entropy_implementations() -> list[Implementation]:
+    """Rows of the entropy benchmark (loss ``-(1/n) sum (logp + beta H)``), in table order.
+
+    Family "floor" (the bare head GEMM, the same products without any softmax) is shown for
+    reference and is not a peer.
+    """
+    rows = []
+    for backend in ("triton", "torch"):
+        rows += [
+            Implementation(f"dftkern-{backend}-entropy", "dftkern",
+                           f"dftkern.fused_linear_logprobs(return_entropy=True, backend='{backend}') + autograd (8NHV)",
+                           _dftkern_check(backend), _build_dftkern_entropy(backend, fused=False), _chunked_workspace,
+                           options={"backend": backend}),
+            Implementation(f"dftkern-{backend}-token-loss", "dftkern",
+                           f"dftkern.fused_token_loss(backend='{backend}'): entropy-bonus loss, gradients in the "
+                           "forward (6NHV)",
+                           _dftkern_check(backend), _build_dftkern_entropy(backend, fused=True), _chunked_workspace,
+                           options={"backend": backend, "schedule": "fused"}),
+            Implementation(f"dftkern-{backend}-entropy-fwd", "dftkern",
+                           f"forward only: fused_linear_logprobs(return_entropy=True, backend='{backend}'), no grad",
+                           _dftkern_check(backend), _build_dftkern_entropy_forward(backend), _chunked_workspace,
+                           options={"backend": backend}, forward_only=True),
+        ]
+    rows += [
+        Implementation("naive", "naive", "logits = h @ W.T (input dtype), fp32 log_softmax, gather, entropy",
+                       _always, _build_naive_entropy, _naive_workspace),
+        Implementation("naive-compile", "naive", "torch.compile(dynamic=True) of the naive entropy code",
+                       _always, _build_compiled_entropy, _compiled_workspace, compiles=True),
+        Implementation("bare-gemm", "floor", "logits = h @ W.T and logits.sum().backward(): the head's products alone",
+                       _always, _build_bare_gemm, _logits_workspace),
+        Implementation("naive-fwd", "naive", "forward only: logits, fp32 log_softmax, gather, entropy (no grad)",
+                       _always, _build_naive_entropy_forward, _naive_workspace, forward_only=True),
+        Implementation("bare-gemm-fwd", "floor", "forward only: logits = h @ W.T (the bare forward GEMM)",
+                       _always, _build_bare_gemm_forward, _logits_workspace, forward_only=True),
     ]
     return rows
 
@@ -525,6 +681,30 @@ def _build_dftkern_loss(backend: str, schedule: str) -> Callable[[LossProblem], 
             def loss() -> torch.Tensor:
                 return dftkern.fused_preference_loss(p.hidden, p.weight, p.labels, loss="dpo", beta=DPO_BETA,
                                                      ref_logps=p.ref_logps, **kwargs)
+        return loss, (p.hidden, p.weight)
+    return build
+
+
+def _dpo_group_loss(ref_logps: torch.Tensor):
+    def group_loss(seq_sums, counts, g0, g1):
+        logratio = (seq_sums.float() - ref_logps[2 * g0:2 * g1]).view(-1, 2)
+        return -F.logsigmoid(DPO_BETA * (logratio[:, 0] - logratio[:, 1])), {}
+    return group_loss
+
+
+def _build_dftkern_dpo_pair_chunks(backend: str, accum_dtype: str) -> Callable[[LossProblem], Built]:
+    """DPO through ``grouped_sequence_loss`` with one pair per chunk (the smallest fused budget), so
+    that ``dW`` is accumulated across chunks in ``accum_dtype``."""
+    def build(p: LossProblem) -> Built:
+        import dftkern
+
+        shape = p.shape
+        budget = 2 * shape.seq_len * shape.vocab_size * 4  # one pair's fp32 logits
+
+        def loss() -> torch.Tensor:
+            return dftkern.grouped_sequence_loss(p.hidden, p.weight, p.labels, rows_per_group=2,
+                                                 group_loss=_dpo_group_loss(p.ref_logps), backend=backend,
+                                                 schedule="fused", chunk_bytes=budget, accum_dtype=accum_dtype)[0]
         return loss, (p.hidden, p.weight)
     return build
 
@@ -584,6 +764,16 @@ def loss_implementations(loss: str) -> list[Implementation]:
                        _dftkern_loss_workspace(schedule), options={"backend": backend, "schedule": schedule})
         for backend in ("triton", "torch") for schedule in SCHEDULES
     ]
+    if loss == "dpo":
+        rows += [
+            Implementation(f"dftkern-triton-pairchunks-{name}", "dftkern",
+                           f"dftkern.grouped_sequence_loss (DPO), one pair per chunk, accum_dtype='{accum}'",
+                           _dftkern_check("triton"), _build_dftkern_dpo_pair_chunks("triton", accum),
+                           _dftkern_loss_workspace("fused"),
+                           options={"backend": "triton", "schedule": "fused", "accum_dtype": accum,
+                                    "chunk": "one pair"})
+            for name, accum in (("fp32acc", "fp32"), ("wacc", "weight"))
+        ]
     rows.append(Implementation("naive", "naive",
                                "concatenated forward: full logits, fp32 log_softmax, gather, sum per row, loss math",
                                _always, _build_naive_loss, _naive_workspace))
@@ -597,13 +787,15 @@ def loss_implementations(loss: str) -> list[Implementation]:
 
 
 def find_implementation(operation: str, name: str) -> Implementation:
-    """The implementation ``name`` of ``operation`` ("token", "dft" or "dpo")."""
+    """The implementation ``name`` of ``operation`` ("token", "entropy", "dft" or "dpo")."""
     if operation == "token":
         rows = token_implementations()
+    elif operation == "entropy":
+        rows = entropy_implementations()
     elif operation in ("dft", "dpo"):
         rows = loss_implementations(operation)
     else:
-        raise ValueError(f"operation must be 'token', 'dft' or 'dpo', got {operation!r}")
+        raise ValueError(f"operation must be 'token', 'entropy', 'dft' or 'dpo', got {operation!r}")
     for impl in rows:
         if impl.name == name:
             return impl

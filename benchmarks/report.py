@@ -31,7 +31,7 @@ from pathlib import Path
 __all__ = ["load_results", "build_groups", "render_markdown", "render_png", "main"]
 
 PEER_FAMILIES = ("naive", "peer")
-OPERATION_ORDER = ("token_logprobs", "dft_loss", "dpo_loss")  # report order of the groups
+OPERATION_ORDER = ("token_logprobs", "token_entropy", "dft_loss", "dpo_loss")  # report order of the groups
 
 
 def load_results(path: str | Path) -> dict:

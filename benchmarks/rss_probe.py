@@ -28,7 +28,7 @@ import sys
 import torch
 
 from .implementations import find_implementation, make_loss_problem, make_token_problem
-from .shapes import SHAPE_SETS, loss_shapes, token_shapes
+from .shapes import SHAPE_SETS, lean_token_shapes, loss_shapes, prompt_loss_shapes, token_shapes
 
 
 def _status_kib(field: str) -> int | None:
@@ -63,7 +63,10 @@ def reset_peak_rss() -> bool:
 
 
 def _find_shape(operation: str, shape_set: str, shape_id: str):
-    shapes = token_shapes(shape_set) if operation == "token" else loss_shapes(shape_set, operation)
+    if operation in ("token", "entropy"):
+        shapes = token_shapes(shape_set) + lean_token_shapes(shape_set)
+    else:
+        shapes = loss_shapes(shape_set, operation) + prompt_loss_shapes(shape_set, operation)
     for shape in shapes:
         if shape.id == shape_id:
             return shape
@@ -80,10 +83,10 @@ def measure(operation: str, shape_set: str, shape_id: str, impl_name: str) -> di
     reason = impl.unavailable(dev)
     if reason is not None:
         raise RuntimeError(f"{impl_name} cannot run here: {reason}")
-    make_problem = make_token_problem if operation == "token" else make_loss_problem
+    make_problem = make_token_problem if operation in ("token", "entropy") else make_loss_problem
     problem = make_problem(shape, dev)
     loss_fn, leaves = impl.build(problem)
-    step = make_step(loss_fn, leaves, dev)
+    step = make_step(loss_fn, leaves, dev, backward=not impl.forward_only)
 
     can_reset = os.path.exists("/proc/self/status") and reset_peak_rss()
     if can_reset:
@@ -107,7 +110,7 @@ def measure(operation: str, shape_set: str, shape_id: str, impl_name: str) -> di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--operation", required=True, choices=("token", "dft", "dpo"))
+    parser.add_argument("--operation", required=True, choices=("token", "entropy", "dft", "dpo"))
     parser.add_argument("--shape-set", required=True, choices=SHAPE_SETS)
     parser.add_argument("--shape-id", required=True)
     parser.add_argument("--implementation", required=True)

@@ -15,6 +15,10 @@ Shape sets (env ``DFTKERN_BENCH_SHAPES``; default ``full`` on CUDA, ``cpu`` othe
            DFT at G=4, K=4, T=1024 and DPO at 4 pairs, T=1024 (Llama-3-8B head).
     small  as ``full`` with N = 4k only (a quick GPU pass).
     cpu    one small fp32 shape per operation that finishes in seconds on 2 cores.
+
+The "lean engine" shapes (:func:`lean_token_shapes`, :func:`prompt_loss_shapes`) come on top:
+ignored-token fractions (prompt/padding; CUDA 50% at Llama-3-8B N=16k, CPU 75%), TRL #7244's
+shape (H=4096, V=151936, N=8192, bf16; CUDA only) and DFT with 0% / 50% prompt tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ __all__ = [
     "selected_shape_set",
     "token_shapes",
     "loss_shapes",
+    "lean_token_shapes",
+    "prompt_loss_shapes",
+    "TRL_7244_HEAD",
 ]
 
 SHAPE_SET_ENV = "DFTKERN_BENCH_SHAPES"
@@ -70,7 +77,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 class TokenShape:
     """A token log-probs / cross-entropy problem.
 
-    hidden ``[tokens, hidden_size]``, weight ``[vocab_size, hidden_size]`` (both ``dtype``), labels int64 ``[tokens]``.
+    hidden ``[tokens, hidden_size]``, weight ``[vocab_size, hidden_size]`` (both ``dtype``), labels int64 ``[tokens]``;
+    a fraction ``ignore_fraction`` of the labels (random positions) is ``IGNORE_INDEX`` (prompt/padding).
     """
 
     model: str
@@ -78,10 +86,16 @@ class TokenShape:
     vocab_size: int
     tokens: int
     dtype: torch.dtype
+    ignore_fraction: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.ignore_fraction < 1.0:
+            raise ValueError(f"ignore_fraction must be in [0, 1), got {self.ignore_fraction!r}")
 
     @property
     def id(self) -> str:
-        return f"{self.model}-N{self.tokens}"
+        suffix = f"-ign{round(100 * self.ignore_fraction)}" if self.ignore_fraction else ""
+        return f"{self.model}-N{self.tokens}{suffix}"
 
     @property
     def flops(self) -> int:
@@ -89,12 +103,14 @@ class TokenShape:
 
     @property
     def group(self) -> str:
+        ignored = f", {round(100 * self.ignore_fraction)}% ignored" if self.ignore_fraction else ""
         return (f"token_logprobs fwd+bwd | {self.model} H={self.hidden_size} V={self.vocab_size} | "
-                f"N={self.tokens} {dtype_name(self.dtype)}")
+                f"N={self.tokens}{ignored} {dtype_name(self.dtype)}")
 
     def describe(self) -> dict:
         return {"model": self.model, "tokens": self.tokens, "hidden_size": self.hidden_size,
-                "vocab_size": self.vocab_size, "dtype": dtype_name(self.dtype)}
+                "vocab_size": self.vocab_size, "dtype": dtype_name(self.dtype),
+                "ignore_fraction": self.ignore_fraction}
 
 
 @dataclass(frozen=True)
@@ -138,8 +154,14 @@ class LossShape:
         return self.rows_per_group - 1
 
     @property
+    def prompt_percent(self) -> int:
+        return round(100 * self.prompt_len / self.seq_len)
+
+    @property
     def id(self) -> str:
-        return f"{self.model}-G{self.groups}x{self.rows_per_group}-T{self.seq_len}"
+        # the default prompt is T/4 (no suffix, as in earlier results); other prompt fractions are named
+        suffix = "" if 4 * self.prompt_len == self.seq_len else f"-P{self.prompt_percent}"
+        return f"{self.model}-G{self.groups}x{self.rows_per_group}-T{self.seq_len}{suffix}"
 
     @property
     def flops(self) -> int:
@@ -149,8 +171,9 @@ class LossShape:
     def group(self) -> str:
         layout = (f"G={self.groups} K={self.num_negatives}" if self.loss == "dft"
                   else f"{self.groups} pairs")
+        prompt = "" if 4 * self.prompt_len == self.seq_len else f", prompt {self.prompt_percent}%"
         return (f"{self.loss}_loss fwd+bwd | {self.model} H={self.hidden_size} V={self.vocab_size} | "
-                f"{layout} T={self.seq_len} (N={self.tokens}) {dtype_name(self.dtype)}")
+                f"{layout} T={self.seq_len} (N={self.tokens}){prompt} {dtype_name(self.dtype)}")
 
     def describe(self) -> dict:
         return {"model": self.model, "tokens": self.tokens, "hidden_size": self.hidden_size,
@@ -199,3 +222,34 @@ def loss_shapes(shape_set: str, loss: str) -> list[LossShape]:
         raise ValueError(f"unknown shape set {shape_set!r}; choose one of {SHAPE_SETS}")
     hidden, vocab = MODEL_HEADS["llama3-8b"]
     return [LossShape(loss, "llama3-8b", hidden, vocab, 4, rows_per_group, 1024, 256, torch.bfloat16)]
+
+
+TRL_7244_HEAD = (4096, 151936)
+"""(H, V) of TRL issue #7244's measurement (H100, bf16, 8192 tokens): Qwen-size vocabulary."""
+
+
+def lean_token_shapes(shape_set: str) -> list[TokenShape]:
+    """Token shapes of the lean-engine rows: ignored-token fractions and TRL #7244's shape.
+
+    cpu: the CPU token shape with 0% and 75% ignored labels (the compaction row). full/small:
+    Llama-3-8B at N=16384 with 50% ignored (N=4096 for small), and TRL #7244's H=4096,
+    V=151936, N=8192.
+    """
+    if shape_set == "cpu":
+        base = token_shapes("cpu")[0]
+        return [TokenShape(base.model, base.hidden_size, base.vocab_size, base.tokens, base.dtype, fraction)
+                for fraction in (0.0, 0.75)]
+    if shape_set not in ("full", "small"):
+        raise ValueError(f"unknown shape set {shape_set!r}; choose one of {SHAPE_SETS}")
+    hidden, vocab = MODEL_HEADS["llama3-8b"]
+    n = 4096 if shape_set == "small" else 16384
+    trl_hidden, trl_vocab = TRL_7244_HEAD
+    return [TokenShape("llama3-8b", hidden, vocab, n, torch.bfloat16, 0.5),
+            TokenShape("trl7244", trl_hidden, trl_vocab, 8192, torch.bfloat16)]
+
+
+def prompt_loss_shapes(shape_set: str, loss: str) -> list[LossShape]:
+    """The sequence-loss shape of a set at 0% and 50% prompt tokens (the default is 25%)."""
+    base = loss_shapes(shape_set, loss)[0]
+    return [LossShape(base.loss, base.model, base.hidden_size, base.vocab_size, base.groups, base.rows_per_group,
+                      base.seq_len, prompt, base.dtype) for prompt in (0, base.seq_len // 2)]

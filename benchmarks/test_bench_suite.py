@@ -17,22 +17,29 @@ import torch
 
 from . import conftest, harness, implementations, report
 from .implementations import (
+    ENTROPY_BETA,
+    IGNORE_INDEX,
     Implementation,
+    entropy_implementations,
     find_implementation,
     loss_implementations,
     make_loss_problem,
     make_token_problem,
     naive_dpo_loss,
+    naive_entropy_loss,
     naive_token_logprobs,
     token_implementations,
 )
 from .shapes import (
     MODEL_HEADS,
     SHAPE_SET_ENV,
+    TRL_7244_HEAD,
     LossShape,
     TokenShape,
     head_flops,
+    lean_token_shapes,
     loss_shapes,
+    prompt_loss_shapes,
     selected_shape_set,
     token_shapes,
 )
@@ -141,6 +148,69 @@ def test_rows_agree_with_naive(operation):
         for leaf_name, got, want in zip(("hidden", "weight"), grads, ref_grads, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5,
                                        msg=lambda m, row=impl.name, leaf=leaf_name: f"{row}, grad of {leaf}: {m}")
+
+
+def test_lean_shapes():
+    cpu = lean_token_shapes("cpu")
+    assert [s.ignore_fraction for s in cpu] == [0.0, 0.75] and len({s.id for s in cpu}) == 2
+    full = lean_token_shapes("full")
+    assert (full[0].ignore_fraction, full[0].tokens) == (0.5, 16384)
+    trl = full[1]
+    assert (trl.hidden_size, trl.vocab_size, trl.tokens) == (*TRL_7244_HEAD, 8192) and trl.dtype == torch.bfloat16
+    prompts = prompt_loss_shapes("full", "dft")
+    assert [s.prompt_len for s in prompts] == [0, 512] and prompts[1].id.endswith("-P50")
+    assert loss_shapes("full", "dft")[0].id == "llama3-8b-G4x5-T1024"  # the default keeps its earlier id
+    with pytest.raises(ValueError, match="ignore_fraction"):
+        TokenShape("x", 4, 8, 2, torch.float32, 1.0)
+    masked = make_token_problem(TokenShape("tiny", 8, 64, 4000, torch.float32, 0.75), CPU, seed=1)
+    assert abs((masked.labels == IGNORE_INDEX).float().mean().item() - 0.75) < 0.03
+
+
+def test_entropy_rows_agree_with_naive():
+    shape = TokenShape("tiny", 32, 512, 24, torch.float32, 0.25)
+    naive = find_implementation("entropy", "naive")
+    ref_loss, ref_grads = _loss_and_grads(naive, make_token_problem(shape, CPU, seed=9))
+    p = make_token_problem(shape, CPU, seed=9)
+    expected = naive_entropy_loss(p.hidden, p.weight, p.labels)
+    assert ref_loss == pytest.approx(expected.item(), rel=1e-6)
+    rows = [i for i in entropy_implementations() if i.unavailable(CPU) is None and not i.compiles]
+    trained = [i for i in rows if i.family == "dftkern" and not i.forward_only]
+    assert {i.name for i in trained} == {"dftkern-torch-entropy", "dftkern-torch-token-loss"}
+    for impl in trained:
+        loss, grads = _loss_and_grads(impl, make_token_problem(shape, CPU, seed=9))
+        assert loss == pytest.approx(ref_loss, rel=1e-5), impl.name
+        for got, want in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m, row=impl.name: f"{row}: {m}")
+    forward = find_implementation("entropy", "dftkern-torch-entropy-fwd")
+    p = make_token_problem(shape, CPU, seed=9)
+    fn, leaves = forward.build(p)
+    value = harness.make_step(fn, leaves, CPU, backward=False)()
+    keep = p.labels != IGNORE_INDEX
+    logp_all = torch.log_softmax(p.hidden.detach().double() @ p.weight.detach().double().T, -1)
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    picked = logp_all.gather(1, p.labels.clamp_min(0)[:, None])[:, 0]
+    assert value.item() == pytest.approx(((picked + ent) * keep).sum().item(), rel=1e-5)
+    assert all(leaf.grad is None for leaf in leaves) and ENTROPY_BETA > 0
+
+
+@pytest.mark.parametrize("accum", ["fp32", "weight"])
+def test_dpo_pair_chunk_rows_agree_with_naive(accum):
+    """The triton-only pair-chunk DPO rows, built with the torch engine here: same loss and grads."""
+    naive = find_implementation("dpo", "naive")
+    ref_loss, ref_grads = _loss_and_grads(naive, make_loss_problem(TINY_DPO, CPU, seed=7))
+    row = Implementation("pairchunks-torch", "dftkern", "", lambda d: None,
+                         implementations._build_dftkern_dpo_pair_chunks("torch", accum), lambda s: 0)
+    loss, grads = _loss_and_grads(row, make_loss_problem(TINY_DPO, CPU, seed=7))
+    assert loss == pytest.approx(ref_loss, rel=1e-4)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_row_groups_of_entropy_and_forward_only_rows():
+    shape = token_shapes("cpu")[0]
+    assert harness.row_group("token", shape) == shape.group
+    assert harness.row_group("entropy", shape).startswith("token_entropy fwd+bwd |")
+    assert harness.row_group("entropy", shape, forward_only=True).startswith("token_entropy fwd only |")
 
 
 def test_liger_dpo_row_uses_chosen_first_layout(monkeypatch):

@@ -23,7 +23,7 @@ K/M/G allowed), else 1 GiB on CUDA (4 GiB for the losses with gradients in the f
 whole DFT group fits and takes the 6NHV schedule) and 256 MiB elsewhere. A token row costs
 ``4·V`` bytes (fp32 logits; ``8·V`` for fp64 inputs): both engines write the fp16/bf16 gradient
 over the logits it is computed from. On top of the budget: the torch engine's row-block scratch
-(at most ``3 · TORCH_EPILOGUE_SCRATCH_BYTES``), the gathered hidden rows of a chunk when some
+(at most three blocks of ``TORCH_EPILOGUE_SCRATCH_BYTES``), the gathered hidden rows of a chunk when some
 tokens are ignored (``n·H`` elements of the input dtype), and the gradient accumulators (see
 ``docs/benchmarks.md``, "Workspace").
 """
@@ -55,6 +55,7 @@ __all__ = [
     "forward_logprobs",
     "backward_logprobs",
     "forward_with_grad",
+    "workspace_bound",
 ]
 
 DEFAULT_CHUNK_BYTES_CUDA = 1 << 30
@@ -520,3 +521,73 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         grad_weight = torch.zeros_like(weight)
     grad_bias = bias_acc.to(bias.dtype) if need_bias else None
     return InForwardGradients(logp, ent, grad_hidden, grad_weight, grad_bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workspace formula (documented in docs/benchmarks.md, "Workspace"; checked by tests/test_memory_account.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def workspace_bound(path: str, *, n_tokens: int, n_valid: int, chunk_valid: int, hidden_size: int,
+                    vocab_size: int, dtype: torch.dtype, engine: str, device: str = "cuda",
+                    accum_dtype: str = "fp32", chunks: int = 1, budget: int | None = None,
+                    grads: bool = True) -> int:
+    """Upper bound, in bytes, of the memory one call allocates on top of its inputs.
+
+    Args:
+        path: "forward" (token op without gradient), "recompute" (token op forward + backward,
+            the grouped "recompute" schedule) or "fused" (gradients in the forward: CE,
+            ``fused_token_loss``, the grouped "fused" schedule).
+        n_tokens, n_valid: N and n (valid tokens). chunk_valid: c, the valid tokens of the
+            largest chunk (at most ``budget // (4 V)``).
+        dtype: input dtype; engine: "triton" or "torch"; device: "cuda" or "cpu" (the CPU
+            multiplies half-precision operands upcast to fp32).
+        accum_dtype: "fp32" or "weight"; chunks: forward chunks (dW accumulates across them).
+        budget: the chunk budget (bounds the backward tile); grads: dH/dW produced.
+
+    The terms: the gradients ``dH [N, H]`` and ``dW [V, H]`` (input dtype); the chunk's fp32
+    logits ``c·V·4``; the torch engine's row-block scratch (2 blocks in the forward epilogue, 3
+    in the gradient one, each at most the chunk); the gathered hidden rows of a chunk when tokens
+    are ignored; the fp32 ``dW`` accumulator ``V·H·4`` (fused, several chunks, accum "fp32",
+    half-precision weight); in the backward by recomputation a tile of at most the budget, the
+    fp32 ``dH`` accumulator when the vocabulary is tiled, a per-tile fp32 ``dW`` block when the
+    tokens are; on CPU for fp16/bf16 the fp32 copy of ``W``; and per-token vectors (64 B/token).
+    """
+    from .engines import torch_epilogue_block_bytes
+
+    e = torch.finfo(dtype).bits // 8
+    a = 8 if dtype == torch.float64 else 4
+    half_upcast = device != "cuda" and dtype in (torch.float16, torch.bfloat16)
+    N, n, c, H, V = n_tokens, n_valid, chunk_valid, hidden_size, vocab_size
+    compacted = n < N
+    block = torch_epilogue_block_bytes(torch.device(device))
+    temporaries = 2 if path == "forward" else 3
+
+    def scratch(tile: int) -> int:
+        return 0 if engine == "triton" else temporaries * min(tile, block)
+
+    def rows(r: int) -> int:
+        return (r * H * e if compacted else 0) + (r * H * a if half_upcast else 0)
+
+    small = 64 * 1024 + 64 * N
+    upcast_weight = V * H * a if half_upcast else 0
+    logits = c * V * a
+    if path == "forward":
+        return logits + scratch(logits) + rows(c) + upcast_weight + small
+    outputs = (N * H * e + V * H * e) if grads else 0
+    if path == "recompute":
+        whole = n * V * a
+        tile = min(max(budget, min(V, MIN_VOCAB_TILE) * a) if budget is not None else whole, whole)
+        hidden_acc = n * H * (a + e) if tile < whole else 0
+        weight_acc = min(V, MIN_VOCAB_TILE) * H * a if tile < n * min(V, MIN_VOCAB_TILE) * a else 0
+        return (outputs + max(logits + scratch(logits), tile + scratch(tile)) + rows(n) + hidden_acc
+                + upcast_weight + weight_acc + small)
+    if path == "fused":
+        if chunks > 1 and accum_dtype == "fp32" and e != a:
+            accumulator = V * H * a
+        elif half_upcast:
+            accumulator = max(V * H * a if chunks == 1 else 0, logits)  # the fp32 product before its cast
+        else:
+            accumulator = 0
+        return outputs + logits + scratch(logits) + rows(c) + accumulator + upcast_weight + small
+    raise ValueError(f"path must be 'forward', 'recompute' or 'fused', got {path!r}")

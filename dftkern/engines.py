@@ -41,15 +41,22 @@ __all__ = [
     "compute_dtype",
     "resolve_accum_dtype",
     "TORCH_EPILOGUE_SCRATCH_BYTES",
+    "torch_epilogue_block_bytes",
 ]
 
 # Whether ``torch.addmm(fp32_acc, half, half, out_dtype=float32, out=fp32_acc)`` works (None: untried).
 _MIXED_ADDMM_IN_PLACE: bool | None = None
 
-TORCH_EPILOGUE_SCRATCH_BYTES = 8 << 20
-"""Bytes of one temporary of the torch engine's epilogue (a block of rows of one logit chunk). It
-holds at most three at once (see :meth:`TorchRowEngine.grad_logits`), so its scratch is bounded by
-``3 * TORCH_EPILOGUE_SCRATCH_BYTES`` (or three chunk-sized buffers for a smaller chunk)."""
+TORCH_EPILOGUE_SCRATCH_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
+"""Bytes of one temporary of the torch engine's epilogue (a block of rows of one logit chunk), per
+device type (other devices: the CPU value). It holds at most two at once in the forward and three
+in the gradient (:meth:`TorchRowEngine.grad_logits`), each at most the size of the chunk itself.
+On CUDA the blocks are larger so that a chunk takes few kernel launches."""
+
+
+def torch_epilogue_block_bytes(device: torch.device) -> int:
+    """:data:`TORCH_EPILOGUE_SCRATCH_BYTES` for a device."""
+    return TORCH_EPILOGUE_SCRATCH_BYTES.get(device.type, TORCH_EPILOGUE_SCRATCH_BYTES["cpu"])
 
 
 @dataclass(frozen=True)
@@ -200,7 +207,7 @@ def _half_view(logits: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
 class TorchRowEngine:
     """Row epilogue in PyTorch ops; works on any device and in float64 (for gradcheck).
 
-    Rows are processed in blocks of at most :data:`TORCH_EPILOGUE_SCRATCH_BYTES` of logits; each
+    Rows are processed in blocks of at most :func:`torch_epilogue_block_bytes` of logits; each
     block's temporaries are freed before the next, and a gradient block is written over the
     logits it was computed from (after they were read).
     """
@@ -210,7 +217,7 @@ class TorchRowEngine:
     @staticmethod
     def _row_blocks(logits: torch.Tensor) -> list[tuple[int, int]]:
         n, v = logits.shape
-        rows = max(1, TORCH_EPILOGUE_SCRATCH_BYTES // max(v * logits.element_size(), 1))
+        rows = max(1, torch_epilogue_block_bytes(logits.device) // max(v * logits.element_size(), 1))
         return [(r, min(r + rows, n)) for r in range(0, n, rows)]
 
     @staticmethod

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -121,6 +122,31 @@ def find_valid_tokens(labels1d: torch.Tensor, ignore_index: int, valid_positions
     return ValidTokens.find(labels1d, ignore_index, valid_positions, check=validation_enabled(validate))
 
 
+@dataclass
+class TokenCall:
+    """A token op's checked inputs: ``hidden2d [N, H]``, ``labels1d [N]`` int64 (``labels`` in the
+    caller's shape), the engine, the chunk budget, the logit transform and the valid tokens."""
+
+    hidden2d: torch.Tensor
+    labels1d: torch.Tensor
+    labels: torch.Tensor
+    engine: object
+    budget: int
+    transform: LogitTransform
+    tokens: ValidTokens
+
+
+def prepare_token_call(hidden, weight, labels, *, bias, ignore_index, temperature, softcap, backend, chunk_bytes,
+                       validate, accum_dtype, valid_positions, grouped=False) -> TokenCall:
+    """:func:`prepare_inputs`, flattened to token rows, and the valid tokens."""
+    labels, engine, budget, transform = prepare_inputs(hidden, weight, labels, bias, ignore_index, temperature,
+                                                       softcap, backend, chunk_bytes, validate, accum_dtype,
+                                                       grouped=grouped)
+    labels1d = labels.reshape(-1)
+    tokens = find_valid_tokens(labels1d, ignore_index, valid_positions, validate)
+    return TokenCall(hidden.reshape(-1, hidden.shape[-1]), labels1d, labels, engine, budget, transform, tokens)
+
+
 def input_grads_wanted(hidden, weight, bias) -> bool:
     """Whether autograd will want gradients of these inputs (decides the in-forward gradient paths)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
@@ -210,16 +236,14 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     """
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
-    labels, engine, budget, transform = prepare_inputs(hidden, weight, labels, bias, ignore_index, temperature,
-                                                       softcap, backend, chunk_bytes, validate, accum_dtype)
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    labels1d = labels.reshape(-1)
-    tokens = find_valid_tokens(labels1d, ignore_index, valid_positions, validate)
-    out = compact_token_logprobs(hidden2d, weight, bias, labels1d, tokens, transform, engine, budget,
-                                 entropy=return_entropy, accum_dtype=accum_dtype)
+    call = prepare_token_call(hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
+                              softcap=softcap, backend=backend, chunk_bytes=chunk_bytes, validate=validate,
+                              accum_dtype=accum_dtype, valid_positions=valid_positions)
+    out = compact_token_logprobs(call.hidden2d, weight, bias, call.labels1d, call.tokens, call.transform, call.engine,
+                                 call.budget, entropy=return_entropy, accum_dtype=accum_dtype)
     if return_entropy:
-        return tuple(tokens.scatter(t).view(labels.shape) for t in out)
-    return tokens.scatter(out).view(labels.shape)
+        return tuple(call.tokens.scatter(t).view(call.labels.shape) for t in out)
+    return call.tokens.scatter(out).view(call.labels.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,14 +274,19 @@ class _PrecomputedGradients(torch.autograd.Function):
         return (None, *scaled, None)
 
 
-def in_forward_gradients(hidden2d, weight, bias, labels1d, transform, engine, chunk_ranges,
-                         chunk_gradient: ChunkGradient, tokens: ValidTokens, *, entropy: bool = False,
-                         accum_dtype="fp32") -> InForwardGradients:
-    """:func:`dftkern.chunking.forward_with_grad` outside autograd, for the inputs that require grad."""
+def in_forward_gradients(call: TokenCall, weight, bias, chunk_gradient: ChunkGradient, *, chunk_ranges=None,
+                         entropy: bool = False, accum_dtype="fp32") -> InForwardGradients:
+    """:func:`dftkern.chunking.forward_with_grad` outside autograd, for the inputs that require grad.
+
+    ``chunk_ranges``: token ranges (default: chunks of as many valid tokens as the budget holds).
+    """
+    if chunk_ranges is None:
+        chunk_ranges = call.tokens.chunk_bounds(tokens_per_chunk(call.budget, weight))
+    hidden2d = call.hidden2d
     grad_on = torch.is_grad_enabled()
     with torch.no_grad():
-        return forward_with_grad(hidden2d, weight, bias, labels1d, transform, engine, chunk_ranges, chunk_gradient,
-                                 tokens=tokens, entropy=entropy,
+        return forward_with_grad(hidden2d, weight, bias, call.labels1d, call.transform, call.engine, chunk_ranges,
+                                 chunk_gradient, tokens=call.tokens, entropy=entropy,
                                  need_hidden=grad_on and hidden2d.requires_grad,
                                  need_weight=grad_on and weight.requires_grad,
                                  need_bias=grad_on and bias is not None and bias.requires_grad,
@@ -300,25 +329,21 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                       temperature=temperature, softcap=softcap, backend=backend,
                                       chunk_bytes=chunk_bytes, validate=validate, valid_positions=valid_positions,
                                       accum_dtype=accum_dtype)
-    labels, engine, budget, transform = prepare_inputs(hidden, weight, labels, bias, ignore_index, temperature,
-                                                       softcap, backend, chunk_bytes, validate, accum_dtype,
-                                                       grouped=True)
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    labels1d = labels.reshape(-1)
-    tokens = find_valid_tokens(labels1d, ignore_index, valid_positions, validate)
-    scale = 1.0 / max(tokens.num_valid, 1) if reduction == "mean" else 1.0
+    call = prepare_token_call(hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
+                              softcap=softcap, backend=backend, chunk_bytes=chunk_bytes, validate=validate,
+                              accum_dtype=accum_dtype, valid_positions=valid_positions, grouped=True)
+    scale = 1.0 / max(call.tokens.num_valid, 1) if reduction == "mean" else 1.0
     if not input_grads_wanted(hidden, weight, bias):
         with torch.no_grad():
-            logp, _, _ = forward_logprobs(hidden2d, weight, bias, labels1d, transform, engine, budget, tokens)
+            logp, _, _ = forward_logprobs(call.hidden2d, weight, bias, call.labels1d, call.transform, call.engine,
+                                          call.budget, call.tokens)
         return logp.sum() * -scale
 
     def chunk_gradient(c, logp, entropy, positions):
         return torch.full_like(logp, -scale), None
 
-    chunks = tokens.chunk_bounds(tokens_per_chunk(budget, weight))
-    grads = in_forward_gradients(hidden2d, weight, bias, labels1d, transform, engine, chunks, chunk_gradient, tokens,
-                                 accum_dtype=accum_dtype)
-    return with_precomputed_gradients(grads.logp.sum() * -scale, hidden2d, weight, bias, grads)
+    grads = in_forward_gradients(call, weight, bias, chunk_gradient, accum_dtype=accum_dtype)
+    return with_precomputed_gradients(grads.logp.sum() * -scale, call.hidden2d, weight, bias, grads)
 
 
 TokenLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -366,13 +391,10 @@ def fused_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
         from .grouped import make_layout
 
         make_layout(hidden, labels, cu_seqlens)  # the packed layout's checks
-    labels, engine, budget, transform = prepare_inputs(hidden, weight, labels, bias, ignore_index, temperature,
-                                                       softcap, backend, chunk_bytes, validate, accum_dtype,
-                                                       grouped=True)
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    labels1d = labels.reshape(-1)
-    tokens = find_valid_tokens(labels1d, ignore_index, valid_positions, validate)
-    device = hidden.device
+    call = prepare_token_call(hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
+                              softcap=softcap, backend=backend, chunk_bytes=chunk_bytes, validate=validate,
+                              accum_dtype=accum_dtype, valid_positions=valid_positions, grouped=True)
+    tokens = call.tokens
     parts: list[torch.Tensor] = []
 
     def terms_sum(logp, entropy, positions) -> torch.Tensor:
@@ -383,9 +405,9 @@ def fused_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
 
     if not input_grads_wanted(hidden, weight, bias):
         with torch.no_grad():
-            logp, _, ent = forward_logprobs(hidden2d, weight, bias, labels1d, transform, engine, budget, tokens,
-                                            entropy=True)
-            loss = terms_sum(logp, ent, tokens.positions_on(device, 0, tokens.num_valid)).to(logp.dtype)
+            logp, _, ent = forward_logprobs(call.hidden2d, weight, bias, call.labels1d, call.transform, call.engine,
+                                            call.budget, tokens, entropy=True)
+            loss = terms_sum(logp, ent, tokens.positions_on(hidden.device, 0, tokens.num_valid)).to(logp.dtype)
     else:
         def chunk_gradient(c, logp, entropy, positions):
             with torch.enable_grad():
@@ -398,11 +420,10 @@ def fused_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
             parts.append(total.detach().to(lp.dtype).reshape(()))
             return (torch.zeros_like(logp) if grad_lp is None else grad_lp), grad_en
 
-        chunks = tokens.chunk_bounds(tokens_per_chunk(budget, weight))
-        grads = in_forward_gradients(hidden2d, weight, bias, labels1d, transform, engine, chunks, chunk_gradient,
-                                     tokens, entropy=True, accum_dtype=accum_dtype)
+        grads = in_forward_gradients(call, weight, bias, chunk_gradient, entropy=True, accum_dtype=accum_dtype)
         logp, ent = grads.logp, grads.entropy
-        loss = with_precomputed_gradients(torch.stack(parts).sum(), hidden2d, weight, bias, grads)
+        loss = with_precomputed_gradients(torch.stack(parts).sum(), call.hidden2d, weight, bias, grads)
     if not return_token_values:
         return loss
-    return (loss, tokens.scatter(logp.detach()).view(labels.shape), tokens.scatter(ent.detach()).view(labels.shape))
+    shape = call.labels.shape
+    return loss, tokens.scatter(logp.detach()).view(shape), tokens.scatter(ent.detach()).view(shape)

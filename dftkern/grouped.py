@@ -21,6 +21,7 @@ import torch
 from ._validation import check_row_layout
 from .chunking import ValidTokens, tokens_per_chunk
 from .functional import (
+    TokenCall,
     compact_token_logprobs,
     find_valid_tokens,
     in_forward_gradients,
@@ -117,6 +118,18 @@ def make_layout(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens) -> tuple
     return hidden, labels, RowLayout(tuple(bounds), None)
 
 
+def _prepare_rows(hidden, weight, labels, cu_seqlens, *, bias, ignore_index, temperature, softcap, backend,
+                  chunk_bytes, validate, valid_positions, accum_dtype, grouped) -> tuple[TokenCall, RowLayout]:
+    """Checks (the layout first), the flat token rows, their row layout and the valid tokens."""
+    check_row_layout(hidden, cu_seqlens)
+    labels, engine, budget, transform = prepare_inputs(hidden, weight, labels, bias, ignore_index, temperature,
+                                                       softcap, backend, chunk_bytes, validate, accum_dtype,
+                                                       grouped=grouped)
+    hidden2d, labels1d, layout = make_layout(hidden, labels, cu_seqlens)
+    tokens = find_valid_tokens(labels1d, ignore_index, valid_positions, validate)
+    return TokenCall(hidden2d, labels1d, labels, engine, budget, transform, tokens), layout
+
+
 def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                       average: bool = False, cu_seqlens=None, bias: torch.Tensor | None = None,
                       ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
@@ -133,14 +146,13 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     """
     if not isinstance(average, bool):
         raise TypeError(f"average must be a bool, got {type(average).__name__}")
-    check_row_layout(hidden, cu_seqlens)
-    labels, engine, budget, transform = prepare_inputs(hidden, weight, labels, bias, ignore_index, temperature,
-                                                       softcap, backend, chunk_bytes, validate, accum_dtype)
-    hidden2d, labels1d, layout = make_layout(hidden, labels, cu_seqlens)
-    tokens = find_valid_tokens(labels1d, ignore_index, valid_positions, validate)
-    token_logp = compact_token_logprobs(hidden2d, weight, bias, labels1d, tokens, transform, engine, budget,
-                                        accum_dtype=accum_dtype)
-    rows = layout.compact(tokens)
+    call, layout = _prepare_rows(hidden, weight, labels, cu_seqlens, bias=bias, ignore_index=ignore_index,
+                                 temperature=temperature, softcap=softcap, backend=backend, chunk_bytes=chunk_bytes,
+                                 validate=validate, valid_positions=valid_positions, accum_dtype=accum_dtype,
+                                 grouped=False)
+    token_logp = compact_token_logprobs(call.hidden2d, weight, bias, call.labels1d, call.tokens, call.transform,
+                                        call.engine, call.budget, accum_dtype=accum_dtype)
+    rows = layout.compact(call.tokens)
     sums = rows.segment_sum(token_logp)
     if not average:
         return sums
@@ -228,26 +240,21 @@ def grouped_sequence_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         per-group stats of ``group_loss``.
     """
     group_loss = _resolve_group_loss(group_loss, head)
-    if token_term is None:
-        # legacy: a head carrying a ``token_term`` attribute (until the losses pass token_term=)
-        token_term = getattr(group_loss, "token_term", None)
     if token_term is not None and not callable(token_term):
         raise TypeError(f"token_term must be callable or None, got {type(token_term).__name__}")
     if isinstance(rows_per_group, bool) or not isinstance(rows_per_group, int) or rows_per_group < 1:
         raise ValueError(f"rows_per_group must be an int >= 1, got {rows_per_group!r}")
     if schedule not in ("auto", "fused", "recompute"):
         raise ValueError(f"schedule must be 'auto', 'fused' or 'recompute', got {schedule!r}")
-    check_row_layout(hidden, cu_seqlens)
-    labels, engine, budget, transform = prepare_inputs(hidden, weight, labels, bias, ignore_index, temperature,
-                                                       softcap, backend, chunk_bytes, validate, accum_dtype,
-                                                       grouped=True)
-    hidden2d, labels1d, layout = make_layout(hidden, labels, cu_seqlens)
+    call, layout = _prepare_rows(hidden, weight, labels, cu_seqlens, bias=bias, ignore_index=ignore_index,
+                                 temperature=temperature, softcap=softcap, backend=backend, chunk_bytes=chunk_bytes,
+                                 validate=validate, valid_positions=valid_positions, accum_dtype=accum_dtype,
+                                 grouped=True)
     if layout.num_rows == 0 or layout.num_rows % rows_per_group != 0:
         raise ValueError(f"the number of rows ({layout.num_rows}) must be a positive multiple of the group "
                          f"size {rows_per_group}")
     n_groups = layout.num_rows // rows_per_group
-    tokens = find_valid_tokens(labels1d, ignore_index, valid_positions, validate)
-    rows = layout.compact(tokens)
+    rows = layout.compact(call.tokens)
     counts = rows.token_counts(hidden.device)
     wants_grad = input_grads_wanted(hidden, weight, bias)
 
@@ -259,15 +266,15 @@ def grouped_sequence_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
     group_chunks = None
     if wants_grad and schedule != "recompute":
-        max_tokens = tokens_per_chunk(budget, weight)
+        max_tokens = tokens_per_chunk(call.budget, weight)
         group_chunks = _plan_group_chunks(layout.bounds, rows_per_group, max_tokens)
         if group_chunks is None and schedule == "fused":
-            raise ValueError(f"schedule='fused' needs every group to fit the chunk budget ({budget} bytes = "
+            raise ValueError(f"schedule='fused' needs every group to fit the chunk budget ({call.budget} bytes = "
                              f"{max_tokens} tokens); raise chunk_bytes or use schedule='recompute'")
 
     if group_chunks is None:
-        token_logp = compact_token_logprobs(hidden2d, weight, bias, labels1d, tokens, transform, engine, budget,
-                                            accum_dtype=accum_dtype)
+        token_logp = compact_token_logprobs(call.hidden2d, weight, bias, call.labels1d, call.tokens, call.transform,
+                                            call.engine, call.budget, accum_dtype=accum_dtype)
         sums, per_group, stats = call_group_loss(token_logp, 0, layout.num_rows, 0, n_groups)
         return per_group.sum() / n_groups, sums.detach(), counts, stats
 
@@ -286,8 +293,7 @@ def grouped_sequence_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         return (torch.zeros_like(logp) if grad is None else grad), None
 
     token_ranges = [(layout.bounds[g0 * rows_per_group], layout.bounds[g1 * rows_per_group]) for g0, g1 in group_chunks]
-    grads = in_forward_gradients(hidden2d, weight, bias, labels1d, transform, engine, token_ranges, chunk_gradient,
-                                 tokens, accum_dtype=accum_dtype)
+    grads = in_forward_gradients(call, weight, bias, chunk_gradient, chunk_ranges=token_ranges, accum_dtype=accum_dtype)
     loss = torch.cat(per_group_losses).sum() / n_groups
-    return (with_precomputed_gradients(loss, hidden2d, weight, bias, grads), torch.cat(seq_parts), counts,
+    return (with_precomputed_gradients(loss, call.hidden2d, weight, bias, grads), torch.cat(seq_parts), counts,
             _cat_stats(stat_parts))

@@ -27,47 +27,65 @@ from pathlib import Path
 import torch
 
 from . import synthetic
-from .data import read_prompt_records, read_sample_records
 from .evaluate import evaluate_model
 from .generate import GenerateConfig, generate_samples
 from .model import load_causal_lm, load_tokenizer
+from .options import Device, Flag, Integer, Number, Text, option, validate
+from .records import read_prompt_records, read_sample_records
 from .ref_logps import RefLogpsConfig, compute_ref_logps
 from .trainer import TrainConfig, train
 
 __all__ = ["DefaultRunConfig", "run_default_experiment", "format_table"]
 
 
+QUICK = {"num_train": 256, "num_dft_prompts": 64, "num_heldout": 32, "hidden_size": 64, "num_layers": 2,
+         "warmup_steps": 30, "steps": 6, "batch_size": 16, "num_negatives": 2}
+"""What ``quick=True`` (``--quick``) changes: a tiny version of the same pipeline (seconds, for tests and CI)."""
+
+
+def _size(default: int, help: str, **meta):
+    quick = f"; --quick: {QUICK[meta.pop('quick')]}" if "quick" in meta else ""
+    return option(default, Integer(low=1), help + quick, **meta)
+
+
 @dataclass
 class DefaultRunConfig:
-    """Sizes and settings of the built-in experiment; ``quick=True`` shrinks everything for CI."""
+    """Sizes and settings of the built-in experiment; ``quick=True`` shrinks everything for CI.
 
-    out: str | None = None
-    quick: bool = False
-    seed: int = 0
-    max_digits: int = 2
-    num_train: int = 3000
-    num_dft_prompts: int = 1000
-    num_heldout: int = 1000
-    hidden_size: int = 128
-    num_layers: int = 4
-    warmup_steps: int = 800
-    warmup_lr: float = 2e-3
-    steps: int = 150
-    lr: float = 3e-4
-    batch_size: int = 32
-    num_negatives: int = 4
-    sample_temperature: float = 1.0
-    device: str = "cpu"
-    threads: int | None = 1
-    progress: bool = True
+    Only some are command-line options (``python -m dftkern.train --help``); ``--warmup-steps``,
+    ``--steps`` and ``--num-negatives`` override the (quick) sizes when given.
+    """
+
+    out: str | None = option(None, Text(optional=True), "run directory",
+                             default_text="./runs/default-<timestamp>")
+    quick: bool = option(False, Flag(), "tiny sizes, seconds not minutes (for CI)")
+    seed: int = option(0, Integer(low=0), "data, model init and sampling seed")
+    max_digits: int = _size(2, "operand digits of the addition task", cli=False)
+    num_train: int = _size(3000, "training problems", cli=False, quick="num_train")
+    num_dft_prompts: int = _size(1000, "prompts with sampled negatives", cli=False, quick="num_dft_prompts")
+    num_heldout: int = _size(1000, "held-out problems", cli=False, quick="num_heldout")
+    hidden_size: int = _size(128, "model width", cli=False, quick="hidden_size")
+    num_layers: int = _size(4, "decoder layers", cli=False, quick="num_layers")
+    warmup_steps: int = _size(800, "SFT warm-up steps", quick="warmup_steps")
+    warmup_lr: float = option(2e-3, Number(low=0, low_open=True), "SFT warm-up learning rate", cli=False)
+    steps: int = _size(150, "DFT and continued-SFT steps", quick="steps")
+    lr: float = option(3e-4, Number(low=0, low_open=True), "DFT/SFT learning rate", cli=False)
+    batch_size: int = _size(32, "prompts per step", cli=False, quick="batch_size")
+    num_negatives: int = _size(4, "DFT negatives per prompt", aliases=("-k",), quick="num_negatives")
+    sample_temperature: float = option(1.0, Number(low=0, low_open=True), "temperature of the negatives", cli=False)
+    device: str = option("cpu", Device(), "'cpu', 'cuda' or 'cuda:N'")
+    threads: int | None = option(1, Integer(low=0, optional=True), "torch intra-op threads; 0 = torch's default "
+                                 "(1 is fastest for this tiny model)")
+    progress: bool = option(True, Flag(), "hide progress bars", flag="--no-progress")
+
+    def __post_init__(self):
+        validate(self)
 
     def resolved(self) -> DefaultRunConfig:
-        """Apply ``quick``: a tiny version of the same pipeline (seconds, for tests and CI)."""
+        """Apply ``quick`` (see :data:`QUICK`)."""
         if not self.quick:
             return self
-        return DefaultRunConfig(**{**asdict(self), "num_train": 256, "num_dft_prompts": 64, "num_heldout": 32,
-                                   "hidden_size": 64, "num_layers": 2, "warmup_steps": 30, "steps": 6,
-                                   "batch_size": 16, "num_negatives": 2})
+        return DefaultRunConfig(**{**asdict(self), **QUICK})
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import PromptRecord, encode_prompt, has_chat_template, read_prompt_records
-from .model import load_causal_lm, load_tokenizer, resolve_device
-from .rewards import resolve_reward
+from .batching import encode_prompt, has_chat_template
+from .model import ModelConfig, dtype_option, load_causal_lm, load_tokenizer, progress_option, resolve_device
+from .options import FlatKeywords, Function, Integer, Number, Text, flat_values, nested, option, validate
+from .records import PromptRecord, read_prompt_records
+from .rewards import RewardFn, resolve_reward
 from .util import (
     atomic_write_json,
     derive_seed,
@@ -41,20 +43,13 @@ __all__ = ["SamplingConfig", "decode", "eos_token_ids", "GenerateConfig", "gener
 class SamplingConfig:
     """Decoding settings. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` disable those filters."""
 
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    max_new_tokens: int = option(128, Integer(low=1), "longest sample, in tokens", cli=False)
+    temperature: float = option(1.0, Number(low=0), "0 = greedy", cli=False)
+    top_k: int = option(0, Integer(low=0), "0 = off", cli=False)
+    top_p: float = option(1.0, Number(low=0, high=1, low_open=True), "1.0 = off", cli=False)
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        validate(self)
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -156,34 +151,43 @@ def decode(model, prompts: Sequence[Sequence[int]], *, sampling: SamplingConfig,
     return [(tokens, bool(done)) for tokens, done in zip(out_tokens, finished.tolist())]
 
 
-@dataclass
-class GenerateConfig:
-    """Options of the generate stage (see ``python -m dftkern.train generate --help``)."""
+@dataclass(init=False)
+class GenerateConfig(FlatKeywords):
+    """Options of the generate stage (``python -m dftkern.train generate --help`` lists them).
 
-    model: str
-    data: str
-    out: str
-    num_samples: int = 4
-    batch_size: int = 64
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    reward: str | None = None
-    limit: int | None = None
-    use_chat_template: bool = True
-    device: str = "auto"
-    dtype: str = "auto"
-    attn: str = "auto"
-    trust_remote_code: bool = False
-    progress: bool = True
+    ``model`` is a :class:`~.model.ModelConfig` or, flat, its path (``GenerateConfig(model="dir",
+    data=..., out=..., device="cpu")`` works). ``reward`` is a :data:`~.rewards.RewardFn` or its name.
+    """
+
+    model: ModelConfig = nested(ModelConfig, help_for={"model": "local Hugging Face causal LM directory to sample "
+                                                                "from"})
+    data: str = option(spec=Text(), help="prompts: JSONL/Parquet of {prompt, response} or {messages}")
+    out: str = option(spec=Text(), help="output JSONL (one line per prompt; re-running resumes)")
+    num_samples: int = option(4, Integer(low=1), "samples per prompt K", aliases=("-k",))
+    batch_size: int = option(64, Integer(low=1), "sequences decoded together")
+    max_new_tokens: int = option(128, Integer(low=1), "longest sample, in tokens")
+    temperature: float = option(1.0, Number(low=0), "0 = greedy")
+    top_k: int = option(0, Integer(low=0), "keep the k most likely tokens; 0 = off")
+    top_p: float = option(1.0, Number(low=0, high=1, low_open=True), "nucleus sampling mass; 1.0 = off")
+    seed: int = option(0, Integer(low=0), "sample j of prompt p uses seed (seed, p, j)")
+    reward: RewardFn | str | None = option(None, Function(optional=True), "score samples with reward(prompt, "
+                                           "response, reference) -> float (needed by rwr/reinforce/rloo): a built-in "
+                                           "(exact_match, addition, neg_length, length_peak:MU[:WIDTH]) or "
+                                           "MODULE:FUNCTION, e.g. dftkern.train.synthetic:addition_reward",
+                                           metavar="NAME|MODULE:FUNCTION")
+    limit: int | None = option(None, Integer(low=1, optional=True), "only the first N prompts")
+    dtype: str = dtype_option()
+    progress: bool = progress_option()
+
+    def __post_init__(self):
+        validate(self)
 
     def settings(self) -> dict:
         """The settings that determine the samples (checked when resuming)."""
         keys = ("model", "data", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "reward",
                 "use_chat_template")
-        return {k: getattr(self, k) for k in keys}
+        flat = flat_values(self)
+        return {k: flat[k] for k in keys}
 
 
 def _finished_prompt_ids(out: Path) -> set[str]:
@@ -209,10 +213,6 @@ def _finished_prompt_ids(out: Path) -> set[str]:
 def generate_samples(cfg: GenerateConfig) -> Path:
     """Run the generate stage; returns the output path. See the module docstring."""
     require_single_process("generate")
-    if cfg.num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {cfg.num_samples}")
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     reward_fn = resolve_reward(cfg.reward) if cfg.reward else None
     records = read_prompt_records(cfg.data)
@@ -234,12 +234,13 @@ def generate_samples(cfg: GenerateConfig) -> Path:
     if not todo:
         return out
 
-    device = resolve_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = load_causal_lm(cfg.model, attn=cfg.attn, device=device, dtype=resolve_dtype(cfg.dtype, device),
-                           trust_remote_code=cfg.trust_remote_code)
+    m = cfg.model
+    device = resolve_device(m.device)
+    tokenizer = load_tokenizer(m.path, trust_remote_code=m.trust_remote_code)
+    model = load_causal_lm(m.path, attn=m.attn, device=device, dtype=resolve_dtype(cfg.dtype, device),
+                           trust_remote_code=m.trust_remote_code)
     eos_ids = eos_token_ids(model, tokenizer)
-    use_template = cfg.use_chat_template and has_chat_template(tokenizer)
+    use_template = cfg.model.use_chat_template and has_chat_template(tokenizer)
     prompts_per_batch = max(1, cfg.batch_size // cfg.num_samples)
     bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="generate", unit="prompt",
                disable=not cfg.progress)

@@ -12,14 +12,19 @@ import functools
 import importlib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .data import Batch
+from .batching import Batch
+from .options import Choice, Device, Flag, Text, option, validate
+from .util import DTYPE_CHOICES
 
 __all__ = [
     "ATTN_CHOICES",
+    "PACKING_CHOICES",
+    "ModelConfig",
     "resolve_attn",
     "use_packing",
     "resolve_device",
@@ -28,11 +33,51 @@ __all__ = [
     "backbone_hidden",
     "lm_head_params",
     "logit_softcap",
+    "vocab_size",
+    "config_vocab_size",
     "PolicyWithLoss",
     "score_rows",
 ]
 
 ATTN_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager")
+PACKING_CHOICES = ("auto", "on", "off")
+
+
+@dataclass
+class ModelConfig:
+    """The model a stage loads, and how: shared by every stage config (``GenerateConfig.model``, ...).
+
+    On the command line: ``--model PATH --device --attn --trust-remote-code --no-chat-template``.
+    """
+
+    path: str = option(spec=Text(), help="local Hugging Face causal-LM directory (a model or a checkpoint)",
+                       name="model")
+    device: str = option("auto", Device(), "'auto' (CUDA if available, cuda:LOCAL_RANK under torchrun; else CPU), "
+                         "'cpu', 'cuda:N'", group="model")
+    attn: str = option("auto", Choice(ATTN_CHOICES), "attention kernel; auto = flash_attention_2 when flash-attn is "
+                       "importable on CUDA, else sdpa", group="model")
+    trust_remote_code: bool = option(False, Flag(), "allow model/tokenizer code from the model directory (off by "
+                                     "default)", group="model")
+    use_chat_template: bool = option(True, Flag(), "do not apply the tokenizer's chat template even if it has one",
+                                     flag="--no-chat-template", group="model")
+
+    def __post_init__(self):
+        validate(self)
+
+
+# -- options several stage configs share (declared once here) -------------------------------------
+def progress_option():
+    return option(True, Flag(), "hide progress bars", flag="--no-progress", group="model")
+
+
+def dtype_option():
+    return option("auto", Choice(DTYPE_CHOICES), "weights dtype for inference; auto = bfloat16 on CUDA, float32 on "
+                  "CPU", group="model")
+
+
+def packing_option(help_suffix: str = ""):
+    return option("auto", Choice(PACKING_CHOICES), "packed variable-length batches (position_ids/cu_seqlens); "
+                  "auto = on with flash_attention_2, padding otherwise" + help_suffix)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -68,7 +113,7 @@ def _flash_attn_importable() -> bool:
 
 def use_packing(packing: str, attn_implementation: str) -> bool:
     """``"auto"`` packs exactly when FlashAttention-2 is the attention kernel."""
-    if packing not in ("auto", "on", "off"):
+    if packing not in PACKING_CHOICES:
         raise ValueError(f"packing must be 'auto', 'on' or 'off', got {packing!r}")
     return packing == "on" or (packing == "auto" and attn_implementation == "flash_attention_2")
 
@@ -89,13 +134,15 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
 
 def load_causal_lm(path: str, *, attn: str = "auto", device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                   attn_device: torch.device | None = None):
+                   attn_device: torch.device | None = None, strict: bool = False):
     """``AutoModelForCausalLM`` from a local directory with the resolved attention implementation.
 
     Returns the model on ``device`` in ``dtype`` (trainable master weights should stay float32;
     generation and reference scoring may use bfloat16 on GPU). ``attn_device`` is the device the
     model will run on when it differs from ``device`` (FSDP loads on CPU, shards, then moves), so
-    ``attn="auto"`` picks the kernel for the right device.
+    ``attn="auto"`` picks the kernel for the right device. ``strict=True`` (used when resuming):
+    safetensors weights only, and any missing, unexpected or wrongly shaped weight is a
+    ``ValueError`` naming them instead of a freshly initialized tensor.
     """
     from transformers import AutoModelForCausalLM
 
@@ -103,8 +150,18 @@ def load_causal_lm(path: str, *, attn: str = "auto", device: torch.device | str 
         raise FileNotFoundError(f"model directory not found: {path}")
     device = torch.device(device)
     attn_device = torch.device(attn_device) if attn_device is not None else None
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=resolve_attn(attn, attn_device or device),
-                                                 dtype=dtype, trust_remote_code=trust_remote_code)
+    kwargs = dict(attn_implementation=resolve_attn(attn, attn_device or device), dtype=dtype,
+                  trust_remote_code=trust_remote_code)
+    if not strict:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    model, info = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, output_loading_info=True, **kwargs)
+    problems = {kind: sorted(map(str, info.get(kind) or ())) for kind in ("missing_keys", "unexpected_keys",
+                                                                          "mismatched_keys", "error_msgs")}
+    problems = {kind: names for kind, names in problems.items() if names}
+    if problems:
+        detail = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                           for kind, names in problems.items())
+        raise ValueError(f"{path}: the weights do not match config.json ({detail})")
     return model.to(device)
 
 
@@ -114,6 +171,22 @@ def lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise TypeError(f"{type(model).__name__} has no linear LM head (get_output_embeddings() is {head!r})")
     return head.weight, getattr(head, "bias", None)
+
+
+def vocab_size(model) -> int:
+    """Token ids a loaded model accepts: ``[0, V)`` with V the smaller of its embedding and LM-head rows."""
+    sizes = [module.weight.shape[0] for module in (model.get_input_embeddings(), model.get_output_embeddings())
+             if module is not None and isinstance(getattr(module, "weight", None), torch.Tensor)]
+    return min(sizes) if sizes else int(model.config.vocab_size)
+
+
+def config_vocab_size(path: str, *, trust_remote_code: bool = False) -> int | None:
+    """``vocab_size`` from a model directory's config (without loading weights); None if it has none."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    value = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)
+    return int(value) if value else None
 
 
 def logit_softcap(model) -> float | None:

@@ -24,66 +24,94 @@ from dataclasses import dataclass
 import torch
 
 import dftkern
-from dftkern.losses import DFT_DEFAULTS
+from dftkern.losses.registry import HYPERPARAMETERS, LOSSES, get_loss
 
-from .data import Batch
+from .batching import Batch
+from .options import AnyOf, Choice, Flag, Number, Spec, option, validate
 
-__all__ = ["LOSS_NAMES", "LossSpec", "LOSS_SPECS", "ObjectiveConfig", "Objective"]
+__all__ = ["TRAINER_FAMILIES", "LOSS_NAMES", "LossSpec", "LOSS_SPECS", "ObjectiveConfig", "Objective"]
+
+TRAINER_FAMILIES = ("sft", "pairwise", "group", "dft")
+"""Loss families this trainer feeds (the token-level ``policy`` family needs per-token old log-probs)."""
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """What a loss needs from the data: negatives, per-row reference log-probs, rewards."""
+    """What a loss needs from the data, as the trainer reads it from :data:`dftkern.losses.registry.LOSSES`."""
 
     name: str
     family: str  # "dft" | "sft" | "pairwise" | "group"
     needs_negatives: bool
     needs_ref_logps: bool
     needs_rewards: bool
+    min_rows_per_group: int = 1
+
+    @classmethod
+    def of(cls, name: str) -> LossSpec:
+        """The trainer's view of registry entry ``name``."""
+        spec = get_loss(name)
+        return cls(spec.name, spec.family, spec.needs_negatives, spec.needs_ref, spec.needs_rewards,
+                   spec.min_rows_per_group)
 
 
-LOSS_SPECS = {
-    "dft": LossSpec("dft", "dft", True, True, False),
-    "dft2": LossSpec("dft2", "dft", True, False, False),
-    "sft": LossSpec("sft", "sft", False, False, False),
-    "dpo": LossSpec("dpo", "pairwise", True, True, False),
-    "ipo": LossSpec("ipo", "pairwise", True, True, False),
-    "hinge": LossSpec("hinge", "pairwise", True, True, False),
-    "simpo": LossSpec("simpo", "pairwise", True, False, False),
-    "unlikelihood": LossSpec("unlikelihood", "pairwise", True, False, False),
-    "rwr": LossSpec("rwr", "group", True, False, True),
-    "reinforce": LossSpec("reinforce", "group", True, False, True),
-    "rloo": LossSpec("rloo", "group", True, False, True),
-}
+LOSS_SPECS = {name: LossSpec.of(name) for name, spec in LOSSES.items() if spec.family in TRAINER_FAMILIES}
 LOSS_NAMES = tuple(LOSS_SPECS)
+
+
+def _hyperparameter(name: str, *, optional: bool = False) -> Spec:
+    """The accepted values of a loss hyper-parameter: its range in the registry (:data:`HYPERPARAMETERS`)."""
+    hp = HYPERPARAMETERS[name]
+    number = Number(low=hp.low, high=hp.high, low_open=hp.low_open, high_open=hp.high_open, optional=optional)
+    if not hp.choices:
+        return number
+    return AnyOf((Choice(hp.choices), number), optional=optional,
+                 text=f"{', '.join(map(repr, hp.choices))} or a number in {number.interval()}")
+
+
+def _default(name: str):
+    """The one default every loss taking hyper-parameter ``name`` has in the registry."""
+    values = {spec.defaults[name] for spec in LOSSES.values() if name in spec.defaults}
+    if len(values) != 1:
+        raise ValueError(f"the registry has several defaults for {name}: {sorted(values)}")
+    return values.pop()
+
+
+def _defaults_by_loss(name: str) -> str:
+    """``"1.0 (dft), 0.3 (dft2)"``: the registry's per-loss defaults of hyper-parameter ``name``."""
+    return ", ".join(f"{spec.defaults[name]} ({loss})" for loss, spec in LOSSES.items()
+                     if loss in LOSS_SPECS and name in spec.defaults)
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """Loss hyper-parameters (None = the loss's default: DFT tau 1.0 / gamma 0.85, DFT2 0.3 / 0.9)."""
+    """The loss and its hyper-parameters; ranges and defaults come from :mod:`dftkern.losses.registry`
+    (``tau``/``gamma`` None: the variant's default, DFT 1.0 / 0.85, DFT2 0.3 / 0.9)."""
 
-    loss: str = "dft"
-    tau: float | None = None
-    gamma: float | None = None
-    beta: float = 0.1
-    simpo_gamma: float = 0.5
-    unlikelihood_alpha: float = 1.0
-    baseline: str | float = "mean"
-    average: bool = False
+    loss: str = option("dft", Choice(LOSS_NAMES), "training objective")
+    tau: float | None = option(None, _hyperparameter("tau", optional=True), "DFT temperature", group="loss",
+                               default_text=_defaults_by_loss("tau"))
+    gamma: float | None = option(None, _hyperparameter("gamma", optional=True), "DFT moving-average weight",
+                                 group="loss", default_text=_defaults_by_loss("gamma"))
+    beta: float = option(_default("beta"), _hyperparameter("beta"), "dpo/ipo/hinge strength, simpo scale, rwr "
+                         "temperature", group="loss")
+    simpo_gamma: float = option(_default("simpo_gamma"), _hyperparameter("simpo_gamma"), "SimPO margin",
+                                group="loss")
+    unlikelihood_alpha: float = option(_default("unlikelihood_alpha"), _hyperparameter("unlikelihood_alpha"),
+                                       "unlikelihood weight", group="loss")
+    baseline: str | float = option(_default("baseline"), _hyperparameter("baseline"),
+                                   "reinforce baseline: mean | none | a number", group="loss")
+    average: bool = option(False, Flag(), "preference losses: mean token log-prob instead of sum", group="loss")
+    dft_u_init: float = option(0.0, Number(), "initial DFTState u", group="loss")
 
     def __post_init__(self):
-        if self.loss not in LOSS_SPECS:
-            raise ValueError(f"loss must be one of {LOSS_NAMES}, got {self.loss!r}")
-        if self.baseline not in ("mean", "none") and (isinstance(self.baseline, bool)
-                                                       or not isinstance(self.baseline, (int, float))):
-            raise ValueError(f"baseline must be 'mean', 'none' or a number, got {self.baseline!r}")
+        validate(self)
 
     @property
     def spec(self) -> LossSpec:
         return LOSS_SPECS[self.loss]
 
     def dft_hparams(self) -> tuple[float, float]:
-        defaults = DFT_DEFAULTS[self.loss]
+        defaults = get_loss(self.loss).defaults
         tau = defaults["tau"] if self.tau is None else self.tau
         gamma = defaults["gamma"] if self.gamma is None else self.gamma
         return tau, gamma
@@ -149,7 +177,7 @@ class Objective:
             weights = stats["weights"]
             return loss, {"pos_logp": seq[:, 0].mean(), "neg_logp": seq[:, 1:].mean(),
                           "omega_mean": weights.mean(), "omega_max": weights.max(),
-                          "u_mean": stats["u"].mean()}
+                          "u_mean": stats["u"].mean(), "dft_skipped_groups": stats["skipped_groups"].float()}
         if family == "sft":
             loss, stats = dftkern.fused_preference_loss(hidden, weight, batch.labels, loss="sft",
                                                         cu_seqlens=batch.cu_seqlens, average=cfg.average, **common)

@@ -28,6 +28,17 @@ only the other positions are sampled fresh. Offline examples are cut to the on-p
 dft/dft2 the good answer then the first n negatives (cached reference log-probs), group losses the
 first n negatives with the rewards stored by ``generate --reward``, pairwise losses the pair (good
 answer, first negative).
+
+The pieces, each usable on its own (the length study reuses the rules):
+
+* :class:`ExampleSource` — the protocol the training loop uses; :class:`OfflineExamples` and
+  :class:`OnPolicyExamples` implement it;
+* :class:`Sampler` — the protocol for "sample responses from the current policy and score rows
+  with it"; :class:`PolicySampler` implements it through the (possibly FSDP-sharded) training
+  wrapper;
+* :func:`online_pair` (the online-DPO pair rule), :func:`on_policy_example` (the rows of one
+  example per loss family) and :func:`offline_layout` (which rows of an offline example match the
+  on-policy layout) — plain functions, no model involved.
 """
 
 from __future__ import annotations
@@ -36,12 +47,13 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
-from .data import (
+from .batching import (
     ExampleOrder,
-    PromptRecord,
+    OverlongReport,
     TrainExample,
     collate,
     encode_prompt,
@@ -52,38 +64,56 @@ from .data import (
 from .distributed import DistContext
 from .generate import SamplingConfig, decode, eos_token_ids
 from .model import score_rows
-from .objectives import Objective
-from .rewards import resolve_reward
+from .objectives import LOSS_SPECS
+from .options import Function, Integer, Number, option, validate
+from .records import PromptRecord
+from .rewards import RewardFn, resolve_reward
 from .util import derive_seed
 
-__all__ = ["ON_POLICY_LOSSES", "OnPolicyConfig", "OfflineExamples", "OnPolicyExamples"]
+__all__ = ["ON_POLICY_FAMILIES", "ON_POLICY_LOSSES", "OnPolicyConfig", "ExampleSource", "Sampler", "Sample", "PolicySampler",
+           "PromptSet", "online_pair", "on_policy_example", "offline_layout", "OfflineExamples", "OnPolicyExamples"]
 
-ON_POLICY_LOSSES = ("reinforce", "rloo", "rwr", "dft", "dft2", "dpo", "ipo", "hinge", "simpo", "unlikelihood")
+ON_POLICY_FAMILIES = ("group", "dft", "pairwise")
+"""Loss families with an on-policy row rule (:func:`on_policy_example`)."""
+ON_POLICY_LOSSES = tuple(name for name, spec in LOSS_SPECS.items() if spec.family in ON_POLICY_FAMILIES)
 
 
 @dataclass(frozen=True)
 class OnPolicyConfig:
-    """Sampling settings of ``--on-policy`` training."""
+    """Sampling settings of ``--on-policy`` training (``reward``: a :data:`~.rewards.RewardFn` or its name)."""
 
-    reward: str
-    samples_per_prompt: int = 4
-    refresh_every: int = 1
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    generation_batch_size: int = 64
-    offline_mix: float = 0.0
+    reward: RewardFn | str = option(spec=Function(), help="reward(prompt, response, reference) "
+                                           "-> float for --on-policy: a built-in (exact_match, addition, neg_length "
+                                           "= -characters, length_peak:MU[:WIDTH] = exp(-((characters-MU)/WIDTH)^2), "
+                                           "WIDTH default 2) or MODULE:FUNCTION", metavar="NAME", group="on_policy")
+    samples_per_prompt: int = option(4, Integer(low=1), "n samples per prompt", group="on_policy")
+    refresh_every: int = option(1, Integer(low=1), "optimizer steps between sampling rounds (1 = fully on-policy)",
+                                group="on_policy")
+    max_new_tokens: int = option(128, Integer(low=1), "longest sample, in tokens", group="on_policy",
+                                 name="sample_max_new_tokens")
+    temperature: float = option(1.0, Number(low=0, low_open=True), "sampling temperature", group="on_policy",
+                                name="sample_temperature", why="on-policy sampling needs temperature > 0")
+    top_k: int = option(0, Integer(low=0), "keep the k most likely tokens; 0 = off", group="on_policy",
+                        name="sample_top_k")
+    top_p: float = option(1.0, Number(low=0, high=1, low_open=True), "nucleus sampling mass; 1.0 = off",
+                          group="on_policy", name="sample_top_p")
+    generation_batch_size: int = option(64, Integer(low=1), "sequences decoded together when sampling",
+                                        group="on_policy")
+    offline_mix: float = option(0.0, Number(low=0, high=1, high_open=True, text="a number in [0, 1)"),
+                                "fraction f in [0, 1) of every micro-batch's examples taken from the offline "
+                                "negatives (--negatives, and --ref-logps where the loss needs them) instead of "
+                                "fresh samples: floor(f * batch size) per micro-batch (0 = all on-policy)",
+                                metavar="FRACTION", group="on_policy", label="offline_mix (--offline-mix)")
 
     def __post_init__(self):
-        for name in ("samples_per_prompt", "refresh_every", "generation_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ValueError(f"on-policy sampling needs temperature > 0, got {self.temperature}")
-        if isinstance(self.offline_mix, bool) or not isinstance(self.offline_mix, (int, float)) \
-                or not 0 <= self.offline_mix < 1:
-            raise ValueError(f"offline_mix (--offline-mix) must be a number in [0, 1), got {self.offline_mix!r}")
+        if self.reward is None or (isinstance(self.reward, str) and not self.reward.strip()):
+            raise ValueError("on_policy needs reward='module:function' or a built-in reward name such as "
+                             "'exact_match' (--reward) to score the samples")
+        validate(self)
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
 
     def offline_per_batch(self, batch_size: int) -> int:
         """How many of a micro-batch's ``batch_size`` examples come from the offline negatives."""
@@ -95,8 +125,179 @@ class OnPolicyConfig:
         return count
 
 
+# ---------------------------------------------------------------------------------------------
+# protocols
+# ---------------------------------------------------------------------------------------------
+
+
+class ExampleSource(Protocol):
+    """Where the training loop gets its examples (an offline set or fresh samples)."""
+
+    @property
+    def num_examples(self) -> int:
+        """Examples in the training set (the ids of :class:`~dftkern.DFTState` and of ``indices``)."""
+
+    def before_step(self, step: int, first_micro_batch: int) -> dict[str, float]:
+        """Called before optimizer step ``step`` (0-based) whose first micro-batch is ``first_micro_batch``;
+        returns metrics to log with the step."""
+
+    def examples(self, indices: Sequence[int]) -> list[TrainExample]:
+        """The examples of the next micro-batch, in the order of ``indices`` (``order.batch(m)``)."""
+
+    def state_dict(self) -> dict:
+        """Plain data (and registered records) that :meth:`load_state_dict` restores on resume."""
+
+    def load_state_dict(self, state: dict) -> None:
+        ...
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled response: its exact token ids (>= 1 token, EOS included when it finished) and its text."""
+
+    token_ids: list[int]
+    text: str
+
+
+class Sampler(Protocol):
+    """The model side of on-policy training: sample responses from the current policy, score rows with it."""
+
+    def sample(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> list[Sample]:
+        """One response per prompt row (token ids), row ``i`` drawn from a generator seeded with ``seeds[i]``."""
+
+    def sequence_logps(self, examples: Sequence[TrainExample]) -> list[list[float]]:
+        """The current policy's sequence log-prob of every row of every example (no gradient)."""
+
+
+class PolicySampler:
+    """:class:`Sampler` through the training wrapper (:class:`~.model.PolicyWithLoss`), so that under
+    FSDP2 the sharded weights are gathered as in training; all ranks decode in lockstep.
+
+    Args:
+        sampling: the decoding settings; ``batch_size``: sequences decoded (or rows scored) together.
+    """
+
+    def __init__(self, wrapper, causal_lm, tokenizer, ctx: DistContext, *, sampling: SamplingConfig,
+                 batch_size: int, packed: bool):
+        self.wrapper, self.causal_lm, self.tokenizer, self.ctx = wrapper, causal_lm, tokenizer, ctx
+        self.sampling, self.batch_size, self.packed = sampling, batch_size, packed
+        self.eos_ids = eos_token_ids(causal_lm, tokenizer)
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> list[Sample]:
+        was_training = self.wrapper.training
+        self.wrapper.eval()
+        try:
+            outputs = []
+            for start in range(0, len(prompts), self.batch_size):  # same number of chunks on every rank
+                outputs += decode(self.causal_lm, prompts[start:start + self.batch_size], sampling=self.sampling,
+                                  eos_ids=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id,
+                                  seeds=seeds[start:start + self.batch_size],
+                                  forward=lambda **kw: self.wrapper(lm_inputs=kw), all_done=self.ctx.all_true)
+        finally:
+            self.wrapper.train(was_training)
+        return [Sample(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True)) for tokens, _ in outputs]
+
+    @torch.no_grad()
+    def sequence_logps(self, examples: Sequence[TrainExample]) -> list[list[float]]:
+        was_training = self.wrapper.training
+        self.wrapper.eval()
+        try:
+            out = []
+            per_batch = max(1, self.batch_size // len(examples[0].rows))
+            for start in range(0, len(examples), per_batch):
+                chunk = examples[start:start + per_batch]
+                batch = collate(chunk, pad_token_id=self.tokenizer.pad_token_id, packed=self.packed).to(self.ctx.device)
+                out += self.wrapper(batch, loss_fn=score_rows).float().cpu().view(len(chunk), -1).tolist()
+        finally:
+            self.wrapper.train(was_training)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the example builder: rows per loss family (no model involved)
+# ---------------------------------------------------------------------------------------------
+
+
+def online_pair(rewards: Sequence[float], positive_reward: float) -> tuple[int | None, int]:
+    """The online-DPO pair rule: ``(chosen, rejected)`` sample indices.
+
+    ``chosen`` is the best sample (the first among equals) if its reward is strictly higher than
+    ``positive_reward`` (the data's answer), else None, meaning the data's answer;
+    ``rejected`` is the lowest-reward sample (the first among equals).
+    """
+    if not rewards:
+        raise ValueError("online_pair needs at least one sample reward")
+    best = max(range(len(rewards)), key=lambda j: (rewards[j], -j))
+    worst = min(range(len(rewards)), key=lambda j: (rewards[j], j))
+    return (best if rewards[best] > positive_reward else None), worst
+
+
+def on_policy_example(family: str, index: int, prompt_id: str, prompt_ids: Sequence[int], answer_ids: Sequence[int],
+                      samples: Sequence[Sequence[int]], rewards: Sequence[float], *,
+                      positive_reward: float | None = None, max_length: int | None = None,
+                      report: OverlongReport | None = None) -> TrainExample:
+    """The rows one loss family trains on, from ``n`` samples of one prompt and their rewards.
+
+    ``group``: the samples with their rewards; ``dft``: the data's answer (reward 1.0), then the
+    samples; ``pairwise``: ``(chosen, rejected)`` by :func:`online_pair` (``positive_reward``, the
+    answer's reward, is required). Rows longer than ``max_length`` are truncated and counted in ``report``.
+    """
+    def row(response_ids):
+        if report is not None:
+            report.rows += 1
+            report.truncated += max_length is not None and len(prompt_ids) + len(response_ids) > max_length
+        return make_row(prompt_ids, response_ids, max_length)
+
+    if family == "group":
+        return TrainExample(index, prompt_id, [row(s) for s in samples], rewards=list(rewards))
+    if family == "dft":
+        return TrainExample(index, prompt_id, [row(answer_ids)] + [row(s) for s in samples],
+                            rewards=[1.0] + list(rewards))
+    if family != "pairwise":
+        raise ValueError(f"no on-policy rows for the loss family {family!r}")
+    if positive_reward is None:
+        raise ValueError("pairwise on-policy examples need positive_reward (the data answer's reward)")
+    chosen, rejected = online_pair(rewards, positive_reward)
+    chosen_ids, chosen_reward = (answer_ids, positive_reward) if chosen is None else (samples[chosen], rewards[chosen])
+    return TrainExample(index, prompt_id, [row(chosen_ids), row(samples[rejected])],
+                        rewards=[chosen_reward, rewards[rejected]])
+
+
+def offline_layout(family: str, samples_per_prompt: int) -> list[int]:
+    """Which rows of an offline example (answer, neg_1..neg_K) take the place of an on-policy one."""
+    if family == "pairwise":
+        return [0, 1]  # (good answer, first negative)
+    if family == "group":
+        return list(range(1, 1 + samples_per_prompt))  # the negatives only, like the n on-policy samples
+    return list(range(0, 1 + samples_per_prompt))  # good answer, then n negatives
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The training prompts, tokenized once: ``prompt_ids[i]`` and ``answer_ids[i]`` (the good answer)
+    of ``records[i]``; rows are cut to ``max_length``."""
+
+    records: list[PromptRecord]
+    prompt_ids: list[list[int]]
+    answer_ids: list[list[int]]
+    max_length: int | None = None
+
+    @classmethod
+    def encode(cls, tokenizer, records: Sequence[PromptRecord], *, use_chat_template: bool = True,
+               max_length: int | None = None) -> PromptSet:
+        template = use_chat_template and has_chat_template(tokenizer)
+        return cls(list(records), [encode_prompt(tokenizer, r, use_chat_template=template) for r in records],
+                   [encode_response(tokenizer, r, use_chat_template=template) for r in records], max_length)
+
+
+# ---------------------------------------------------------------------------------------------
+# the sources
+# ---------------------------------------------------------------------------------------------
+
+
 class OfflineExamples:
-    """The fixed training set (negatives sampled beforehand by the generate stage)."""
+    """:class:`ExampleSource` over the fixed training set (negatives sampled beforehand by the generate stage)."""
 
     def __init__(self, examples: list[TrainExample]):
         self._examples = examples
@@ -105,7 +306,7 @@ class OfflineExamples:
     def num_examples(self) -> int:
         return len(self._examples)
 
-    def before_step(self, step: int, first_micro_batch: int) -> dict:
+    def before_step(self, step: int, first_micro_batch: int) -> dict[str, float]:
         return {}
 
     def examples(self, indices: Sequence[int]) -> list[TrainExample]:
@@ -119,35 +320,30 @@ class OfflineExamples:
 
 
 class OnPolicyExamples:
-    """Fresh samples from the current policy for the prompts of the next ``refresh_every`` steps.
+    """:class:`ExampleSource` of fresh samples: for the prompts of the next ``refresh_every`` steps.
 
     Args:
-        records: the prompts (and their good answers) of the training set.
-        order / grad_accum / total_steps: which examples the coming micro-batches hold.
-        wrapper: the (possibly FSDP-sharded) :class:`~dftkern.train.model.PolicyWithLoss`; sampling
-            and scoring go through its forward.
+        cfg: the sampling settings and the reward.
+        prompts: the training prompts, tokenized.
+        sampler: draws the samples and scores the rows (the reference log-probs) with the current policy.
+        order: which examples the coming micro-batches hold; ``grad_accum`` micro-batches per step,
+            ``total_steps`` steps.
+        family: the loss family (``"dft"``, ``"pairwise"`` or ``"group"``) and ``needs_ref_logps``:
+            which rows to build, and whether to score them.
         offline: the offline training set (same data file, negatives from the generate stage) that
             ``cfg.offline_mix`` draws from; required when ``cfg.offline_mix > 0``.
     """
 
-    def __init__(self, cfg: OnPolicyConfig, records: Sequence[PromptRecord], tokenizer, objective: Objective,
-                 order: ExampleOrder, *, grad_accum: int, total_steps: int, seed: int, max_length: int | None,
-                 use_chat_template: bool, wrapper, causal_lm, ctx: DistContext, packed: bool,
+    def __init__(self, cfg: OnPolicyConfig, prompts: PromptSet, sampler: Sampler, order: ExampleOrder, *,
+                 family: str, needs_ref_logps: bool, grad_accum: int, total_steps: int, seed: int,
                  offline: OfflineExamples | None = None):
-        self.cfg, self.records, self.tokenizer, self.objective = cfg, list(records), tokenizer, objective
-        self.order, self.grad_accum, self.total_steps, self.seed = order, grad_accum, total_steps, seed
-        self.max_length, self.packed = max_length, packed
-        self.wrapper, self.causal_lm, self.ctx = wrapper, causal_lm, ctx
+        self.cfg, self.prompts, self.sampler, self.order = cfg, prompts, sampler, order
+        self.family, self.needs_ref_logps = family, needs_ref_logps
+        self.grad_accum, self.total_steps, self.seed = grad_accum, total_steps, seed
         self.reward_fn = resolve_reward(cfg.reward, what="--reward")
-        self.sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
-        self.use_template = use_chat_template and has_chat_template(tokenizer)
-        self.prompt_ids = [encode_prompt(tokenizer, r, use_chat_template=self.use_template) for r in self.records]
-        self.eos_ids = eos_token_ids(causal_lm, tokenizer)
+        self.overlong = OverlongReport(prompts.max_length)  # sampled rows cut to max_length
         self.window: dict[int, TrainExample] = {}
         self.window_reward = 0.0
-        self.family = objective.spec.family
-        if objective.spec.name not in ON_POLICY_LOSSES:
-            raise ValueError(f"--on-policy supports the losses {ON_POLICY_LOSSES}, not {objective.spec.name!r}")
         self.offline_per_batch = cfg.offline_per_batch(order.examples_per_batch)
         self.offline: list[TrainExample] | None = None
         if self.offline_per_batch:
@@ -161,31 +357,26 @@ class OnPolicyExamples:
 
     @property
     def num_examples(self) -> int:
-        return len(self.records)
+        return len(self.prompts.records)
 
     # -- offline mix -----------------------------------------------------------------------------
     def _offline_in_on_policy_layout(self, offline: OfflineExamples) -> list[TrainExample]:
         """The offline examples cut to the rows an on-policy example of this loss has (see the module doc)."""
         examples = offline.examples(range(offline.num_examples))
-        if len(examples) != len(self.records) or any(
-                e.index != i or e.prompt_id != r.prompt_id for i, (e, r) in enumerate(zip(examples, self.records))):
+        records = self.prompts.records
+        if len(examples) != len(records) or any(
+                e.index != i or e.prompt_id != r.prompt_id for i, (e, r) in enumerate(zip(examples, records))):
             raise ValueError("the offline examples for --offline-mix must come from the same --data file as the "
                              "on-policy prompts (same prompts, same order)")
         n = self.cfg.samples_per_prompt
-        if self.family == "pairwise":
-            keep = [0, 1]  # (good answer, first negative)
-        elif self.family == "group":
-            keep = list(range(1, 1 + n))  # the negatives only, like the n on-policy samples
-        else:
-            keep = list(range(0, 1 + n))  # good answer, then n negatives
+        keep = offline_layout(self.family, n)
         available = len(examples[0].rows) - 1
         if max(keep) > available:
-            raise ValueError(f"--offline-mix with loss {self.objective.spec.name!r} and --samples-per-prompt {n} "
-                             f"needs {max(keep)} negatives per prompt in --negatives, but the offline examples "
-                             f"have {available} (see --num-negatives)")
+            raise ValueError(f"--offline-mix with --samples-per-prompt {n} needs {max(keep)} negatives per prompt in "
+                             f"--negatives, but the offline examples have {available} (see --num-negatives)")
         if self.family == "group" and any(e.rewards is None for e in examples):
-            raise ValueError(f"--offline-mix with loss {self.objective.spec.name!r} needs rewards for the offline "
-                             f"negatives: generate them with --reward")
+            raise ValueError("--offline-mix with a group loss needs rewards for the offline negatives: generate "
+                             "them with --reward")
         return [replace(e, rows=[e.rows[r] for r in keep],
                         ref_logps=None if e.ref_logps is None else [e.ref_logps[r] for r in keep],
                         rewards=None if e.rewards is None else [e.rewards[r] for r in keep])
@@ -227,7 +418,7 @@ class OnPolicyExamples:
         self.window_reward = float(state["window_reward"])
 
     # -- sampling --------------------------------------------------------------------------------
-    def before_step(self, step: int, first_micro_batch: int) -> dict:
+    def before_step(self, step: int, first_micro_batch: int) -> dict[str, float]:
         """Refresh the samples when a window starts (or none is loaded).
 
         Returns ``{"sample_reward": mean reward of the current window's samples}``.
@@ -243,63 +434,29 @@ class OnPolicyExamples:
             self._refresh(step, indices)
         return {"sample_reward": self.window_reward}
 
-    @torch.no_grad()
     def _refresh(self, step: int, indices: list[int]) -> None:
-        n = self.cfg.samples_per_prompt
-        device = self.ctx.device
-        rows = [self.prompt_ids[i] for i in indices for _ in range(n)]
-        seeds = [derive_seed(self.seed, "on-policy", step, self.records[i].prompt_id, j)
+        """Sample n responses for every prompt in ``indices`` (duplicates kept: equal work on every rank)."""
+        n, prompts = self.cfg.samples_per_prompt, self.prompts
+        rows = [prompts.prompt_ids[i] for i in indices for _ in range(n)]
+        seeds = [derive_seed(self.seed, "on-policy", step, prompts.records[i].prompt_id, j)
                  for i in indices for j in range(n)]
-        was_training = self.wrapper.training
-        self.wrapper.eval()
-        try:
-            outputs = []
-            chunk = self.cfg.generation_batch_size
-            for start in range(0, len(rows), chunk):  # same number of chunks on every rank
-                outputs += decode(self.causal_lm, rows[start:start + chunk], sampling=self.sampling,
-                                  eos_ids=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id,
-                                  seeds=seeds[start:start + chunk],
-                                  forward=lambda **kw: self.wrapper(lm_inputs=kw), all_done=self.ctx.all_true)
-            window, rewards_seen = {}, []
-            for k, index in enumerate(indices):
-                record = self.records[index]
-                samples = [tokens for tokens, _ in outputs[k * n:(k + 1) * n]]  # >= 1 token each
-                texts = [self.tokenizer.decode(s, skip_special_tokens=True) for s in samples]
-                rewards = [float(self.reward_fn(record.prompt_text(), t, record.response)) for t in texts]
-                rewards_seen += rewards
-                window[index] = self._example(index, record, samples, rewards)
-            if self.objective.spec.needs_ref_logps:
-                self._attach_sampler_logps(window, indices, device)
-        finally:
-            self.wrapper.train(was_training)
+        samples = self.sampler.sample(rows, seeds)
+        window, rewards_seen = {}, []
+        for k, index in enumerate(indices):
+            record = prompts.records[index]
+            mine = samples[k * n:(k + 1) * n]
+            rewards = [float(self.reward_fn(record.prompt_text(), s.text, record.response)) for s in mine]
+            rewards_seen += rewards
+            positive_reward = None
+            if self.family == "pairwise":
+                positive_reward = float(self.reward_fn(record.prompt_text(), record.response, record.response))
+            window[index] = on_policy_example(self.family, index, record.prompt_id, prompts.prompt_ids[index],
+                                              prompts.answer_ids[index], [s.token_ids for s in mine], rewards,
+                                              positive_reward=positive_reward, max_length=prompts.max_length,
+                                              report=self.overlong)
+        if self.needs_ref_logps:  # the reference log-probs are the sampling policy's own
+            examples = [window[i] for i in indices]
+            for example, values in zip(examples, self.sampler.sequence_logps(examples)):
+                example.ref_logps = values
         self.window = window
         self.window_reward = sum(rewards_seen) / max(1, len(rewards_seen))
-
-    def _example(self, index: int, record: PromptRecord, samples: list[list[int]], rewards: list[float]):
-        prompt = self.prompt_ids[index]
-        sample_rows = [make_row(prompt, s, self.max_length) for s in samples]
-        if self.family == "group":
-            return TrainExample(index, record.prompt_id, sample_rows, rewards=rewards)
-        positive = make_row(prompt, encode_response(self.tokenizer, record, use_chat_template=self.use_template),
-                            self.max_length)
-        if self.family == "dft":
-            return TrainExample(index, record.prompt_id, [positive] + sample_rows, rewards=[1.0] + rewards)
-        # pairwise: (chosen, rejected)
-        positive_reward = float(self.reward_fn(record.prompt_text(), record.response, record.response))
-        best = max(range(len(rewards)), key=lambda j: (rewards[j], -j))
-        worst = min(range(len(rewards)), key=lambda j: (rewards[j], j))
-        chosen, chosen_reward = (sample_rows[best], rewards[best]) if rewards[best] > positive_reward \
-            else (positive, positive_reward)
-        return TrainExample(index, record.prompt_id, [chosen, sample_rows[worst]],
-                            rewards=[chosen_reward, rewards[worst]])
-
-    def _attach_sampler_logps(self, window: dict[int, TrainExample], indices: list[int], device) -> None:
-        """Reference log-probs = the sampling policy's own (same weights as the samples came from)."""
-        examples = [window[i] for i in indices]  # duplicates kept: equal work on every rank
-        per_batch = max(1, self.cfg.generation_batch_size // len(examples[0].rows))
-        for start in range(0, len(examples), per_batch):
-            chunk = examples[start:start + per_batch]
-            batch = collate(chunk, pad_token_id=self.tokenizer.pad_token_id, packed=self.packed).to(device)
-            scores = self.wrapper(batch, loss_fn=score_rows).float().cpu().view(len(chunk), -1)
-            for example, values in zip(chunk, scores.tolist()):
-                example.ref_logps = values

@@ -1,8 +1,13 @@
-"""Built-in rewards, and how a ``--reward`` value is turned into a function.
+"""Rewards, in one place: the :data:`RewardFn` type, the built-in rewards, and how a reward given
+as a name is turned into a function.
 
 Every reward has the signature ``reward(prompt: str, response: str, reference: str) -> float``
-(``reference`` is the data's good answer). The built-in names, usable as ``--reward NAME`` without
-writing a module:
+(``reference`` is the data's good answer); task metrics (``eval --metric``) are the same kind of
+function. Every Python API that takes a reward or metric (``GenerateConfig.reward``,
+``OnPolicyConfig.reward`` / ``TrainConfig(reward=...)``, ``EvalConfig.metric``) accepts
+``RewardFn | str``: a callable is used as it is (a closure or an object with state is fine, it
+need not be importable), a string is resolved by :func:`resolve_reward`. The built-in names, usable
+as ``--reward NAME`` without writing a module:
 
 ======================  ===========================================================================
 name                    reward
@@ -25,15 +30,37 @@ Built-in names are matched first, so ``length_peak:3`` is never taken for a modu
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 
 from .synthetic import addition_reward
-from .util import exact_match, load_callable
 
-__all__ = ["BUILTIN_REWARDS", "exact_match_reward", "neg_length_reward", "LengthPeakReward", "resolve_reward"]
+__all__ = ["RewardFn", "BUILTIN_REWARDS", "exact_match", "exact_match_reward", "neg_length_reward",
+           "LengthPeakReward", "load_callable", "resolve_reward", "reward_name"]
 
 RewardFn = Callable[[str, str, str], float]
+"""``reward(prompt, response, reference) -> float``."""
+
+
+def load_callable(spec: str, *, what: str = "callable") -> Callable:
+    """Import ``"package.module:function"`` and return the function."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ValueError(f"{what} must look like 'package.module:function', got {spec!r}")
+    module_name, attr = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({err})") from None
+    function = getattr(module, attr, None)
+    if not callable(function):
+        raise ValueError(f"{what} {spec!r}: module {module_name!r} has no callable {attr!r}")
+    return function
+
+
+def exact_match(prompt: str, response: str, reference: str) -> float:
+    """The default task metric: 1.0 when the response equals the reference (surrounding whitespace ignored)."""
+    return 1.0 if response.strip() == reference.strip() else 0.0
 
 BUILTIN_REWARDS = ("exact_match", "addition", "neg_length", "length_peak:MU[:WIDTH]")
 
@@ -95,16 +122,19 @@ def _number(text: str, what: str, spec: str) -> float:
     return value
 
 
-def resolve_reward(spec: str, *, what: str = "--reward") -> RewardFn:
-    """The reward function named by ``spec``: a built-in name (see the module docstring) or ``module:function``.
+def resolve_reward(spec: RewardFn | str, *, what: str = "--reward") -> RewardFn:
+    """The reward function named by ``spec``: a built-in name (see the module docstring) or ``module:function``;
+    a callable is returned as it is.
 
     Raises:
         ValueError: an unknown or malformed name, bad ``length_peak`` parameters, or a module/function
             that cannot be imported.
     """
+    if callable(spec):
+        return spec
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"{what} must be a built-in reward {BUILTIN_REWARDS} or 'package.module:function', "
-                         f"got {spec!r}")
+        raise ValueError(f"{what} must be a built-in reward {BUILTIN_REWARDS} or 'package.module:function' (or a "
+                         f"callable), got {spec!r}")
     spec = spec.strip()
     if spec in _SIMPLE:
         return _SIMPLE[spec]
@@ -124,3 +154,11 @@ def resolve_reward(spec: str, *, what: str = "--reward") -> RewardFn:
         raise ValueError(f"{what} {spec!r} is not a built-in reward {BUILTIN_REWARDS}; a custom reward must "
                          f"look like 'package.module:function'")
     return load_callable(spec, what=what)
+
+
+def reward_name(reward: RewardFn | str | None) -> str | None:
+    """A printable name: the string itself, or ``"module:qualname"`` of a function (an object's repr)."""
+    if reward is None or isinstance(reward, str):
+        return reward
+    module, name = getattr(reward, "__module__", None), getattr(reward, "__qualname__", None)
+    return f"{module}:{name}" if module and name else repr(reward)

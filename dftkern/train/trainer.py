@@ -4,11 +4,23 @@ Per optimizer step: ``grad_accum`` micro-batches, each a forward of :class:`Poli
 (backbone -> last hidden state -> fused loss with the LM-head weight, no logits) and a backward of
 ``loss / grad_accum``; then gradient clipping, AdamW, and the warmup + cosine LR schedule. bf16
 autocast on GPU, optional gradient checkpointing, FSDP2 under torchrun (:mod:`.distributed`).
+Examples come from an :class:`~.onpolicy.ExampleSource`: the offline set, or fresh samples
+(``on_policy``).
+
+Non-finite steps: an optimizer step whose loss or gradient norm is not finite (on any process) is
+skipped — no weight or optimizer update (the schedule and the data position still advance), a
+``"skipped": true`` line in ``metrics.jsonl`` with the non-finite values as ``null`` and listed
+under ``"nonfinite"``; ``max_nonfinite_steps`` such steps in a row stop training with
+:class:`NonFiniteLossError`.
 
 Resuming (``resume="auto"`` or a checkpoint path) restores weights, optimizer, scheduler, RNG,
-DFTState and the data position; on CPU a resumed run ends with exactly the weights of an
-uninterrupted one. Output in ``out``: ``checkpoints/``, ``metrics.jsonl`` (one line per logged
-step), ``curves.png``, ``train_config.json``.
+DFTState, the data position and the on-policy window; on CPU a resumed run ends with exactly the
+weights of an uninterrupted one. The checkpoint is checked completely first and a damaged newest
+one is skipped for the newest intact one (:mod:`.resume`); stale ``.tmp-*`` directories of a
+killed save are removed at start.
+
+Output in ``out``: ``checkpoints/``, ``metrics.jsonl`` (one line per logged step), ``curves.png``,
+``train_config.json`` (every option by its flat name, plus what the run derived).
 """
 
 from __future__ import annotations
@@ -17,8 +29,9 @@ import json
 import math
 import resource
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,22 +39,21 @@ from tqdm.auto import tqdm
 
 import dftkern
 
-from .checkpoint import (
-    capture_rng_state,
-    latest_checkpoint,
-    read_trainer_state,
-    restore_rng_state,
-    write_checkpoint,
-)
-from .data import (
-    Batch,
+from .batching import (
+    OVERLONG_CHOICES,
     ExampleOrder,
+    OverlongReport,
     TrainExample,
     build_examples,
     collate,
     examples_fingerprint,
-    read_prompt_records,
-    read_sample_records,
+)
+from .checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    remove_stale_temporaries,
+    restore_rng_state,
+    write_checkpoint,
 )
 from .distributed import (
     DistContext,
@@ -53,154 +65,160 @@ from .distributed import (
     shard_model,
 )
 from .model import (
+    PACKING_CHOICES,
+    ModelConfig,
     PolicyWithLoss,
     load_causal_lm,
     load_tokenizer,
+    progress_option,
     score_rows,
     use_packing,
+    vocab_size,
 )
-from .objectives import LOSS_NAMES, Objective, ObjectiveConfig
+from .objectives import Objective, ObjectiveConfig
 from .onpolicy import (
     ON_POLICY_LOSSES,
+    ExampleSource,
     OfflineExamples,
     OnPolicyConfig,
     OnPolicyExamples,
+    PolicySampler,
+    PromptSet,
 )
+from .options import Choice, FlatKeywords, Flag, Integer, Number, Text, flat_values, nested, option, validate
+from .records import read_prompt_records, read_sample_records
 from .ref_logps import attach_ref_logps, cache_path
+from .resume import load_resume_point
 from .rewards import resolve_reward
-from .util import atomic_write_json
+from .util import atomic_write_json, note
 
-__all__ = ["TrainConfig", "TrainResult", "train", "warmup_cosine"]
+__all__ = ["OptimConfig", "TrainConfig", "TrainResult", "NonFiniteLossError", "train", "warmup_cosine",
+           "load_training_examples"]
 
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 
 
-@dataclass
-class TrainConfig:
-    """Options of the train stage (see ``python -m dftkern.train train --help`` for each one)."""
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimization: batches, AdamW, the warmup + cosine schedule, clipping, the data order."""
 
-    model: str
-    data: str
-    out: str
-    loss: str = "dft"
-    negatives: str | None = None
-    ref_logps: str | None = None
-    num_negatives: int | None = None
-    max_length: int | None = None
-    # optimization
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int | None = None
-    epochs: float = 1.0
-    lr: float = 1e-5
-    min_lr_ratio: float = 0.1
-    warmup_steps: int | None = None
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    shuffle: bool = True
-    # loss hyper-parameters (None: the loss's default)
-    tau: float | None = None
-    gamma: float | None = None
-    beta: float = 0.1
-    simpo_gamma: float = 0.5
-    unlikelihood_alpha: float = 1.0
-    baseline: str | float = "mean"
-    average: bool = False
-    dft_u_init: float = 0.0
-    # system
-    device: str = "auto"
-    precision: str = "auto"
-    attn: str = "auto"
-    packing: str = "auto"
-    gradient_checkpointing: bool = False
-    use_chat_template: bool = True
-    trust_remote_code: bool = False
-    # bookkeeping
-    log_every: int = 1
-    save_every: int | None = None
-    keep_checkpoints: int | None = 2
-    eval_data: str | None = None
-    eval_every: int | None = None
-    resume: str | None = None
-    stop_after: int | None = None
-    # on-policy (sample from the current policy every refresh_every steps, score with reward)
-    on_policy: bool = False
-    reward: str | None = None
-    samples_per_prompt: int = 4
-    refresh_every: int = 1
-    sample_max_new_tokens: int = 128
-    sample_temperature: float = 1.0
-    sample_top_k: int = 0
-    sample_top_p: float = 1.0
-    generation_batch_size: int = 64
-    offline_mix: float = 0.0
-    plot: bool = True
-    progress: bool = True
+    batch_size: int = option(8, Integer(low=1), "examples (prompts) per micro-batch per process; DFT rows = "
+                             "examples * (1+K)", group="optim")
+    grad_accum: int = option(1, Integer(low=1), "micro-batches per optimizer step", group="optim")
+    max_steps: int | None = option(None, Integer(low=1, optional=True), "optimizer steps", group="optim",
+                                   default_text="from --epochs")
+    epochs: float = option(1.0, Number(low=0, low_open=True), "passes over the data if --max-steps is unset",
+                           group="optim")
+    lr: float = option(1e-5, Number(low=0, low_open=True), "peak learning rate", group="optim")
+    min_lr_ratio: float = option(0.1, Number(low=0, high=1), "cosine floor as a fraction of --lr", group="optim")
+    warmup_steps: int | None = option(None, Integer(low=0, optional=True), "linear warmup steps", group="optim",
+                                      default_text="from --warmup-ratio")
+    warmup_ratio: float = option(0.05, Number(low=0, high=1, high_open=True), "warmup as a fraction of all steps",
+                                 group="optim")
+    weight_decay: float = option(0.0, Number(low=0), "AdamW weight decay on matrices", group="optim")
+    adam_beta1: float = option(0.9, Number(low=0, high=1, high_open=True), "AdamW beta1", group="optim")
+    adam_beta2: float = option(0.95, Number(low=0, high=1, high_open=True), "AdamW beta2", group="optim")
+    adam_eps: float = option(1e-8, Number(low=0, low_open=True), "AdamW epsilon", group="optim")
+    max_grad_norm: float = option(1.0, Number(low=0, low_open=True), "gradient clipping norm", group="optim")
+    seed: int = option(0, Integer(low=0), "data order seed", group="optim")
+    shuffle: bool = option(True, Flag(), "visit examples in file order", flag="--no-shuffle", group="optim")
 
     def __post_init__(self):
-        if self.loss not in LOSS_NAMES:
-            raise ValueError(f"loss must be one of {LOSS_NAMES}, got {self.loss!r}")
-        if self.precision not in PRECISION_CHOICES:
-            raise ValueError(f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
-        for name in ("batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "save_every", "eval_every", "keep_checkpoints", "num_negatives", "stop_after"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 (or unset), got {value}")
-        if not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
-        self.objective_config()  # validates the loss hyper-parameters
-        if self.on_policy:
-            if not self.reward:
-                raise ValueError("on_policy needs reward='module:function' or a built-in reward name such as "
-                                 "'exact_match' (--reward) to score the samples")
-            if self.loss not in ON_POLICY_LOSSES:
-                raise ValueError(f"on_policy supports the losses {ON_POLICY_LOSSES}, not {self.loss!r}")
-            resolve_reward(self.reward, what="reward (--reward)")  # unknown names fail here, not after loading
-            on_policy = self.on_policy_config()  # validates the sampling settings and offline_mix
-            if on_policy.offline_mix > 0:
-                if not self.negatives:
-                    raise ValueError(f"offline_mix={self.offline_mix} (--offline-mix) takes part of every batch from "
-                                     f"the offline negatives, but there is no offline source: pass negatives "
-                                     f"(--negatives, the generate stage's output)")
-                on_policy.offline_per_batch(self.batch_size)
-            elif self.negatives or self.ref_logps:
-                raise ValueError("on_policy samples its own negatives and uses the sampler's log-probs as the "
-                                 "reference: drop negatives/ref_logps (--negatives/--ref-logps), or set "
-                                 "offline_mix (--offline-mix) > 0 to mix them in")
-        elif self.offline_mix:
-            raise ValueError(f"offline_mix (--offline-mix) is only used with on_policy (--on-policy), "
-                             f"got {self.offline_mix}")
-        elif self.reward:
-            raise ValueError("reward (--reward) is only used with on_policy (--on-policy); for offline group "
-                             "losses, score the negatives in the generate stage (generate --reward)")
+        validate(self)
 
-    def on_policy_config(self) -> OnPolicyConfig:
-        return OnPolicyConfig(reward=self.reward, samples_per_prompt=self.samples_per_prompt,
-                              refresh_every=self.refresh_every, max_new_tokens=self.sample_max_new_tokens,
-                              temperature=self.sample_temperature, top_k=self.sample_top_k,
-                              top_p=self.sample_top_p, generation_batch_size=self.generation_batch_size,
-                              offline_mix=self.offline_mix)
+
+@dataclass(init=False)
+class TrainConfig(FlatKeywords):
+    """Options of the train stage (``python -m dftkern.train train --help`` lists them).
+
+    Composed of a :class:`~.model.ModelConfig` (``model``), an :class:`~.objectives.ObjectiveConfig`
+    (``objective``: the loss and its hyper-parameters), an :class:`OptimConfig` (``optim``) and an
+    optional :class:`~.onpolicy.OnPolicyConfig` (``on_policy``; None = offline training). Their
+    options are also accepted flat, as before the split::
+
+        TrainConfig(model="m", data="d.jsonl", out="run", loss="dpo", lr=1e-4, on_policy=True, reward="addition")
+    """
+
+    model: ModelConfig = nested(ModelConfig, help_for={"model": "initial model directory (policy)"})
+    data: str = option(spec=Text(), help="training data: JSONL/Parquet of {prompt, response} or {messages}")
+    out: str = option(spec=Text(), help="run directory (checkpoints/, metrics.jsonl, curves.png)")
+    negatives: str | None = option(None, Text(optional=True), "generate stage output (every loss except sft, "
+                                   "unless --on-policy; with --on-policy only for --offline-mix)")
+    ref_logps: str | None = option(None, Text(optional=True), "reference log-prob cache file, or the directory "
+                                   "holding it", default_text="next to --negatives")
+    num_negatives: int | None = option(None, Integer(low=1, optional=True), "first K samples per prompt",
+                                       default_text="all")
+    max_length: int | None = option(None, Integer(low=2, optional=True), "truncate rows to this many tokens "
+                                    "(response end cut first)")
+    overlong: str = option("truncate", Choice(OVERLONG_CHOICES), "rows longer than --max-length: 'truncate' cuts "
+                           "them, 'drop' skips their whole example; the count is printed either way")
+    objective: ObjectiveConfig = nested(ObjectiveConfig, default_factory=ObjectiveConfig)
+    optim: OptimConfig = nested(OptimConfig, default_factory=OptimConfig)
+    on_policy: OnPolicyConfig | None = nested(
+        OnPolicyConfig, optional=True, group="on_policy",
+        help="every --refresh-every steps sample --samples-per-prompt responses per prompt from the current policy, "
+             "score them with --reward; losses: reinforce, rloo, rwr (samples only), dft/dft2 (fresh negatives), "
+             "dpo/ipo/hinge/simpo/unlikelihood (online pairs); the reference log-probs are the sampling policy's own",
+        unused_hint=" (offline group losses take their rewards from generate --reward)")
+    precision: str = option("auto", Choice(PRECISION_CHOICES), "auto = bf16 autocast on CUDA (fp32 master "
+                            "weights), fp32 on CPU", group="system")
+    packing: str = option("auto", Choice(PACKING_CHOICES), "packed variable-length batches (position_ids/"
+                          "cu_seqlens); auto = on with flash_attention_2, padding otherwise", group="system")
+    gradient_checkpointing: bool = option(False, Flag(), "recompute decoder layers in backward", group="system")
+    log_every: int = option(1, Integer(low=1), "metrics.jsonl every N steps", group="system")
+    save_every: int | None = option(None, Integer(low=1, optional=True), "checkpoint every N steps (and at the end)",
+                                    group="system")
+    keep_checkpoints: int | None = option(2, Integer(low=1, optional=True), "newest checkpoints kept",
+                                          group="system")
+    max_nonfinite_steps: int = option(3, Integer(low=1), "an optimizer step with a non-finite loss or gradient "
+                                      "norm is skipped (no update, logged as skipped); stop with an error after N "
+                                      "such steps in a row", metavar="N", group="system")
+    eval_data: str | None = option(None, Text(optional=True), "held-out data: log eval_pos_logp (mean log-prob of "
+                                   "answers)", group="system")
+    eval_every: int | None = option(None, Integer(low=1, optional=True), "held-out log-prob every N steps",
+                                    group="system")
+    resume: str | None = option(None, Text(optional=True), "continue from the newest intact checkpoint in --out "
+                                "(or the given checkpoint directory)", nargs="?", const="auto", group="system")
+    stop_after: int | None = option(None, Integer(low=1, optional=True), "checkpoint and exit after this step (the "
+                                    "schedule still spans --max-steps); continue later with --resume, e.g. to fit "
+                                    "job time limits", metavar="STEP", group="system")
+    plot: bool = option(True, Flag(), "skip curves.png", flag="--no-plot", group="system")
+    progress: bool = progress_option()
+
+    def __post_init__(self):
+        validate(self)
+        sampling = self.on_policy
+        if sampling is None:
+            return
+        if self.overlong == "drop":
+            raise ValueError("overlong='drop' (--overlong drop) is not supported with on_policy: sampled rows cannot "
+                             "be dropped without changing the group size; use 'truncate' (the default), which "
+                             "counts and reports every cut row")
+        if self.objective.loss not in ON_POLICY_LOSSES:
+            raise ValueError(f"on_policy supports the losses {ON_POLICY_LOSSES}, not {self.objective.loss!r}")
+        spec = self.objective.spec
+        if spec.family == "group" and sampling.samples_per_prompt < spec.min_rows_per_group:
+            raise ValueError(f"loss {spec.name!r} needs at least {spec.min_rows_per_group} samples per prompt, "
+                             f"got samples_per_prompt={sampling.samples_per_prompt} (--samples-per-prompt)")
+        resolve_reward(sampling.reward, what="reward (--reward)")  # unknown names fail here, not after loading
+        if sampling.offline_mix > 0:
+            if not self.negatives:
+                raise ValueError(f"offline_mix={sampling.offline_mix} (--offline-mix) takes part of every batch from "
+                                 f"the offline negatives, but there is no offline source: pass negatives "
+                                 f"(--negatives, the generate stage's output)")
+            sampling.offline_per_batch(self.optim.batch_size)
+        elif self.negatives or self.ref_logps:
+            raise ValueError("on_policy samples its own negatives and uses the sampler's log-probs as the "
+                             "reference: drop negatives/ref_logps (--negatives/--ref-logps), or set "
+                             "offline_mix (--offline-mix) > 0 to mix them in")
 
     def objective_config(self) -> ObjectiveConfig:
-        return ObjectiveConfig(loss=self.loss, tau=self.tau, gamma=self.gamma, beta=self.beta,
-                               simpo_gamma=self.simpo_gamma, unlikelihood_alpha=self.unlikelihood_alpha,
-                               baseline=self.baseline, average=self.average)
+        """The loss settings (same as ``self.objective``; kept for older callers)."""
+        return self.objective
+
+    def on_policy_config(self) -> OnPolicyConfig | None:
+        """The sampling settings (same as ``self.on_policy``; kept for older callers)."""
+        return self.on_policy
 
 
 @dataclass
@@ -209,6 +227,10 @@ class TrainResult:
     final_checkpoint: Path
     steps: int
     last_metrics: dict = field(default_factory=dict)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped: too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
@@ -230,10 +252,23 @@ def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _optimizer_order(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters in the order the optimizer's state dict numbers them."""
+    return [p for group in _param_groups(module, 0.0) for p in group["params"]]
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _with_finite_values(record: dict) -> dict:
+    """``record`` with every non-finite float replaced by None and listed under ``"nonfinite"`` (strict JSON)."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return record
+    return {**{k: None if k in bad else v for k, v in record.items()}, "nonfinite": bad}
 
 
 class MetricsLog:
@@ -254,37 +289,32 @@ class MetricsLog:
                 handle.write(json.dumps(record) + "\n")
 
 
-def load_training_examples(cfg: TrainConfig, tokenizer, objective: Objective) -> list[TrainExample]:
-    """Tokenized examples with negatives, reference log-probs and rewards as the loss needs them."""
-    spec = objective.spec
+def load_training_examples(cfg: TrainConfig, tokenizer, objective: Objective, *, vocab_size: int | None = None,
+                           report: OverlongReport | None = None) -> list[TrainExample]:
+    """Tokenized examples with negatives, reference log-probs and rewards as the loss needs them.
+
+    ``vocab_size``: the model's; token ids outside ``[0, vocab_size)`` are a :class:`DataError`.
+    ``report`` counts the rows longer than ``cfg.max_length`` (see :func:`build_examples`).
+    """
+    spec, loss = objective.spec, objective.spec.name
     if spec.needs_negatives and not cfg.negatives:
-        raise ValueError(f"loss {cfg.loss!r} needs sampled negatives: pass --negatives (the generate stage's output)")
+        raise ValueError(f"loss {loss!r} needs sampled negatives: pass --negatives (the generate stage's output)")
     records = read_prompt_records(cfg.data)
-    samples = read_sample_records(cfg.negatives) if spec.needs_negatives else None
+    samples = read_sample_records(cfg.negatives, vocab_size=vocab_size) if spec.needs_negatives else None
     examples = build_examples(tokenizer, records, samples, num_negatives=cfg.num_negatives,
-                              max_length=cfg.max_length, use_chat_template=cfg.use_chat_template)
+                              max_length=cfg.max_length, use_chat_template=cfg.model.use_chat_template,
+                              overlong=cfg.overlong, vocab_size=vocab_size, report=report)
     if spec.needs_ref_logps:
         location = Path(cfg.ref_logps) if cfg.ref_logps else Path(cfg.negatives).parent
         path = cache_path(location, examples_fingerprint(examples)) if location.is_dir() else location
         if not path.exists():
-            raise FileNotFoundError(f"loss {cfg.loss!r} needs reference log-probs, but {path} does not exist: run "
+            raise FileNotFoundError(f"loss {loss!r} needs reference log-probs, but {path} does not exist: run "
                                     f"`python -m dftkern.train ref-logps --model REF --data {cfg.data} --negatives "
                                     f"{cfg.negatives}` first (with the same --num-negatives/--max-length)")
         attach_ref_logps(examples, path)
     if spec.needs_rewards and any(e.rewards is None for e in examples):
-        raise ValueError(f"loss {cfg.loss!r} needs rewards: generate the negatives with --reward module:function")
+        raise ValueError(f"loss {loss!r} needs rewards: generate the negatives with --reward module:function")
     return examples
-
-
-def _resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    if resume is None:
-        return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    path = Path(resume)
-    if not (path / "trainer_state.pt").is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no trainer_state.pt)")
-    return path
 
 
 @torch.no_grad()
@@ -310,7 +340,7 @@ def _heldout_pos_logp(wrapper, examples, ctx: DistContext, *, batch_size: int, p
 def train(cfg: TrainConfig, *, on_step_end: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Run the train stage. ``on_step_end(step, metrics)`` is called after every optimizer step
     (after any checkpoint of that step), e.g. to stop early or to log elsewhere."""
-    ctx = init_distributed(cfg.device)
+    ctx = init_distributed(cfg.model.device)
     try:
         return _train(cfg, ctx, on_step_end)
     finally:
@@ -318,24 +348,29 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int, dict], None] | None =
 
 
 def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
-    run_dir = Path(cfg.out)
+    run_dir, device, optim = Path(cfg.out), ctx.device, cfg.optim
+    settings = flat_values(cfg)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir)  # .tmp-*/.old-* left by a save that was killed
     ctx.barrier()
-    resume_from = _resolve_resume(cfg.resume, run_dir)
-    resumed = read_trainer_state(resume_from) if resume_from else None
-    torch.manual_seed(cfg.seed)
 
-    device = ctx.device
+    # -- model (from the newest intact checkpoint when resuming) ---------------------------------
+    def load(path: str, strict: bool = True):
+        # under FSDP2 every rank loads on CPU, shards, then moves only its shard to the device
+        m = cfg.model
+        causal_lm = load_causal_lm(path, attn=m.attn, device="cpu" if ctx.distributed else device,
+                                   attn_device=device, dtype=torch.float32, trust_remote_code=m.trust_remote_code,
+                                   strict=strict)
+        return load_tokenizer(path, trust_remote_code=m.trust_remote_code), causal_lm
+
+    resume = load_resume_point(cfg.resume, run_dir, ctx, settings=settings, load=load, param_order=_optimizer_order)
+    torch.manual_seed(optim.seed)
+    tokenizer, causal_lm = (resume.tokenizer, resume.causal_lm) if resume else load(cfg.model.path, strict=False)
     autocast_dtype = None
     if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
                                    and torch.cuda.is_bf16_supported()):
         autocast_dtype = torch.bfloat16
-    model_dir = str(resume_from) if resume_from else cfg.model
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
-    # under FSDP2 every rank loads on CPU, shards, then moves only its shard to the device
-    causal_lm = load_causal_lm(model_dir, attn=cfg.attn, device="cpu" if ctx.distributed else device,
-                               attn_device=device, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
     packed = use_packing(cfg.packing, causal_lm.config._attn_implementation)
     if cfg.gradient_checkpointing:
         if hasattr(causal_lm, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -344,62 +379,68 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
             causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     causal_lm.train()
 
-    objective = Objective(cfg.objective_config(),
-                          positive_first=not (cfg.on_policy and cfg.objective_config().spec.family == "group"))
-    offline = None
-    if cfg.on_policy:
-        records = read_prompt_records(cfg.data)
-        num_examples = len(records)
-        if cfg.offline_mix > 0:  # the offline negatives that part of every batch is drawn from
-            offline = OfflineExamples(load_training_examples(cfg, tokenizer, objective))
-    else:
-        offline = OfflineExamples(load_training_examples(cfg, tokenizer, objective))
-        num_examples = offline.num_examples
+    # -- data ------------------------------------------------------------------------------------
+    family = cfg.objective.spec.family
+    objective = Objective(cfg.objective, positive_first=not (cfg.on_policy and family == "group"))
+    vocab = vocab_size(causal_lm)
+    overlong = OverlongReport()
+    offline = None  # the offline training set (with on-policy sampling only for the offline mix)
+    if cfg.on_policy is None or cfg.on_policy.offline_mix > 0:
+        offline = OfflineExamples(load_training_examples(cfg, tokenizer, objective, vocab_size=vocab, report=overlong))
+    records = read_prompt_records(cfg.data) if cfg.on_policy else None
+    num_examples = len(records) if records is not None else offline.num_examples
     heldout = None
     if cfg.eval_data:
         heldout = build_examples(tokenizer, read_prompt_records(cfg.eval_data), max_length=cfg.max_length,
-                                 use_chat_template=cfg.use_chat_template)
-    state = None
-    if objective.spec.family == "dft":
-        state = dftkern.DFTState(num_examples, init=cfg.dft_u_init).to(device)
+                                 use_chat_template=cfg.model.use_chat_template, overlong=cfg.overlong,
+                                 vocab_size=vocab, report=overlong)
+    if ctx.is_main:
+        note(overlong.message("train"))
+    state = dftkern.DFTState(num_examples, init=cfg.objective.dft_u_init).to(device) if family == "dft" else None
 
+    # -- model wrapper, optimizer, schedule, example source ------------------------------------------
     wrapper = PolicyWithLoss(causal_lm, objective, autocast_dtype=autocast_dtype)
     if ctx.distributed:
         shard_model(wrapper, causal_lm)
         wrapper.to(device)
-    optimizer = torch.optim.AdamW(_param_groups(wrapper, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    order = ExampleOrder(num_examples, cfg.batch_size, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
-                         shuffle=cfg.shuffle)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.batches_per_epoch / cfg.grad_accum))
+    optimizer = torch.optim.AdamW(_param_groups(wrapper, optim.weight_decay), lr=optim.lr,
+                                  betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps)
+    order = ExampleOrder(num_examples, optim.batch_size, seed=optim.seed, rank=ctx.rank, world_size=ctx.world_size,
+                         shuffle=optim.shuffle)
+    total_steps = optim.max_steps or max(1, math.ceil(optim.epochs * order.batches_per_epoch / optim.grad_accum))
+    warmup = optim.warmup_steps if optim.warmup_steps is not None else round(optim.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup, optim.min_lr_ratio))
+    source: ExampleSource = offline
     if cfg.on_policy:
-        source = OnPolicyExamples(cfg.on_policy_config(), records, tokenizer, objective, order,
-                                  grad_accum=cfg.grad_accum, total_steps=total_steps, seed=cfg.seed,
-                                  max_length=cfg.max_length, use_chat_template=cfg.use_chat_template,
-                                  wrapper=wrapper, causal_lm=causal_lm, ctx=ctx, packed=packed, offline=offline)
-    else:
-        source = offline
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup, cfg.min_lr_ratio))
+        sampler = PolicySampler(wrapper, causal_lm, tokenizer, ctx, sampling=cfg.on_policy.sampling,
+                                batch_size=cfg.on_policy.generation_batch_size, packed=packed)
+        prompts = PromptSet.encode(tokenizer, records, use_chat_template=cfg.model.use_chat_template,
+                                   max_length=cfg.max_length)
+        source = OnPolicyExamples(cfg.on_policy, prompts, sampler, order, family=family,
+                                  needs_ref_logps=objective.spec.needs_ref_logps, grad_accum=optim.grad_accum,
+                                  total_steps=total_steps, seed=optim.seed, offline=offline)
 
-    step, micro_batch = 0, 0
-    if resumed is not None:
-        if resumed["world_size"] != ctx.world_size:
-            raise ValueError(f"{resume_from} was written by {resumed['world_size']} process(es); resume with the "
-                             f"same number (this run has {ctx.world_size}) to continue the same data order")
-        load_optimizer_state(wrapper, optimizer, resumed["optimizer"], ctx)
-        scheduler.load_state_dict(resumed["scheduler"])
+    # -- resume ------------------------------------------------------------------------------------
+    step, micro_batch, nonfinite_run = 0, 0, 0
+    if resume:
+        saved = resume.state
+        if saved.get("num_examples", num_examples) != num_examples:
+            raise ValueError(f"{resume.checkpoint} was written for {saved['num_examples']} training examples, the "
+                             f"data now gives {num_examples}; resume with the same data, or train into a new --out")
+        load_optimizer_state(wrapper, optimizer, saved["optimizer"], ctx)
+        scheduler.load_state_dict(saved["scheduler"])
         if state is not None:
-            state.load_state_dict(resumed["dft_state"])
-        restore_rng_state(resumed["rng"][ctx.rank])
-        source.load_state_dict(resumed["source"][ctx.rank])
-        step, micro_batch = resumed["step"], resumed["micro_batch"]
+            state.load_state_dict(saved["dft_state"])
+        restore_rng_state(saved["rng"][ctx.rank], source=resume.checkpoint)
+        source.load_state_dict(saved["source"][ctx.rank])
+        step, micro_batch = saved["step"], saved["micro_batch"]
+        nonfinite_run = int(saved.get("nonfinite_run", 0))
     if ctx.is_main:
         atomic_write_json(run_dir / "train_config.json",
-                          dict(asdict(cfg), world_size=ctx.world_size, packed=packed,
+                          dict(settings, world_size=ctx.world_size, packed=packed,
                                attn=causal_lm.config._attn_implementation, total_steps=total_steps,
                                num_examples=num_examples, dftkern_version=getattr(dftkern, "__version__", None)))
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=step if resumed else None)
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=step if resume else None)
 
     def save(at_step: int) -> Path:
         model_state = full_model_state_dict(wrapper, ctx)
@@ -408,41 +449,51 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         source_states = gather_objects(source.state_dict(), ctx)
         path = None
         if ctx.is_main:
-            trainer_state = {"step": at_step, "micro_batch": micro_batch, "optimizer": optim_state,
-                             "scheduler": scheduler.state_dict(), "rng": rng_states, "source": source_states,
-                             "world_size": ctx.world_size,
-                             "dft_state": state.state_dict() if state is not None else None,
-                             "config": asdict(cfg)}
+            trainer_state = {"step": at_step, "micro_batch": micro_batch, "nonfinite_run": nonfinite_run,
+                             "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng_states,
+                             "source": source_states, "world_size": ctx.world_size, "num_examples": num_examples,
+                             "dft_state": state.state_dict() if state is not None else None, "config": settings}
             path = write_checkpoint(run_dir, at_step, causal_lm=causal_lm, model_state=model_state,
                                     tokenizer=tokenizer, trainer_state=trainer_state, keep_last=cfg.keep_checkpoints)
         ctx.barrier()
         return path or latest_checkpoint(run_dir)
 
+    # -- the loop ----------------------------------------------------------------------------------
     collate_kwargs = dict(pad_token_id=tokenizer.pad_token_id, packed=packed, rows=objective.rows,
                           with_ref_logps=objective.spec.needs_ref_logps, with_rewards=objective.spec.needs_rewards)
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.loss}", unit="step",
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.objective.loss}", unit="step",
                disable=not (cfg.progress and ctx.is_main))
     last_metrics: dict = {}
-    final_checkpoint = resume_from
+    final_checkpoint = resume.checkpoint if resume else None
     while step < total_steps:
         started = time.perf_counter()
         sampling_stats = source.before_step(step, micro_batch)  # on-policy: fresh samples when a window starts
         losses, step_stats, tokens = [], {}, 0
-        for _ in range(cfg.grad_accum):
-            batch: Batch = collate(source.examples(order.batch(micro_batch)), **collate_kwargs).to(device)
+        for _ in range(optim.grad_accum):
+            batch = collate(source.examples(order.batch(micro_batch)), **collate_kwargs).to(device)
             micro_batch += 1
             loss, stats = wrapper(batch, state=state)
-            (loss / cfg.grad_accum).backward()
+            (loss / optim.grad_accum).backward()
             losses.append(loss.detach())
             for key, value in stats.items():
                 step_stats.setdefault(key, []).append(value.detach().float())
             tokens += batch.num_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(wrapper.parameters(), cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(wrapper.parameters(), optim.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        # a non-finite loss or gradient on any process: skip the update (weights and moments unchanged)
+        finite = ctx.all_true(bool(torch.isfinite(torch.stack(losses)).all()) and math.isfinite(grad_norm))
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
+        if finite:
+            optimizer.step()
+            scheduler.step()
+            nonfinite_run = 0
+        else:
+            nonfinite_run += 1
+            with warnings.catch_warnings():  # torch warns when the very first optimizer step was skipped
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         elapsed = time.perf_counter() - started
@@ -450,17 +501,27 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         local = {"loss": torch.stack(losses).mean(), **sampling_stats}
         local.update({k: torch.stack(v).max() if k.endswith("_max") else torch.stack(v).mean()
                       for k, v in step_stats.items()})
-        record = {"step": step, **ctx.reduce(local), "lr": lr, "grad_norm": float(grad_norm),
+        record = {"step": step, **ctx.reduce(local), "lr": lr, "grad_norm": grad_norm,
                   "epoch": micro_batch / order.batches_per_epoch,
                   "tokens_per_s": ctx.sum(tokens) / elapsed, "peak_mem_mb": _peak_memory_mb(device)}
+        if not finite:
+            record["skipped"] = True
         if heldout is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
-            record["eval_pos_logp"] = _heldout_pos_logp(wrapper, heldout, ctx, batch_size=cfg.batch_size,
+            record["eval_pos_logp"] = _heldout_pos_logp(wrapper, heldout, ctx, batch_size=optim.batch_size,
                                                         pad_token_id=tokenizer.pad_token_id, packed=packed)
-        if step % cfg.log_every == 0 or step == total_steps or "eval_pos_logp" in record:
+        record = _with_finite_values(record)
+        if step % cfg.log_every == 0 or step == total_steps or "eval_pos_logp" in record or not finite:
             log.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss="skipped" if record["loss"] is None else f"{record['loss']:.4f}", lr=f"{lr:.2e}")
         bar.update(1)
         last_metrics = record
+        if nonfinite_run >= cfg.max_nonfinite_steps:
+            bar.close()
+            raise NonFiniteLossError(
+                f"train: {nonfinite_run} optimizer step(s) in a row ({step - nonfinite_run + 1}-{step}) had a "
+                f"non-finite loss or gradient norm and were skipped (--max-nonfinite-steps {cfg.max_nonfinite_steps}); "
+                f"stopping. The weights were not updated by them; metrics.jsonl marks them 'skipped'. Look for "
+                f"bad data or reference log-probs, lower --lr, or resume from the newest checkpoint")
         stopping = cfg.stop_after is not None and step >= cfg.stop_after
         if step == total_steps or stopping or (cfg.save_every and step % cfg.save_every == 0):
             final_checkpoint = save(step)
@@ -469,10 +530,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         if stopping:
             break
     bar.close()
+    if ctx.is_main and isinstance(source, OnPolicyExamples):
+        note(source.overlong.message("train (on-policy samples)"))
     if final_checkpoint is None:  # nothing left to do (resumed at the end): keep the checkpoint we have
         final_checkpoint = latest_checkpoint(run_dir)
     if ctx.is_main and cfg.plot and (run_dir / "metrics.jsonl").exists():
         from .plotting import plot_metrics
 
-        plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{run_dir.name} (loss {cfg.loss})")
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png",
+                     title=f"{run_dir.name} (loss {cfg.objective.loss})")
     return TrainResult(run_dir, Path(final_checkpoint), step, last_metrics)

@@ -1,41 +1,25 @@
-"""Small helpers shared by the stages: user callables, dtypes, seeds, atomic writes."""
+"""Small helpers shared by the stages: dtypes, seeds, atomic writes, notices.
+
+(``load_callable`` and ``exact_match`` live in :mod:`.rewards` now; they are re-exported here.)
+"""
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
+import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from .rewards import exact_match, load_callable
+
 __all__ = ["load_callable", "resolve_dtype", "derive_seed", "atomic_write_text", "atomic_write_json",
-           "exact_match", "require_single_process"]
+           "exact_match", "require_single_process", "note"]
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-
-
-def load_callable(spec: str, *, what: str = "callable") -> Callable:
-    """Import ``"package.module:function"`` and return the function."""
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ValueError(f"{what} must look like 'package.module:function', got {spec!r}")
-    module_name, attr = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({err})") from None
-    function = getattr(module, attr, None)
-    if not callable(function):
-        raise ValueError(f"{what} {spec!r}: module {module_name!r} has no callable {attr!r}")
-    return function
-
-
-def exact_match(prompt: str, response: str, reference: str) -> float:
-    """The default task metric: 1.0 when the response equals the reference (surrounding whitespace ignored)."""
-    return 1.0 if response.strip() == reference.strip() else 0.0
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -81,3 +65,9 @@ def require_single_process(stage: str) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError(f"the {stage} stage runs in a single process; launch it with python, not torchrun "
                            f"(only 'train' is distributed)")
+
+
+def note(message: str | None) -> None:
+    """Print a one-line notice for the user on stderr (nothing for None)."""
+    if message:
+        print(f"dftkern.train: {message}", file=sys.stderr, flush=True)

@@ -75,14 +75,22 @@ def test_checkpoint_writes_are_atomic_and_pruned(tmp_path):
                          trainer_state={"step": step}, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
 
-    class Unsaveable:
-        def __reduce__(self):
-            raise RuntimeError("disk full")
+    def disk_full(*args, **kwargs):  # the trainer state is no longer pickled: fail the model write instead
+        raise RuntimeError("disk full")
 
+    model.save_pretrained = disk_full
     with pytest.raises(RuntimeError, match="disk full"):  # a failed write leaves no step-4 and no temp dir
         write_checkpoint(tmp_path, 4, causal_lm=model, model_state=state, tokenizer=tokenizer,
-                         trainer_state={"step": 4, "bad": Unsaveable()})
+                         trainer_state={"step": 4})
     assert latest_checkpoint(tmp_path).name == "step-00000003"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+
+    class Unsaveable:  # not plain data: refused before anything is written (it would have needed pickle)
+        pass
+
+    with pytest.raises(TypeError, match="cannot store a Unsaveable"):
+        write_checkpoint(tmp_path, 4, causal_lm=model, model_state=state, tokenizer=tokenizer,
+                         trainer_state={"step": 4, "bad": Unsaveable()})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
 
 

@@ -28,3 +28,14 @@ def subprocess_env() -> dict:
 def starts_with_one(prompt: str, response: str, reference: str) -> float:
     """A reward a random tiny model can learn in a few dozen steps (on-policy tests)."""
     return 1.0 if response.startswith("1") else 0.0
+
+
+def small_run(workspace, out, **overrides):
+    """A TrainConfig for a few quick offline steps on the test workspace (CPU, no plot, no bars);
+    ``overrides`` replace any setting."""
+    from dftkern.train.trainer import TrainConfig
+
+    base = dict(model=str(workspace.model), data=str(workspace.data), negatives=str(workspace.negatives),
+                out=str(out), loss="dft", batch_size=4, max_steps=3, lr=1e-3, device="cpu", progress=False,
+                plot=False)
+    return TrainConfig(**{**base, **overrides})

@@ -1,0 +1,262 @@
+"""Records: read and validate (prompt, good answer) data and sampled negatives; nothing is tokenized here.
+
+Record files are JSON Lines (``.jsonl``/``.json``, one object per line) or Parquet (``.parquet``,
+read with the ``datasets`` library). A record is either
+
+* ``{"prompt": str, "response": str}``, or
+* ``{"messages": [{"role": ..., "content": ...}, ..., {"role": "assistant", "content": ...}]}``
+  (the last message is the answer; everything before it is the prompt),
+
+with an optional ``"id"`` (string or integer; default: the record's 0-based position). A negatives
+file (the generate stage's output) has one line per prompt: ``{"prompt_id", "responses",
+"response_token_ids"}`` and optionally ``"rewards"`` and ``"positive_reward"``.
+
+Any problem is a :class:`DataError` naming the file, the 1-based line (Parquet: the row) and the
+field: malformed JSON, bytes that are not UTF-8 (the field holding them when they are inside a
+string), wrong types, duplicate ids, empty token lists, token ids outside the model's vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DataError", "PromptRecord", "SampleRecord", "read_prompt_records", "read_sample_records"]
+
+
+class DataError(ValueError):
+    """A malformed data file or record; the message names the file, the line (or row) and the field."""
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One (prompt, good answer) example.
+
+    Exactly one of ``prompt`` (plain text) and ``messages`` (the chat turns before the answer) is set.
+    ``where`` is ``"file:line"`` (or ``"file:row N"``) for error messages.
+    """
+
+    prompt_id: str
+    response: str
+    prompt: str | None = None
+    messages: tuple[dict, ...] | None = None
+    where: str = ""
+
+    def prompt_messages(self) -> list[dict]:
+        """The prompt as chat messages (a plain prompt becomes one user message)."""
+        if self.messages is not None:
+            return [dict(m) for m in self.messages]
+        return [{"role": "user", "content": self.prompt}]
+
+    def prompt_text(self) -> str:
+        """A readable one-string form of the prompt (plain prompt, or the last user turn)."""
+        if self.prompt is not None:
+            return self.prompt
+        return str(self.messages[-1]["content"]) if self.messages else ""
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """The K sampled responses for one prompt (one line of a ``generate`` output file).
+
+    ``response_token_ids[j]`` are the exact sampled token ids of response j (EOS included when the
+    sample finished), ``rewards`` the optional reward of each response, ``positive_reward`` the
+    optional reward of the data's good answer.
+    """
+
+    prompt_id: str
+    responses: tuple[str, ...]
+    response_token_ids: tuple[tuple[int, ...], ...]
+    rewards: tuple[float, ...] | None = None
+    positive_reward: float | None = None
+    where: str = ""
+
+
+def _undecodable_field(value, name: str = "") -> tuple[str, int] | None:
+    """``(field path, byte)`` of the first string in a parsed JSON value holding a byte that was not
+    UTF-8 (decoded with ``surrogateescape``, such a byte is the character U+DC80 + byte)."""
+    if isinstance(value, str):
+        for char in value:
+            if "\udc80" <= char <= "\udcff":
+                return name, ord(char) - 0xDC00
+        return None
+    if isinstance(value, dict):
+        items = ((f"{name}.{k}" if name else str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{name}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for child_name, child in items:
+        found = _undecodable_field(child, child_name)
+        if found:
+            return found
+    return None
+
+
+def _iter_json_lines(path: Path) -> Iterable[tuple[int, dict]]:
+    """Yield (1-based line number, object) for each non-blank line; bad JSON or bytes that are not
+    UTF-8 are a DataError naming the line (and the field, when the bad bytes are inside a string)."""
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+                raw = raw[3:]
+            line = raw.decode("utf-8", errors="surrogateescape")
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    raise DataError(f"{path}:{line_no}: not valid UTF-8 (byte 0x{raw[bad.start]:02x} at byte "
+                                    f"{bad.start + 1} of the line)") from None
+                raise DataError(f"{path}:{line_no}: invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+            found = _undecodable_field(obj)
+            if found:
+                raise DataError(f"{path}:{line_no}: field '{found[0]}' is not valid UTF-8 (byte 0x{found[1]:02x}); "
+                                f"data files must be UTF-8")
+            yield line_no, obj
+
+
+def _iter_rows(path: str | os.PathLike) -> Iterable[tuple[str, dict]]:
+    """Yield (location, record dict) from a JSONL or Parquet file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        for line_no, obj in _iter_json_lines(path):
+            yield f"{path}:{line_no}", obj
+    elif suffix == ".parquet":
+        import datasets
+
+        table = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+        for row_no, obj in enumerate(table, start=1):
+            yield f"{path}:row {row_no}", obj
+    else:
+        raise DataError(f"{path}: unsupported data file type {suffix!r} (use .jsonl, .json or .parquet)")
+
+
+def _record_id(obj: dict, where: str, position: int) -> str:
+    value = obj.get("id")
+    if value is None:
+        return str(position)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataError(f"{where}: field 'id' must be a string or an integer, got {type(value).__name__}")
+    return str(value)
+
+
+def _parse_messages(value, where: str) -> tuple[tuple[dict, ...], str]:
+    if not isinstance(value, (list, tuple)) or len(value) < 2:
+        raise DataError(f"{where}: field 'messages' must be a list of at least 2 messages "
+                        f"(prompt turns, then the assistant answer)")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: field 'messages[{i}]' must be an object, got {type(message).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                raise DataError(f"{where}: field 'messages[{i}].{key}' must be a string, got "
+                                f"{type(message.get(key)).__name__}")
+        messages.append({"role": message["role"], "content": message["content"]})
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: field 'messages[{len(messages) - 1}].role' must be 'assistant' (the last "
+                        f"message is the answer), got {messages[-1]['role']!r}")
+    return tuple(messages[:-1]), messages[-1]["content"]
+
+
+def read_prompt_records(path: str | os.PathLike) -> list[PromptRecord]:
+    """Read and validate (prompt, good answer) records; see the module docstring for the format.
+
+    Raises:
+        DataError: a malformed line/row (naming file, line and field), duplicate ids, or an empty file.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    records: list[PromptRecord] = []
+    seen: dict[str, str] = {}
+    for position, (where, obj) in enumerate(_iter_rows(path)):
+        prompt_id = _record_id(obj, where, position)
+        if obj.get("messages") is not None:
+            if obj.get("prompt") is not None:
+                raise DataError(f"{where}: give either field 'messages' or field 'prompt', not both")
+            messages, response = _parse_messages(obj["messages"], where)
+            record = PromptRecord(prompt_id, response, messages=messages, where=where)
+        else:
+            for key in ("prompt", "response"):
+                if key not in obj or obj[key] is None:
+                    raise DataError(f"{where}: missing field '{key}' (a record needs 'prompt' and 'response', "
+                                    f"or 'messages')")
+                if not isinstance(obj[key], str):
+                    raise DataError(f"{where}: field '{key}' must be a string, got {type(obj[key]).__name__}")
+            record = PromptRecord(prompt_id, obj["response"], prompt=obj["prompt"], where=where)
+        if prompt_id in seen:
+            raise DataError(f"{where}: field 'id' {prompt_id!r} duplicates the record at {seen[prompt_id]}")
+        seen[prompt_id] = where
+        records.append(record)
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def _float_list(value, where: str, name: str, length: int) -> tuple[float, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) != length:
+        raise DataError(f"{where}: field '{name}' must be a list of {length} numbers")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise DataError(f"{where}: field '{name}' must hold numbers, got {type(v).__name__}")
+    return tuple(float(v) for v in value)
+
+
+def read_sample_records(path: str | os.PathLike, *, vocab_size: int | None = None) -> dict[str, SampleRecord]:
+    """Read a ``generate`` output file into ``{prompt_id: SampleRecord}``.
+
+    Each line: ``{"prompt_id", "responses": [str] * K, "response_token_ids": [[int]] * K}`` plus the
+    optional ``"rewards": [float] * K`` and ``"positive_reward": float``. Every token list must be
+    non-empty and, with ``vocab_size`` (the model's vocabulary size V), hold ids in ``[0, V)``.
+
+    Raises:
+        DataError: naming the file, the line and the field.
+    """
+    samples: dict[str, SampleRecord] = {}
+    for where, obj in _iter_rows(path):
+        prompt_id = obj.get("prompt_id")
+        if isinstance(prompt_id, bool) or not isinstance(prompt_id, (str, int)):
+            raise DataError(f"{where}: field 'prompt_id' must be a string or an integer")
+        prompt_id = str(prompt_id)
+        responses = obj.get("responses")
+        if not isinstance(responses, (list, tuple)) or not responses or \
+                not all(isinstance(r, str) for r in responses):
+            raise DataError(f"{where}: field 'responses' must be a non-empty list of strings")
+        token_ids = obj.get("response_token_ids")
+        if not isinstance(token_ids, (list, tuple)) or len(token_ids) != len(responses):
+            raise DataError(f"{where}: field 'response_token_ids' must be a list of {len(responses)} token lists")
+        for j, ids in enumerate(token_ids):
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                             and t >= 0 for t in ids):
+                raise DataError(f"{where}: field 'response_token_ids[{j}]' must be a list of token ids (ints >= 0)")
+            if not ids:
+                raise DataError(f"{where}: field 'response_token_ids[{j}]' is empty (a response needs at least one "
+                                f"token)")
+            if vocab_size is not None and max(ids) >= vocab_size:
+                t = next(t for t, token in enumerate(ids) if token >= vocab_size)
+                raise DataError(f"{where}: field 'response_token_ids[{j}][{t}]' is {ids[t]}, outside the model's "
+                                f"vocabulary [0, {vocab_size}) (negatives sampled with another model or tokenizer?)")
+        rewards = obj.get("rewards")
+        if rewards is not None:
+            rewards = _float_list(rewards, where, "rewards", len(responses))
+        positive_reward = obj.get("positive_reward")
+        if positive_reward is not None:
+            if isinstance(positive_reward, bool) or not isinstance(positive_reward, (int, float)):
+                raise DataError(f"{where}: field 'positive_reward' must be a number")
+            positive_reward = float(positive_reward)
+        if prompt_id in samples:
+            raise DataError(f"{where}: prompt_id {prompt_id!r} appears twice (also at {samples[prompt_id].where})")
+        samples[prompt_id] = SampleRecord(prompt_id, tuple(responses), tuple(tuple(ids) for ids in token_ids),
+                                          rewards, positive_reward, where)
+    return samples
