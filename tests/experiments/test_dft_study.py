@@ -294,6 +294,12 @@ def test_quick_study_writes_the_pinned_schema(quick_study):
     assert dpo["sft_lr"] == results["methods"]["sft"]["lr"]
     assert dpo["steps"] == [s + d for s, d in zip(dpo["sft_steps"], dpo["dpo_steps"])]
     assert all(d >= 1 for d in dpo["dpo_steps"])
+    for seed in (0, 1):  # the DPO data are sampled once per seed, never by two runs at the same time
+        dpo_dir = work / f"seed-{seed}" / "dpo" / f"sft-lr-{dpo['sft_lr']:g}"
+        sampled = [json.loads(line)["prompt_id"] for line in (dpo_dir / "samples.jsonl").read_text().splitlines()]
+        assert len(sampled) == len(set(sampled)) == cfg["num_train"]
+        pairs = (dpo_dir / "pairs.jsonl").read_text().splitlines()
+        assert len(pairs) == dpo["num_pairs"][seed]
     assert len(results["base"]["accuracy"]) == 2 and "train_samples_correct" in results["base"]
     for check in results["base"]["gradient_check"]:
         for sampler in ("main", "exact"):
@@ -303,6 +309,7 @@ def test_quick_study_writes_the_pinned_schema(quick_study):
             assert row["ratio_many"] < row[f"ratio_k{check['k']}"]
     assert cfg["command"].startswith("python -m dftkern.experiments.dft_study --quick")
     assert cfg["wall_seconds"] > 0 and cfg["environment"]["torch"] == torch.__version__
+    assert [i["finished"] for i in cfg["invocations"]] == [True]
     assert "| dft |" in stdout and "| ablation: exact_sampling |" in stdout
     md = (out / "results.md").read_text()
     assert "Paired comparisons with sft" in md and cfg["command"] in md

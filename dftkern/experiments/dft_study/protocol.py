@@ -403,6 +403,8 @@ def prepare_dpo(cfg: StudyConfig, seed: int, sft_lr: float, root: str | Path) ->
     done = out / "prepared.json"
     if done.exists():
         return json.loads(done.read_text())
+    if out.exists():  # an interrupted preparation: start it over
+        shutil.rmtree(out)
     sft = json.loads((_run_dir(root, seed, "sft", sft_lr) / "summary.json").read_text())
     paths = split_paths(root)
     samples = _sample(sft["model"], paths["train"], out / "samples.jsonl", num_samples=cfg.dpo_samples,

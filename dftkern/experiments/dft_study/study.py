@@ -6,8 +6,10 @@ Tasks and their order (at most ``cfg.workers`` processes, one torch thread each)
 1. ``prepare(seed)`` — base model, negatives, reference log-probs (:func:`.protocol.prepare_seed`);
 2. ``arm(seed, arm, lr)`` for every one-stage arm and every lr of its grid, once ``prepare(seed)`` is
    done (:func:`.protocol.run_arm`);
-3. ``dpo(seed, lr)`` once every seed's ``sft`` runs are done: the SFT learning rate is selected first
-   (validation), then DPO runs from that SFT model with each lr of the DPO grid (:func:`.protocol.run_dpo`).
+3. ``dpo_prepare(seed)`` once every seed's ``sft`` runs are done: the SFT learning rate is selected
+   first (validation), then the seed's SFT model samples the DPO pairs (:func:`.protocol.prepare_dpo`);
+   ``dpo(seed, lr)`` then runs DPO from that SFT model with each lr of the DPO grid (:func:`.protocol.run_dpo`);
+4. ``diagnose(seed)``: the gradient check at the base model (:mod:`.diagnostics`).
 
 Learning-rate selection: for each arm, the lr with the highest validation accuracy averaged over the
 seeds (ties: the first in the grid). Test numbers of the other lrs are computed (each run is evaluated
@@ -66,6 +68,8 @@ def _task(kind: str, cfg: StudyConfig, root: str, args: tuple) -> dict:
         return protocol.run_arm(cfg, *args, root)
     if kind == "dpo":
         return protocol.run_dpo(cfg, *args, root)
+    if kind == "dpo_prepare":
+        return protocol.prepare_dpo(cfg, *args, root)
     if kind == "diagnose":
         return gradient_check(cfg, *args, root)
     raise ValueError(f"unknown task kind {kind!r}")
@@ -82,6 +86,9 @@ def select_lr(runs_by_lr: dict[float, list[dict]]) -> float:
 
 
 def _describe(key: tuple, result: dict) -> str:
+    if key[0] == "dpo_prepare":
+        return (f"seed {key[1]} DPO pairs from the sft model (lr {result['sft_lr']:g}): {result['num_pairs']}; "
+                f"its T=0.7 samples correct {100 * result['samples_frac_correct']:.1f}%")
     if key[0] == "diagnose":
         k = result["k"]
         return (f"seed {key[1]} negative term at the base: |g_dft - g_sft| / |g_sft| with K={k}: "
@@ -103,13 +110,14 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _execute(cfg: StudyConfig, root: Path, log) -> tuple[dict, dict, float]:
-    """Run every task (dependency-ordered); returns ``(results by key, selected lrs so far, cpu seconds)``."""
+def _execute(cfg: StudyConfig, root: Path, log) -> tuple[dict, dict]:
+    """Run every task (dependency-ordered); returns ``(results by key, selected lrs)``."""
     arms = {seed: [(arm, lr) for arm in ARMS for lr in cfg.lr_grid[arm]] for seed in cfg.seeds}
     pending: list[tuple] = [("prepare", s) for s in cfg.seeds]
     pending += [("arm", s, arm, lr) for s in cfg.seeds for arm, lr in arms[s] if arm == "sft"]
     pending += [("arm", s, arm, lr) for s in cfg.seeds for arm, lr in arms[s] if arm != "sft"]
     pending += [("diagnose", s) for s in cfg.seeds]
+    pending += [("dpo_prepare", s) for s in cfg.seeds]
     pending += [("dpo", s, lr) for s in cfg.seeds for lr in cfg.lr_grid["sft_dpo"]]
     total = len(pending)
     results: dict[tuple, dict] = {}
@@ -119,17 +127,19 @@ def _execute(cfg: StudyConfig, root: Path, log) -> tuple[dict, dict, float]:
     def ready(key) -> bool:
         if key[0] in ("arm", "diagnose"):
             return ("prepare", key[1]) in results
-        if key[0] == "dpo":
+        if key[0] == "dpo_prepare":
             return all(k in results for k in sft_keys)
+        if key[0] == "dpo":  # after its seed's DPO data exist: two runs must not sample the same file
+            return ("dpo_prepare", key[1]) in results
         return True
 
     def args_of(key) -> tuple:
-        if key[0] == "dpo":
+        if key[0] in ("dpo_prepare", "dpo"):
             if "sft" not in selected:
                 selected["sft"] = select_lr({lr: [results[("arm", s, "sft", lr)] for s in cfg.seeds]
                                              for lr in cfg.lr_grid["sft"]})
                 log(f"      sft lr selected on validation: {selected['sft']:g} (DPO starts from it)")
-            return (key[1], selected["sft"], key[2])
+            return (key[1], selected["sft"], *key[2:])
         return key[1:]
 
     if cfg.workers == 1:
@@ -143,10 +153,9 @@ def _execute(cfg: StudyConfig, root: Path, log) -> tuple[dict, dict, float]:
                 log(f"[{len(results)}/{total}] {_describe(key, results[key])}")
         finally:
             torch.set_num_threads(threads)
-        return results, selected, 0.0  # counted by the caller's process time
+        return results, selected
     import multiprocessing
 
-    children_before = _children_cpu_seconds()
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=context, initializer=_init_worker) as pool:
         running = {}
@@ -161,7 +170,7 @@ def _execute(cfg: StudyConfig, root: Path, log) -> tuple[dict, dict, float]:
                 key = running.pop(future)
                 results[key] = future.result()
                 log(f"[{len(results)}/{total}] {_describe(key, results[key])}")
-    return results, selected, _children_cpu_seconds() - children_before
+    return results, selected
 
 
 def _arm_entry(cfg: StudyConfig, runs_by_lr: dict[float, list[dict]]) -> dict:
@@ -392,27 +401,40 @@ def plot_results(results: dict, path: str | Path) -> Path:
     return path
 
 
+def _record_invocation(work: Path, entry: dict) -> list[dict]:
+    """Append this invocation's time to ``work/timing.json``; a resumed study adds up every invocation."""
+    path = work / "timing.json"
+    timing = json.loads(path.read_text()) if path.exists() else {"invocations": []}
+    timing["invocations"].append(entry)
+    path.write_text(json.dumps(timing, indent=2) + "\n")
+    return timing["invocations"]
+
+
 def run_study(cfg: StudyConfig, *, work: str | Path, out: str | Path | None, command: str, log=print) -> dict:
     """Run (or resume) the whole study in ``work``; write ``results.json``, ``results.md`` and
-    ``accuracy.png`` to ``out`` (when given). Returns the results dict."""
-    started, cpu_started = time.perf_counter(), time.process_time()
+    ``accuracy.png`` to ``out`` (when given). Returns the results dict.
+
+    Every invocation, finished or not, appends its wall and CPU time (this process and its finished
+    worker processes) to ``work/timing.json``; the results report their sum."""
+    started, cpu_started, children_started = time.perf_counter(), time.process_time(), _children_cpu_seconds()
     work = Path(work)
     protocol.write_splits(cfg, work)
     log(f"[dft_study] {len(cfg.seeds)} seeds, work directory {work.resolve()}, {cfg.workers} worker(s)")
-    results, _, cpu_seconds = _execute(cfg, work, log)
+    finished = False
+    try:
+        results, _ = _execute(cfg, work, log)
+        finished = True
+    finally:
+        invocations = _record_invocation(work, {
+            "command": command, "wall_seconds": round(time.perf_counter() - started, 1),
+            "cpu_seconds": round(time.process_time() - cpu_started + _children_cpu_seconds() - children_started, 1),
+            "workers": cfg.workers, "finished": finished})
     prepared = {s: results[("prepare", s)] for s in cfg.seeds}
     summary = aggregate(cfg, results, prepared)
-    # a resumed study adds up the time of every invocation that worked in this directory
-    timing_path = work / "timing.json"
-    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"invocations": []}
-    timing["invocations"].append({"command": command, "wall_seconds": round(time.perf_counter() - started, 1),
-                                  "cpu_seconds": round(cpu_seconds + time.process_time() - cpu_started, 1),
-                                  "workers": cfg.workers})
-    timing_path.write_text(json.dumps(timing, indent=2) + "\n")
     summary["config"].update({
-        "command": command, "wall_seconds": round(sum(i["wall_seconds"] for i in timing["invocations"]), 1),
-        "cpu_seconds": round(sum(i["cpu_seconds"] for i in timing["invocations"]), 1),
-        "invocations": timing["invocations"], "environment": environment()})
+        "command": command, "wall_seconds": round(sum(i["wall_seconds"] for i in invocations), 1),
+        "cpu_seconds": round(sum(i["cpu_seconds"] for i in invocations), 1),
+        "invocations": invocations, "environment": environment()})
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -420,5 +442,3 @@ def run_study(cfg: StudyConfig, *, work: str | Path, out: str | Path | None, com
         (out / "results.md").write_text(format_results_md(summary))
         plot_results(summary, out / "accuracy.png")
     return summary
-
-
