@@ -22,7 +22,7 @@ from .config import ABLATIONS, METHODS, StudyConfig
 __all__ = ["STUDY_LRS", "one_seed_config", "run_one_seed", "format_one_seed_table", "study_pointer", "main"]
 
 #: learning rates selected on validation by the committed study (docs/dft_study/results.json)
-STUDY_LRS = {"sft": 3e-3, "sft_mean": 1e-3, "dft": 1e-3, "dft2": 1e-3, "exact_sampling": 1e-3, "filtered": 1e-3,
+STUDY_LRS = {"sft": 1e-3, "sft_mean": 1e-3, "dft": 3e-4, "dft2": 1e-3, "exact_sampling": 1e-3, "filtered": 1e-3,
              "sft_dpo": 1e-5}
 
 _STUDY_DOC = "docs/dft_study.md"
