@@ -383,3 +383,18 @@ def test_one_seed_runner_prints_its_table_and_points_to_the_study(tmp_path):
     from dftkern.experiments.dft_study.one_seed import STUDY_LRS
 
     assert {m: results["methods"][m]["lr"] for m in METHODS} == {m: STUDY_LRS[m] for m in METHODS}
+
+
+def test_one_seed_learning_rates_are_the_committed_study_selection():
+    """The main job runs at the lrs the committed study chose on validation; a rerun that selects others
+    must update :data:`STUDY_LRS` (and the committed results) together."""
+    from dftkern.experiments.dft_study.one_seed import STUDY_LRS
+
+    path = REPO_ROOT / "docs" / "dft_study" / "results.json"
+    if not path.exists():
+        pytest.skip("no committed study results in this checkout")
+    results = json.loads(path.read_text())
+    selected = {name: entry["lr"] for group in ("methods", "ablations") for name, entry in results[group].items()}
+    assert selected == STUDY_LRS
+    for name, lr in selected.items():
+        assert lr in results["config"]["lr_grid"][name]
