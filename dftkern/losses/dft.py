@@ -43,7 +43,8 @@ def fused_dft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
                    variant: str = "dft", ignore_index: int = -100, temperature: float = 1.0,
                    softcap: float | None = None, bias: torch.Tensor | None = None, return_stats: bool = False,
                    cu_seqlens=None, backend: str = "auto", chunk_bytes: int | None = None,
-                   schedule: str = "auto", validate: bool | None = None):
+                   schedule: str = "auto", validate: bool | None = None,
+                   valid_positions: torch.Tensor | None = None, accum_dtype="fp32"):
     """DFT / DFT2 loss with fused log-probs (no ``[N, V]`` logits).
 
     Args:
@@ -61,6 +62,11 @@ def fused_dft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         tau: in [1e-6, 1e6]; None -> the paper's default for the variant (DFT 1.0, DFT2 0.3).
         gamma: in (0, 1]; None -> the variant's default (DFT 0.85, DFT2 0.9).
         schedule: "auto" | "fused" (gradients computed in the forward, 6NHV) | "recompute" (8NHV).
+        valid_positions: optional int64 1-D tensor (CPU preferred) of the flat positions of
+            ``labels`` that are not ``ignore_index``, increasing; saves the engine's one host sync
+            on CUDA (see :func:`dftkern.fused_token_loss`).
+        accum_dtype: ``dW`` accumulation across chunks: "fp32" (default) or the weight's dtype
+            ("weight"); see :func:`dftkern.fused_linear_cross_entropy`.
         return_stats: bool; also return a dict of detached tensors: ``seq_logps [R]`` (sums),
             ``token_counts [R]``, ``scores [G, 1+K]`` (s, or s̄ for dft2), ``d [G, K]``,
             ``weights [G, K]`` (omega), ``u [G]`` (the normalizer used), ``group_losses [G]`` and
@@ -127,7 +133,8 @@ def fused_dft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     loss, seq_logps, counts, stats = grouped_sequence_loss(
         hidden, weight, labels, rows_per_group=1 + k, group_loss=group_loss, cu_seqlens=cu_seqlens, bias=bias,
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
-        chunk_bytes=chunk_bytes, schedule=schedule, validate=validate)
+        chunk_bytes=chunk_bytes, schedule=schedule, validate=validate, valid_positions=valid_positions,
+        accum_dtype=accum_dtype)
     if pending:  # every group was evaluated: commit the state once (finite, non-empty groups only)
         state.write(ids, torch.cat([u for u, _ in pending]), update=torch.cat([m for _, m in pending]))
     if not return_stats:

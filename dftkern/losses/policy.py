@@ -59,7 +59,7 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
                       cu_seqlens=None, bias: torch.Tensor | None = None, ignore_index: int = -100,
                       temperature: float = 1.0, softcap: float | None = None, return_stats: bool = False,
                       backend: str = "auto", chunk_bytes: int | None = None, validate: bool | None = None,
-                      valid_positions: torch.Tensor | None = None):
+                      valid_positions: torch.Tensor | None = None, accum_dtype="fp32"):
     """PPO-clip / GRPO-family policy loss on the fused LM head (formulas in the module doc).
 
     Args:
@@ -82,8 +82,9 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
             lower clip is active), ``clip_fraction_high`` (``r > 1 + eps_high`` and ``A > 0``),
             ``ratio_mean``, ``kl_mean`` (0 without ``ref_logps``), ``entropy_mean``, and
             ``num_tokens``.
-        backend, chunk_bytes, validate, valid_positions, temperature, softcap: as in
-            :func:`dftkern.fused_token_loss`.
+        backend, chunk_bytes, validate, valid_positions, accum_dtype, temperature, softcap: as in
+            :func:`dftkern.fused_token_loss` (``accum_dtype``: "fp32", the default, or the
+            weight's dtype, "weight", for ``dW``).
 
     Returns:
         scalar float32 loss (and stats). 0 when no token is valid.
@@ -143,7 +144,7 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     result = fused_token_loss(
         hidden, weight, labels, token_loss=token_loss, cu_seqlens=cu_seqlens, bias=bias, ignore_index=ignore_index,
         temperature=temperature, softcap=softcap, backend=backend, chunk_bytes=chunk_bytes, validate=validate,
-        valid_positions=valid_positions, return_token_values=return_stats)
+        valid_positions=valid_positions, accum_dtype=accum_dtype, return_token_values=return_stats)
     if not return_stats:
         return result
     loss, logp, entropy = result

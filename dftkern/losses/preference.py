@@ -54,7 +54,8 @@ def fused_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           unlikelihood_alpha: float = 1.0, baseline="mean", cu_seqlens=None,
                           ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
                           bias: torch.Tensor | None = None, return_stats: bool = False, backend: str = "auto",
-                          chunk_bytes: int | None = None, schedule: str = "auto", validate: bool | None = None):
+                          chunk_bytes: int | None = None, schedule: str = "auto", validate: bool | None = None,
+                          valid_positions: torch.Tensor | None = None, accum_dtype="fp32"):
     """A preference / policy-gradient loss on fused sequence log-probs (formulas in the module doc).
 
     Args:
@@ -74,6 +75,11 @@ def fused_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         return_stats: bool; also return ``seq_logps [R]``, ``token_counts [R]``, ``scores [R]``,
             ``group_losses [G]`` and, for dpo/ipo/hinge/simpo, ``margins [G]``; for
             reinforce/rloo ``advantages [R]``.
+        valid_positions: optional int64 1-D tensor (CPU preferred) of the flat positions of
+            ``labels`` that are not ``ignore_index``, increasing; saves the engine's one host sync
+            on CUDA (see :func:`dftkern.fused_token_loss`).
+        accum_dtype: ``dW`` accumulation across chunks: "fp32" (default) or the weight's dtype
+            ("weight"); see :func:`dftkern.fused_linear_cross_entropy`.
     Returns:
         scalar float32 loss (and stats).
     """
@@ -139,7 +145,8 @@ def fused_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     total, seq_logps, counts, stats = grouped_sequence_loss(
         hidden, weight, labels, rows_per_group=group, group_loss=group_loss, token_term=spec.token_term,
         cu_seqlens=cu_seqlens, bias=bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-        backend=backend, chunk_bytes=chunk_bytes, schedule=schedule, validate=validate)
+        backend=backend, chunk_bytes=chunk_bytes, schedule=schedule, validate=validate,
+        valid_positions=valid_positions, accum_dtype=accum_dtype)
     if not return_stats:
         return total
     return total, dict(stats, seq_logps=seq_logps, token_counts=counts)

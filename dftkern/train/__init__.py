@@ -14,6 +14,7 @@ and the parts they share:
 * :mod:`.batching`    — tokenization with prompt masking, label shifting, batches, data order
   (:mod:`.data` re-exports both)
 * :mod:`.objectives`  — which rows each loss sees, and the calls into dftkern's fused losses
+  (sequence-level losses offline and on-policy; the token-level PPO/GRPO family on-policy)
 * :mod:`.onpolicy`    — where examples come from (the ``ExampleSource`` protocol): the offline set,
   or fresh samples through a ``Sampler``; the online-DPO pair rule and the rows per loss family
 * :mod:`.rewards`     — ``RewardFn``, the built-in rewards, resolving reward names
@@ -22,6 +23,8 @@ and the parts they share:
 * :mod:`.checkpoint`, :mod:`.serialization`, :mod:`.resume` — atomic checkpoints without pickle,
   bit-exact resume that skips a damaged checkpoint
 * :mod:`.distributed` — torchrun / FSDP2 plumbing
+* :mod:`.prefix_sharing` — the prompt-shared layout (``--share-prompt``): the backbone runs
+  once over each group's prompt
 * :mod:`.plotting`    — metrics.jsonl -> PNG
 * :mod:`.synthetic`   — the built-in addition task, char tokenizer, tiny Llama
 * :mod:`.default_run` — the built-in experiment chaining all stages
@@ -35,7 +38,7 @@ The stage functions are importable and take one config dataclass each, e.g.
 from .evaluate import EvalConfig, evaluate_model, run_eval
 from .generate import GenerateConfig, SamplingConfig, generate_samples
 from .model import ModelConfig
-from .objectives import LOSS_NAMES, ObjectiveConfig
+from .objectives import LOSS_NAMES, POLICY_LOSS_NAMES, TRAIN_LOSS_NAMES, ObjectiveConfig
 from .onpolicy import OnPolicyConfig
 from .records import DataError
 from .ref_logps import RefLogpsConfig, compute_ref_logps
@@ -45,6 +48,8 @@ from .trainer import NonFiniteLossError, OptimConfig, TrainConfig, TrainResult, 
 __all__ = [
     "DataError",
     "LOSS_NAMES",
+    "POLICY_LOSS_NAMES",
+    "TRAIN_LOSS_NAMES",
     "ModelConfig",
     "ObjectiveConfig",
     "OptimConfig",

@@ -15,6 +15,7 @@ Labels are **shifted here**, because dftkern's fused ops do not shift: for a row
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import warnings
 from collections.abc import Sequence
@@ -40,6 +41,9 @@ __all__ = [
     "examples_fingerprint",
     "shifted_labels",
     "collate",
+    "attach_token_values",
+    "token_values",
+    "valid_label_positions",
     "ExampleOrder",
 ]
 
@@ -110,6 +114,11 @@ class Row:
     def num_response_tokens(self) -> int:
         return len(self.input_ids) - self.prompt_len
 
+    @property
+    def num_label_positions(self) -> int:
+        """Positions that carry a label (:func:`shifted_labels` != -100): the response tokens predicted."""
+        return max(len(self.input_ids) - 1 - max(self.prompt_len - 1, 0), 0)
+
 
 def make_row(prompt_ids: Sequence[int], response_ids: Sequence[int], max_length: int | None) -> Row:
     """Concatenate prompt and response, fitting ``max_length`` tokens.
@@ -145,6 +154,10 @@ class TrainExample:
 
     ``index`` is the example's position in the training set (the DFTState id); ``ref_logps`` the
     reference model's sequence log-prob of each row; ``rewards`` one reward per row.
+
+    Per-token log-probs (on-policy policy losses): ``old_token_logps`` (the sampling policy's) and
+    ``ref_token_logps`` (the initial model's), one float32 tensor per row with one value per
+    label-carrying position of the row (:func:`shifted_labels` != -100), in order.
     """
 
     index: int
@@ -152,6 +165,8 @@ class TrainExample:
     rows: list[Row]
     ref_logps: list[float] | None = None
     rewards: list[float] | None = None
+    old_token_logps: list[torch.Tensor] | None = None
+    ref_token_logps: list[torch.Tensor] | None = None
 
 
 OVERLONG_CHOICES = ("truncate", "drop")
@@ -283,7 +298,12 @@ class Batch:
     (right padding, pad id in ``input_ids``, 0 in the mask, ``-100`` in the labels).
     Packed layout (``packed=True``): ``input_ids``/``position_ids`` are ``[1, N]``, ``labels`` is
     ``[N]`` and ``cu_seqlens`` ``[R+1]`` int32 holds the row boundaries (FlashAttention varlen style).
-    ``ref_logps`` is float32 ``[R]`` (per row), ``rewards`` float32 ``[G, n]``, ``example_ids`` int64 ``[G]``.
+    ``ref_logps`` is float32 ``[R]`` (per row), ``rewards`` float32 ``[G, n]``, ``example_ids`` int64 ``[G]``;
+    ``old_logps`` / ``ref_token_logps`` float32 with the labels' shape (per token, 0 at ignored positions).
+
+    Host metadata: ``valid_positions`` (int64 ``[n]``, the flat positions of ``labels.reshape(-1)``
+    that are not ``-100``, increasing) and ``cu_seqlens`` stay on the CPU in :meth:`to`: the fused
+    losses read them on the host, so a batch moved to CUDA costs the loss no device-to-host sync.
     """
 
     input_ids: torch.Tensor
@@ -297,26 +317,79 @@ class Batch:
     ref_logps: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
     num_tokens: int = 0
+    valid_positions: torch.Tensor | None = None
+    old_logps: torch.Tensor | None = None
+    ref_token_logps: torch.Tensor | None = None
 
     @property
     def num_examples(self) -> int:
         return int(self.example_ids.shape[0])
 
     def to(self, device) -> Batch:
+        """The batch on ``device``; ``cu_seqlens`` and ``valid_positions`` stay on the CPU (computed
+        here from CPU labels when missing, e.g. for a batch built without :func:`collate`)."""
         def move(t):
             return t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
-        return Batch(move(self.input_ids), move(self.labels), move(self.example_ids), self.rows_per_example,
-                     self.packed, move(self.attention_mask), move(self.position_ids), move(self.cu_seqlens),
-                     move(self.ref_logps), move(self.rewards), self.num_tokens)
+        valid = self.valid_positions
+        if valid is None and self.labels.device.type == "cpu":
+            valid = valid_label_positions(self.labels)
+        host = {"cu_seqlens": self.cu_seqlens, "valid_positions": valid}
+        return Batch(**{f.name: host[f.name] if f.name in host else move(getattr(self, f.name))
+                        for f in dataclasses.fields(self)})
+
+    def set_token_values(self, name: str, values: torch.Tensor) -> None:
+        """Set ``old_logps`` or ``ref_token_logps`` from ``values`` ``[n]``: one value per valid label
+        position, in order (:func:`token_values`); placed into a zero tensor of the labels' shape."""
+        if name not in ("old_logps", "ref_token_logps"):
+            raise ValueError(f"name must be 'old_logps' or 'ref_token_logps', got {name!r}")
+        positions = self.valid_positions if self.valid_positions is not None else valid_label_positions(self.labels)
+        if values.numel() != positions.numel():
+            raise ValueError(f"{name}: {values.numel()} per-token values for {positions.numel()} label positions")
+        flat = torch.zeros(self.labels.numel(), dtype=torch.float32, device=self.labels.device)
+        flat[positions.to(flat.device)] = values.to(device=flat.device, dtype=torch.float32)
+        setattr(self, name, flat.view(self.labels.shape))
+
+
+def token_values(examples: Sequence[TrainExample], rows: Sequence[int] | None, name: str) -> torch.Tensor:
+    """float32 ``[n]``: the examples' per-token values ``name`` (``"old_token_logps"`` or
+    ``"ref_token_logps"``) of the kept ``rows``, concatenated row by row: one value per label
+    position, in the order of any layout's valid positions (padded, packed, or the prompt-shared loss view).
+
+    Raises:
+        ValueError: an example lacks them, or a row has another number of values than label positions.
+    """
+    keep = list(range(len(examples[0].rows))) if rows is None else list(rows)
+    parts = []
+    for example in examples:
+        values = getattr(example, name)
+        if values is None:
+            raise ValueError(f"example {example.prompt_id!r} has no {name} (per-token log-probs are recorded by "
+                             f"on-policy sampling)")
+        for r in keep:
+            expected = example.rows[r].num_label_positions
+            if values[r].numel() != expected:
+                raise ValueError(f"example {example.prompt_id!r} row {r}: {values[r].numel()} values in {name} for "
+                                 f"{expected} label positions")
+            parts.append(values[r].reshape(-1).float())
+    return torch.cat(parts)
+
+
+def valid_label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """int64 ``[n]``: the flat positions of ``labels.reshape(-1)`` that are not ``IGNORE_INDEX``, increasing
+    (on ``labels``' device; the collator calls it on CPU labels)."""
+    return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 
 
 def collate(examples: Sequence[TrainExample], *, pad_token_id: int, packed: bool = False,
-            rows: Sequence[int] | None = None, with_ref_logps: bool = False, with_rewards: bool = False) -> Batch:
+            rows: Sequence[int] | None = None, with_ref_logps: bool = False, with_rewards: bool = False,
+            with_old_logps: bool = False, with_ref_token_logps: bool = False) -> Batch:
     """Stack examples into a :class:`Batch`.
 
     Args:
         rows: which rows of every example to keep (default: all; ``[0]`` = positives only).
         with_ref_logps / with_rewards: require and attach the examples' ``ref_logps`` / ``rewards``.
+        with_old_logps / with_ref_token_logps: require the examples' ``old_token_logps`` /
+            ``ref_token_logps`` and attach them per token as ``old_logps`` / ``ref_token_logps``.
     """
     if not examples:
         raise ValueError("collate needs at least one example")
@@ -344,10 +417,12 @@ def collate(examples: Sequence[TrainExample], *, pad_token_id: int, packed: bool
         lengths = [len(row.input_ids) for row in seqs]
         cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
-        return Batch(input_ids=torch.tensor([t for row in seqs for t in row.input_ids])[None],
-                     labels=torch.tensor([t for labels in label_lists for t in labels]),
-                     position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
-                     cu_seqlens=cu, packed=True, **common)
+        labels = torch.tensor([t for labels in label_lists for t in labels])
+        batch = Batch(input_ids=torch.tensor([t for row in seqs for t in row.input_ids])[None], labels=labels,
+                      valid_positions=valid_label_positions(labels),
+                      position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+                      cu_seqlens=cu, packed=True, **common)
+        return attach_token_values(batch, examples, keep, with_old_logps, with_ref_token_logps)
     width = max(len(row.input_ids) for row in seqs)
     input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.int64)
     labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.int64)
@@ -357,7 +432,21 @@ def collate(examples: Sequence[TrainExample], *, pad_token_id: int, packed: bool
         input_ids[i, :n] = torch.tensor(row.input_ids)
         labels[i, :n] = torch.tensor(row_labels)
         attention_mask[i, :n] = 1
-    return Batch(input_ids=input_ids, labels=labels, attention_mask=attention_mask, packed=False, **common)
+    batch = Batch(input_ids=input_ids, labels=labels, attention_mask=attention_mask, packed=False,
+                  valid_positions=valid_label_positions(labels), **common)
+    return attach_token_values(batch, examples, keep, with_old_logps, with_ref_token_logps)
+
+
+def attach_token_values(batch: Batch, examples: Sequence[TrainExample], rows: Sequence[int] | None,
+                        old_logps: bool, ref_token_logps: bool) -> Batch:
+    """Set ``batch.old_logps`` / ``batch.ref_token_logps`` (as asked) from the examples' per-token
+    values (:func:`token_values`); ``batch`` holds the examples' kept ``rows`` in any layout whose
+    valid label positions run row by row (what :func:`collate` and the prompt-shared loss view build)."""
+    if old_logps:
+        batch.set_token_values("old_logps", token_values(examples, rows, "old_token_logps"))
+    if ref_token_logps:
+        batch.set_token_values("ref_token_logps", token_values(examples, rows, "ref_token_logps"))
+    return batch
 
 
 class ExampleOrder:

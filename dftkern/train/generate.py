@@ -1,20 +1,45 @@
-"""Stage 1, ``generate``: K sampled answers per prompt, written as JSONL; resumable.
+"""Stage 1, ``generate``: a pool of M sampled answers per prompt, written as JSONL; resumable.
 
-Output: one line per prompt, written once all its K samples exist::
+Output: one line per prompt, written once all its M samples exist::
 
     {"prompt_id": "17", "prompt": "12+5=", "responses": ["17", ...], "response_token_ids": [[4, 10, 2], ...],
      "finished": [true, ...], "rewards": [1.0, ...], "positive_reward": 1.0}
 
-(``rewards``/``positive_reward`` only with ``--reward``: a built-in name or ``module:function``). Re-running the same command
-skips prompts already in the file (a torn last line from a killed run is dropped first). Settings
-are recorded in ``<out>.meta.json``; resuming with different settings is an error.
+(``rewards``/``positive_reward`` only with ``--reward``: a built-in name or ``module:function``; the
+reward sees the training prompt, never the sampling instruction). Re-running the same command
+skips prompts already in the file (a torn last line from a killed run is dropped first).
 
-Sample ``j`` of prompt ``p`` is drawn with its own generator seeded from ``(seed, p, j)``, so the
-samples do not depend on the batch size, the order of prompts, or on resuming.
+Metadata, ``<out>.meta.json`` (:func:`~.records.generate_meta_path`): the settings that determine
+the samples -- ``model``, ``data``, ``num_samples`` (the pool size M), ``max_new_tokens``,
+``temperature``, ``top_k``, ``top_p``, ``seed``, ``reward``, ``use_chat_template``, ``engine``
+(resolved: ``"hf"`` or ``"vllm"``), ``sample_system_prompt``, ``sample_prompt_template`` -- checked
+when resuming (a change is an error; files from before the last three count as hf / none / none);
+then ``ref_logps_scoring`` (a reminder that ``ref-logps`` scores under the training prompt at
+temperature 1), ``sample_prompt_example`` (the first prompt as the sampler saw it) and
+``pool_stats`` (:func:`~.records.pool_stats`: the fractions of samples equal to the good answer,
+correct by the verifier, and what a filter would drop), rewritten when the file is complete.
+
+Sampling-only instruction (the DFT paper draws UltraFeedback negatives under "You are an unhelpful
+assistant."): ``sample_system_prompt`` adds a system message (chat templates only; prepended to an
+existing system message with a blank line), and/or ``sample_prompt_template`` rewrites the prompt
+text -- the plain prompt, or the last user turn -- as the template with ``{prompt}`` replaced by it
+(works without a chat template). Both change only the prompt the sampler continues: the file
+records the training prompt, and ``ref-logps``/``train`` never see the instruction.
+
+Engines. ``engine="hf"``: sample ``j`` of prompt ``p`` is drawn with its own generator seeded from
+``(seed, p, j)``, so the samples do not depend on the batch size, the order of prompts, or on
+resuming. ``engine="vllm"`` (``--engine vllm``, or ``auto`` when vLLM imports) samples with
+:class:`~dftkern.train.vllm_engine.VLLMSampler`: the same records and metadata, the M samples of a
+prompt in one vLLM request seeded ``request_seed(seed, p)`` (sample ``j`` uses that seed ``+ j``;
+see :mod:`.vllm_engine`), which again do not depend on the batch, the order or resuming -- but are
+not the HF engine's samples. ``GenerateConfig.engine`` defaults to ``"hf"`` (scripts keep their
+samples wherever vLLM is installed); the command line defaults to ``auto``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -26,17 +51,32 @@ from tqdm.auto import tqdm
 
 from .batching import encode_prompt, has_chat_template
 from .model import ModelConfig, dtype_option, load_causal_lm, load_tokenizer, progress_option, resolve_device
-from .options import FlatKeywords, Function, Integer, Number, Text, flat_values, nested, option, validate
-from .records import PromptRecord, read_prompt_records
+from .options import Choice, FlatKeywords, Function, Integer, Number, Text, flat_values, nested, option, validate
+from .records import (
+    DataError,
+    PromptRecord,
+    generate_meta_path,
+    pool_stats_of_file,
+    read_generate_meta,
+    read_prompt_records,
+)
 from .rewards import RewardFn, resolve_reward
 from .util import (
     atomic_write_json,
     derive_seed,
+    note,
     require_single_process,
     resolve_dtype,
 )
+from .vllm_engine import ENGINE_CHOICES, request_seed, resolve_engine
 
-__all__ = ["SamplingConfig", "decode", "eos_token_ids", "GenerateConfig", "generate_samples"]
+__all__ = ["SamplingConfig", "decode", "eos_token_ids", "GenerateConfig", "generate_samples",
+           "encode_sampling_prompt", "REF_LOGPS_SCORING"]
+
+REF_LOGPS_SCORING = ("ref-logps scores every sample under the training prompt (no sampling instruction) at "
+                     "temperature 1")
+# settings missing from the metadata of files written before they existed, and what those files used
+_LEGACY_SETTINGS = {"engine": "hf", "sample_system_prompt": None, "sample_prompt_template": None}
 
 
 @dataclass(frozen=True)
@@ -157,19 +197,23 @@ class GenerateConfig(FlatKeywords):
 
     ``model`` is a :class:`~.model.ModelConfig` or, flat, its path (``GenerateConfig(model="dir",
     data=..., out=..., device="cpu")`` works). ``reward`` is a :data:`~.rewards.RewardFn` or its name.
+    ``engine`` defaults to ``"hf"`` here and to ``"auto"`` on the command line (see the module docstring).
     """
 
     model: ModelConfig = nested(ModelConfig, help_for={"model": "local Hugging Face causal LM directory to sample "
                                                                 "from"})
     data: str = option(spec=Text(), help="prompts: JSONL/Parquet of {prompt, response} or {messages}")
-    out: str = option(spec=Text(), help="output JSONL (one line per prompt; re-running resumes)")
-    num_samples: int = option(4, Integer(low=1), "samples per prompt K", aliases=("-k",))
-    batch_size: int = option(64, Integer(low=1), "sequences decoded together")
+    out: str = option(spec=Text(), help="output JSONL (one line per prompt; re-running resumes); settings and "
+                      "pool statistics go to OUT.meta.json")
+    num_samples: int = option(4, Integer(low=1), "samples per prompt: the pool size M (training may take K of them "
+                              "per epoch, rotating)", aliases=("-k",))
+    batch_size: int = option(64, Integer(low=1), "sequences decoded together (vLLM: sequences per engine call)")
     max_new_tokens: int = option(128, Integer(low=1), "longest sample, in tokens")
-    temperature: float = option(1.0, Number(low=0), "0 = greedy")
+    temperature: float = option(1.0, Number(low=0), "0 = greedy (the DFT paper samples at 0.7)")
     top_k: int = option(0, Integer(low=0), "keep the k most likely tokens; 0 = off")
     top_p: float = option(1.0, Number(low=0, high=1, low_open=True), "nucleus sampling mass; 1.0 = off")
-    seed: int = option(0, Integer(low=0), "sample j of prompt p uses seed (seed, p, j)")
+    seed: int = option(0, Integer(low=0), "hf: sample j of prompt p uses seed (seed, p, j); vllm: the request of "
+                       "prompt p is seeded (seed, p)")
     reward: RewardFn | str | None = option(None, Function(optional=True), "score samples with reward(prompt, "
                                            "response, reference) -> float (needed by rwr/reinforce/rloo): a built-in "
                                            "(exact_match, addition, neg_length, length_peak:MU[:WIDTH]) or "
@@ -178,16 +222,81 @@ class GenerateConfig(FlatKeywords):
     limit: int | None = option(None, Integer(low=1, optional=True), "only the first N prompts")
     dtype: str = dtype_option()
     progress: bool = progress_option()
+    sample_system_prompt: str | None = option(
+        None, Text(optional=True), "a system message used ONLY while sampling, e.g. 'You are an unhelpful "
+        "assistant.' (needs a chat template; ref-logps and train never see it)", metavar="TEXT")
+    sample_prompt_template: str | None = option(
+        None, Text(optional=True), "ONLY while sampling, the prompt (plain prompt, or the last user turn) becomes "
+        "TEMPLATE with {prompt} replaced by it; works without a chat template, e.g. 'Answer wrongly: {prompt}', or "
+        "wrong worked examples for the built-in task: '1+1=3<eos>2+2=5<eos>{prompt}'", metavar="TEMPLATE")
+    engine: str = option("hf", Choice(ENGINE_CHOICES), "sampling engine: hf (transformers, KV cache), vllm (one "
+                         "request of n samples per prompt; runs on the device its build targets, ignores "
+                         "--device/--attn), auto = vllm when importable, else hf",
+                         default_text="auto; GenerateConfig: hf")
+    vllm_gpu_memory_utilization: float | None = option(
+        None, Number(low=0, high=1, low_open=True, optional=True), "with vLLM on GPU: the fraction of device memory "
+        "it may take (default: vLLM's 0.9); on CPU the KV cache is a fixed 256 MiB", metavar="FRACTION")
+    correct_threshold: float | None = option(
+        None, Number(optional=True), "with --reward: a sample counts as correct when its reward >= this (reported in "
+        "OUT.meta.json's pool_stats)", default_text="the good answer's own reward", metavar="REWARD")
 
     def __post_init__(self):
         validate(self)
+        if self.sample_prompt_template is not None and "{prompt}" not in self.sample_prompt_template:
+            raise ValueError(f"sample_prompt_template (--sample-prompt-template) must contain '{{prompt}}' (where the "
+                             f"training prompt goes), got {self.sample_prompt_template!r}")
 
     def settings(self) -> dict:
-        """The settings that determine the samples (checked when resuming)."""
+        """The settings that determine the samples (checked when resuming); ``engine`` as given."""
         keys = ("model", "data", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "reward",
-                "use_chat_template")
+                "use_chat_template", "engine", "sample_system_prompt", "sample_prompt_template")
         flat = flat_values(self)
         return {k: flat[k] for k in keys}
+
+
+def encode_sampling_prompt(tokenizer, record: PromptRecord, *, use_chat_template: bool = True,
+                           system_prompt: str | None = None, template: str | None = None) -> list[int]:
+    """Token ids the sampler continues: the training prompt (:func:`~.batching.encode_prompt`) with
+    the sampling-only instruction applied (see the module docstring). Without one, exactly the
+    training prompt's ids.
+
+    Raises:
+        ValueError: ``system_prompt`` without a chat template in use, or an instruction whose text
+            the tokenizer cannot encode (it maps to the unknown token).
+        DataError: ``template`` with chat ``messages`` that have no user turn (naming the record).
+    """
+    plain = encode_prompt(tokenizer, record, use_chat_template=use_chat_template)
+    if system_prompt is None and template is None:
+        return plain
+    chat = use_chat_template and has_chat_template(tokenizer)
+    if system_prompt is not None and not chat:
+        why = "--no-chat-template disabled it" if has_chat_template(tokenizer) else "this tokenizer has none"
+        raise ValueError(f"sample_system_prompt (--sample-system-prompt) needs a chat template ({why}); for plain "
+                         f"prompts use sample_prompt_template (--sample-prompt-template), e.g. "
+                         f"{system_prompt + chr(10) * 2 + '{prompt}'!r}")
+    if not chat:
+        changed = dataclasses.replace(record, prompt=template.replace("{prompt}", record.prompt))
+    else:
+        messages = record.prompt_messages()
+        if template is not None:
+            users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+            if not users:
+                raise DataError(f"{record.where}: sample_prompt_template needs a 'user' turn in 'messages'")
+            last = messages[users[-1]]
+            last["content"] = template.replace("{prompt}", last["content"])
+        if system_prompt is not None:
+            if messages[0]["role"] == "system":
+                messages[0]["content"] = system_prompt + "\n\n" + messages[0]["content"]
+            else:
+                messages.insert(0, {"role": "system", "content": system_prompt})
+        changed = dataclasses.replace(record, prompt=None, messages=tuple(messages))
+    ids = encode_prompt(tokenizer, changed, use_chat_template=use_chat_template)
+    unk = tokenizer.unk_token_id
+    if unk is not None and ids.count(unk) > plain.count(unk):
+        raise ValueError(f"the sampling instruction (--sample-system-prompt / --sample-prompt-template) has text this "
+                         f"tokenizer cannot encode: it becomes the unknown token {tokenizer.unk_token!r} in "
+                         f"{tokenizer.decode(ids)!r}; use only characters and tokens of the model's vocabulary")
+    return ids
 
 
 def _finished_prompt_ids(out: Path) -> set[str]:
@@ -210,51 +319,99 @@ def _finished_prompt_ids(out: Path) -> set[str]:
     return done
 
 
+def _stats_line(out: Path, stats: dict) -> str:
+    """One line for the user: pool size, and how many samples equal the good answer / are correct."""
+    text = (f"generate: {out.name}: {stats['prompts']} prompts, {stats['samples']} samples; "
+            f"{stats['frac_equal_positive']:.1%} equal the good answer")
+    if "frac_correct" in stats:
+        text += (f", {stats['frac_correct']:.1%} correct ({stats['correct_rule']}); a filter of correct/equal "
+                 f"samples would drop {stats['frac_filtered']:.1%} and leave "
+                 f"{stats['frac_prompts_unfilterable']:.1%} of prompts with none")
+    return text
+
+
 def generate_samples(cfg: GenerateConfig) -> Path:
-    """Run the generate stage; returns the output path. See the module docstring."""
+    """Run the generate stage; returns the output path. See the module docstring.
+
+    Prints one line with the pool statistics (also written to ``<out>.meta.json``).
+    """
     require_single_process("generate")
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    engine = resolve_engine(cfg.engine)
     reward_fn = resolve_reward(cfg.reward) if cfg.reward else None
-    records = read_prompt_records(cfg.data)
-    if cfg.limit is not None:
-        records = records[:cfg.limit]
+    all_records = read_prompt_records(cfg.data)
+    records = all_records[:cfg.limit] if cfg.limit is not None else all_records
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta_path = out.with_name(out.name + ".meta.json")
-    settings = cfg.settings()
+    meta_path = generate_meta_path(out)
+    settings = {**cfg.settings(), "engine": engine}
     if out.exists() and out.stat().st_size > 0 and meta_path.exists():
-        previous = json.loads(meta_path.read_text())
+        previous = {**_LEGACY_SETTINGS, **(read_generate_meta(out) or {})}
         changed = sorted(k for k in settings if previous.get(k) != settings[k])
         if changed:
             raise ValueError(f"{out} was generated with different settings ({', '.join(changed)}); use the same "
                              f"settings to resume, or write to a new --out")
-    atomic_write_json(meta_path, settings)
-    done = _finished_prompt_ids(out)
-    todo = [r for r in records if r.prompt_id not in done]
-    if not todo:
-        return out
 
     m = cfg.model
-    device = resolve_device(m.device)
     tokenizer = load_tokenizer(m.path, trust_remote_code=m.trust_remote_code)
-    model = load_causal_lm(m.path, attn=m.attn, device=device, dtype=resolve_dtype(cfg.dtype, device),
-                           trust_remote_code=m.trust_remote_code)
-    eos_ids = eos_token_ids(model, tokenizer)
-    use_template = cfg.model.use_chat_template and has_chat_template(tokenizer)
-    prompts_per_batch = max(1, cfg.batch_size // cfg.num_samples)
-    bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="generate", unit="prompt",
-               disable=not cfg.progress)
-    with open(out, "a", encoding="utf-8") as handle:
+    use_template = m.use_chat_template and has_chat_template(tokenizer)
+
+    def sampling_prompt(record: PromptRecord) -> list[int]:
+        return encode_sampling_prompt(tokenizer, record, use_chat_template=use_template,
+                                      system_prompt=cfg.sample_system_prompt, template=cfg.sample_prompt_template)
+
+    meta = {**settings, "ref_logps_scoring": REF_LOGPS_SCORING,
+            "sample_prompt_example": tokenizer.decode(sampling_prompt(records[0]))}
+    atomic_write_json(meta_path, meta)
+    done = _finished_prompt_ids(out)
+    todo = [r for r in records if r.prompt_id not in done]
+    if todo:
+        _sample_into(out, cfg, todo, len(records), engine=engine, sampling=sampling, tokenizer=tokenizer,
+                     sampling_prompt=sampling_prompt, reward_fn=reward_fn)
+    stats = pool_stats_of_file(out, all_records, correct_threshold=cfg.correct_threshold)
+    atomic_write_json(meta_path, {**meta, "pool_stats": stats})
+    note(_stats_line(out, stats))
+    return out
+
+
+def _sample_into(out: Path, cfg: GenerateConfig, todo: list[PromptRecord], total: int, *, engine: str,
+                 sampling: SamplingConfig, tokenizer, sampling_prompt: Callable[[PromptRecord], list[int]],
+                 reward_fn) -> None:
+    """Sample the prompts ``todo`` with ``engine`` and append their lines to ``out`` (one fsync per batch)."""
+    m, n = cfg.model, cfg.num_samples
+    with contextlib.ExitStack() as stack:
+        if engine == "vllm":
+            from .vllm_engine import VLLMSampler
+
+            sampler = stack.enter_context(VLLMSampler(m.path, dtype=cfg.dtype, seed=cfg.seed,
+                                                      trust_remote_code=m.trust_remote_code,
+                                                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization))
+            eos_ids = sampler.eos_token_ids(tokenizer)
+
+            def draw(chunk: list[PromptRecord], prompts: list[list[int]]) -> list[tuple[list[int], bool]]:
+                return sampler.sample(prompts, n=n, sampling=sampling, eos_ids=eos_ids,
+                                      seeds=[request_seed(cfg.seed, r.prompt_id) for r in chunk])
+        else:
+            device = resolve_device(m.device)
+            model = load_causal_lm(m.path, attn=m.attn, device=device, dtype=resolve_dtype(cfg.dtype, device),
+                                   trust_remote_code=m.trust_remote_code)
+            eos_ids = eos_token_ids(model, tokenizer)
+
+            def draw(chunk: list[PromptRecord], prompts: list[list[int]]) -> list[tuple[list[int], bool]]:
+                return decode(model, [ids for ids in prompts for _ in range(n)], sampling=sampling, eos_ids=eos_ids,
+                              pad_token_id=tokenizer.pad_token_id,
+                              seeds=[derive_seed(cfg.seed, r.prompt_id, j) for r in chunk for j in range(n)])
+
+        prompts_per_batch = max(1, cfg.batch_size // n)
+        bar = stack.enter_context(tqdm(total=total, initial=total - len(todo), desc="generate", unit="prompt",
+                                       disable=not cfg.progress))
+        handle = stack.enter_context(open(out, "a", encoding="utf-8"))
         for start in range(0, len(todo), prompts_per_batch):
-            chunk: list[PromptRecord] = todo[start:start + prompts_per_batch]
-            prompt_ids = [encode_prompt(tokenizer, r, use_chat_template=use_template) for r in chunk]
-            rows = [ids for ids in prompt_ids for _ in range(cfg.num_samples)]
-            seeds = [derive_seed(cfg.seed, r.prompt_id, j) for r in chunk for j in range(cfg.num_samples)]
-            results = decode(model, rows, sampling=sampling, eos_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
-                             seeds=seeds)
+            chunk = todo[start:start + prompts_per_batch]
+            results = draw(chunk, [sampling_prompt(r) for r in chunk])
             lines = []
             for i, record in enumerate(chunk):
-                mine = results[i * cfg.num_samples:(i + 1) * cfg.num_samples]
+                mine = results[i * n:(i + 1) * n]
                 token_ids = [tokens for tokens, _ in mine]
                 texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in token_ids]
                 line = {"prompt_id": record.prompt_id, "prompt": record.prompt_text(), "responses": texts,
@@ -267,5 +424,3 @@ def generate_samples(cfg: GenerateConfig) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
             bar.update(len(chunk))
-    bar.close()
-    return out

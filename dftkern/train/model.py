@@ -19,6 +19,7 @@ from torch import nn
 
 from .batching import Batch
 from .options import Choice, Device, Flag, Text, option, validate
+from .prefix_sharing import SharedPromptBatch, shared_forward
 from .util import DTYPE_CHOICES
 
 __all__ = [
@@ -37,9 +38,10 @@ __all__ = [
     "config_vocab_size",
     "PolicyWithLoss",
     "score_rows",
+    "token_logps_rows",
 ]
 
-ATTN_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager")
+ATTN_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager", "flex_attention")
 PACKING_CHOICES = ("auto", "on", "off")
 
 
@@ -55,7 +57,7 @@ class ModelConfig:
     device: str = option("auto", Device(), "'auto' (CUDA if available, cuda:LOCAL_RANK under torchrun; else CPU), "
                          "'cpu', 'cuda:N'", group="model")
     attn: str = option("auto", Choice(ATTN_CHOICES), "attention kernel; auto = flash_attention_2 when flash-attn is "
-                       "importable on CUDA, else sdpa", group="model")
+                       "importable on CUDA, else sdpa (train --share-prompt: sdpa)", group="model")
     trust_remote_code: bool = option(False, Flag(), "allow model/tokenizer code from the model directory (off by "
                                      "default)", group="model")
     use_chat_template: bool = option(True, Flag(), "do not apply the tokenizer's chat template even if it has one",
@@ -220,6 +222,11 @@ class PolicyWithLoss(nn.Module):
     the autocast dtype (the fused op wants one dtype; gradients still reach the float32 weights).
     ``forward(lm_inputs={...})`` instead runs the whole causal LM on those keyword arguments (used
     to sample from the policy on-policy, where the sharded parameters must be gathered the same way).
+
+    ``batch`` is a :class:`~.batching.Batch` (padded or packed rows) or a prompt-shared
+    :class:`~.prefix_sharing.SharedPromptBatch` (``--share-prompt``): the backbone then runs once
+    over each group's prompt and ``loss_fn`` receives the loss-position hidden states ``[N, H]``
+    with the packed loss view ``batch.loss_batch`` (:func:`~.prefix_sharing.shared_forward`).
     """
 
     def __init__(self, causal_lm: nn.Module, loss_fn: Callable, *, autocast_dtype: torch.dtype | None = None):
@@ -228,8 +235,8 @@ class PolicyWithLoss(nn.Module):
         self.loss_fn = loss_fn
         self.autocast_dtype = autocast_dtype
 
-    def forward(self, batch: Batch | None = None, loss_fn: Callable | None = None, *, lm_inputs: dict | None = None,
-                **loss_kwargs):
+    def forward(self, batch: Batch | SharedPromptBatch | None = None, loss_fn: Callable | None = None, *,
+                lm_inputs: dict | None = None, **loss_kwargs):
         if lm_inputs is not None:  # a plain causal-LM call (decoding), still inside the sharded root's forward
             device_type = lm_inputs["input_ids"].device.type
             with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16,
@@ -238,7 +245,7 @@ class PolicyWithLoss(nn.Module):
         device_type = batch.input_ids.device.type
         with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
-            hidden = backbone_hidden(self.causal_lm, batch)
+            hidden, batch = shared_forward(self.causal_lm, batch)  # a plain Batch: backbone_hidden, batch
         weight, bias = lm_head_params(self.causal_lm)
         compute_dtype = self.autocast_dtype or weight.dtype
         hidden, weight = hidden.to(compute_dtype), weight.to(compute_dtype)
@@ -252,4 +259,13 @@ def score_rows(hidden, weight, bias, batch: Batch, *, softcap=None) -> torch.Ten
     import dftkern
 
     return dftkern.sequence_logprobs(hidden, weight, batch.labels, cu_seqlens=batch.cu_seqlens, bias=bias,
-                                     softcap=softcap)
+                                     softcap=softcap, valid_positions=batch.valid_positions)
+
+
+def token_logps_rows(hidden, weight, bias, batch: Batch, *, softcap=None) -> torch.Tensor:
+    """A ``loss_fn`` for :class:`PolicyWithLoss` that returns every label's log-prob (float32, the
+    labels' shape, 0 at ignored positions) at the training logit transform (temperature 1, ``softcap``)."""
+    import dftkern
+
+    return dftkern.fused_linear_logprobs(hidden, weight, batch.labels, bias=bias, softcap=softcap,
+                                         valid_positions=batch.valid_positions)

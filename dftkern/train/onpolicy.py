@@ -10,12 +10,33 @@ after sampling, with the same weights), so no reference model is ever loaded. Pe
 ==============================  ================================================================
 loss                            rows of one example
 ==============================  ================================================================
+ppo, grpo, dapo, dr_grpo        the n samples, with their rewards, the sampler's per-token
+                                log-probs (``old_token_logps``) and, with ``kl_beta > 0``, the
+                                initial model's (``ref_token_logps``)
 reinforce, rloo, rwr            the n samples, with their rewards (plain policy gradient)
 dft, dft2                       the good answer from the data, then the n samples as negatives
 dpo, ipo, hinge, simpo,         one pair: chosen = the data's answer, unless a sample has a strictly
 unlikelihood                    higher reward (then the best sample); rejected = the lowest-reward
                                 sample (online DPO)
 ==============================  ================================================================
+
+**Policy losses** (token level, importance ratios). Right after sampling, each sample's per-token
+log-probs are recorded by a forward of the same weights through the training wrapper in eval mode,
+at the *training* logit transform (temperature 1, the model's soft-cap): ``old_logps``, the
+ratio's denominator ``pi_old(y_t | x, y_<t)``. Sampling itself may use ``--sample-temperature``
+and top-k/top-p, so the samples come from a sharpened or flattened ``pi_old``; the ratio corrects
+for the policy moving between sampling and update (``--refresh-every``, ``--grad-accum``,
+``--ppo-epochs``), not for the sampling temperature (as TRL's GRPO does when the loss is given no
+temperature). With one update per fresh window (``--ppo-epochs 1 --refresh-every 1
+--grad-accum 1``) the ratio is 1 up to float rounding. With ``kl_beta > 0`` a frozen copy of the
+*initial* model (``--model``, loaded once; on every rank under FSDP2, not sharded) scores each new
+window the same way: ``ref_token_logps``, the KL's reference. Both are kept in the window and
+saved with it.
+
+``--ppo-epochs E``: each window (the samples of ``--refresh-every W`` steps' prompts) is trained on
+``E`` times: steps ``s .. s + W*E - 1`` visit the window's ``W * grad_accum`` micro-batches ``E``
+times over, in the same order (:meth:`OnPolicyConfig.first_micro_batch`), with the
+``old_logps`` fixed at sampling time, so the ratio moves away from 1 in the later passes.
 
 Sample j of prompt p at step s uses a generator seeded from ``(seed, s, p, j)``; the current window
 of samples is saved in checkpoints, so resuming stays bit-exact. Under FSDP2 every rank samples its
@@ -35,7 +56,8 @@ The pieces, each usable on its own (the length study reuses the rules):
   :class:`OnPolicyExamples` implement it;
 * :class:`Sampler` — the protocol for "sample responses from the current policy and score rows
   with it"; :class:`PolicySampler` implements it through the (possibly FSDP-sharded) training
-  wrapper;
+  wrapper; :class:`RowScorer` scores rows (sequence or per-token log-probs) through any wrapper
+  (the policy's, or the frozen reference's);
 * :func:`online_pair` (the online-DPO pair rule), :func:`on_policy_example` (the rows of one
   example per loss family) and :func:`offline_layout` (which rows of an offline example match the
   on-policy layout) — plain functions, no model involved.
@@ -63,19 +85,21 @@ from .batching import (
 )
 from .distributed import DistContext
 from .generate import SamplingConfig, decode, eos_token_ids
-from .model import score_rows
-from .objectives import LOSS_SPECS
+from .model import score_rows, token_logps_rows
+from .objectives import LOSS_SPECS, POLICY_LOSS_SPECS
 from .options import Function, Integer, Number, option, validate
 from .records import PromptRecord
 from .rewards import RewardFn, resolve_reward
 from .util import derive_seed
 
-__all__ = ["ON_POLICY_FAMILIES", "ON_POLICY_LOSSES", "OnPolicyConfig", "ExampleSource", "Sampler", "Sample", "PolicySampler",
-           "PromptSet", "online_pair", "on_policy_example", "offline_layout", "OfflineExamples", "OnPolicyExamples"]
+__all__ = ["ON_POLICY_FAMILIES", "ON_POLICY_LOSSES", "OnPolicyConfig", "ExampleSource", "Sampler", "Sample",
+           "RowScorer", "PolicySampler", "PromptSet", "online_pair", "on_policy_example", "offline_layout",
+           "OfflineExamples", "OnPolicyExamples"]
 
-ON_POLICY_FAMILIES = ("group", "dft", "pairwise")
+ON_POLICY_FAMILIES = ("group", "dft", "pairwise", "policy")
 """Loss families with an on-policy row rule (:func:`on_policy_example`)."""
-ON_POLICY_LOSSES = tuple(name for name, spec in LOSS_SPECS.items() if spec.family in ON_POLICY_FAMILIES)
+ON_POLICY_LOSSES = tuple(name for name, spec in {**LOSS_SPECS, **POLICY_LOSS_SPECS}.items()
+                         if spec.family in ON_POLICY_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -99,6 +123,10 @@ class OnPolicyConfig:
                           group="on_policy", name="sample_top_p")
     generation_batch_size: int = option(64, Integer(low=1), "sequences decoded together when sampling",
                                         group="on_policy")
+    ppo_epochs: int = option(1, Integer(low=1), "policy losses (ppo/grpo/dapo/dr_grpo): updates per sampled "
+                             "window; each window of samples is trained on E times, the ratio to the sampler's "
+                             "log-probs correcting for the reuse (--max-steps counts every update)", metavar="E",
+                             group="on_policy")
     offline_mix: float = option(0.0, Number(low=0, high=1, high_open=True, text="a number in [0, 1)"),
                                 "fraction f in [0, 1) of every micro-batch's examples taken from the offline "
                                 "negatives (--negatives, and --ref-logps where the loss needs them) instead of "
@@ -114,6 +142,14 @@ class OnPolicyConfig:
     @property
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+
+    def first_micro_batch(self, step: int, grad_accum: int) -> int:
+        """The data micro-batch (:class:`~.batching.ExampleOrder` number) of optimizer step ``step``'s
+        first micro-batch: ``step * grad_accum`` with ``ppo_epochs`` 1; with ``E`` epochs the
+        ``W = refresh_every`` steps of a window's pass are repeated ``E`` times, so step ``s`` of
+        window ``w = s // (W * E)`` reads micro-batches ``((w * W) + s % W) * grad_accum ...``."""
+        window, offset = divmod(step, self.refresh_every * self.ppo_epochs)
+        return (window * self.refresh_every + offset % self.refresh_every) * grad_accum
 
     def offline_per_batch(self, batch_size: int) -> int:
         """How many of a micro-batch's ``batch_size`` examples come from the offline negatives."""
@@ -168,6 +204,54 @@ class Sampler(Protocol):
     def sequence_logps(self, examples: Sequence[TrainExample]) -> list[list[float]]:
         """The current policy's sequence log-prob of every row of every example (no gradient)."""
 
+    def token_logps(self, examples: Sequence[TrainExample]) -> list[list[torch.Tensor]]:
+        """The current policy's per-token log-probs of every row of every example (no gradient): per row
+        a float32 tensor with one value per label position (needed by the policy losses only)."""
+
+
+class RowScorer:
+    """Scores training rows through a :class:`~.model.PolicyWithLoss` wrapper in eval mode, no gradient:
+    sequence log-probs (:func:`~.model.score_rows`) or per-token log-probs at the training logit
+    transform (:func:`~.model.token_logps_rows`). Rows are collated unshared (padded, or packed when
+    ``packed``), ``batch_size`` rows per forward; under FSDP2 every rank makes the same number of
+    forward calls when it scores the same number of examples.
+    """
+
+    def __init__(self, wrapper, *, pad_token_id: int, device, batch_size: int, packed: bool):
+        self.wrapper, self.pad_token_id, self.device = wrapper, pad_token_id, device
+        self.batch_size, self.packed = batch_size, packed
+
+    @torch.no_grad()
+    def _score(self, examples: Sequence[TrainExample], loss_fn, read) -> list:
+        was_training = self.wrapper.training
+        self.wrapper.eval()
+        try:
+            out = []
+            per_batch = max(1, self.batch_size // len(examples[0].rows))
+            for start in range(0, len(examples), per_batch):
+                chunk = examples[start:start + per_batch]
+                batch = collate(chunk, pad_token_id=self.pad_token_id, packed=self.packed).to(self.device)
+                out += read(chunk, batch, self.wrapper(batch, loss_fn=loss_fn))
+        finally:
+            self.wrapper.train(was_training)
+        return out
+
+    def sequence_logps(self, examples: Sequence[TrainExample]) -> list[list[float]]:
+        """Sum of the response-token log-probs of every row of every example."""
+        return self._score(examples, score_rows,
+                           lambda chunk, batch, seq: seq.float().cpu().view(len(chunk), -1).tolist())
+
+    def token_logps(self, examples: Sequence[TrainExample]) -> list[list[torch.Tensor]]:
+        """Per row, float32 ``[label positions]``: the log-prob of each response token, in order."""
+        def read(chunk, batch, logp):
+            values = logp.reshape(-1).float().cpu()[batch.valid_positions]
+            counts = [row.num_label_positions for e in chunk for row in e.rows]
+            rows = list(values.split(counts))
+            n = len(chunk[0].rows)
+            return [rows[i * n:(i + 1) * n] for i in range(len(chunk))]
+
+        return self._score(examples, token_logps_rows, read)
+
 
 class PolicySampler:
     """:class:`Sampler` through the training wrapper (:class:`~.model.PolicyWithLoss`), so that under
@@ -182,6 +266,8 @@ class PolicySampler:
         self.wrapper, self.causal_lm, self.tokenizer, self.ctx = wrapper, causal_lm, tokenizer, ctx
         self.sampling, self.batch_size, self.packed = sampling, batch_size, packed
         self.eos_ids = eos_token_ids(causal_lm, tokenizer)
+        self.scorer = RowScorer(wrapper, pad_token_id=tokenizer.pad_token_id, device=ctx.device,
+                                batch_size=batch_size, packed=packed)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> list[Sample]:
@@ -198,20 +284,11 @@ class PolicySampler:
             self.wrapper.train(was_training)
         return [Sample(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True)) for tokens, _ in outputs]
 
-    @torch.no_grad()
     def sequence_logps(self, examples: Sequence[TrainExample]) -> list[list[float]]:
-        was_training = self.wrapper.training
-        self.wrapper.eval()
-        try:
-            out = []
-            per_batch = max(1, self.batch_size // len(examples[0].rows))
-            for start in range(0, len(examples), per_batch):
-                chunk = examples[start:start + per_batch]
-                batch = collate(chunk, pad_token_id=self.tokenizer.pad_token_id, packed=self.packed).to(self.ctx.device)
-                out += self.wrapper(batch, loss_fn=score_rows).float().cpu().view(len(chunk), -1).tolist()
-        finally:
-            self.wrapper.train(was_training)
-        return out
+        return self.scorer.sequence_logps(examples)
+
+    def token_logps(self, examples: Sequence[TrainExample]) -> list[list[torch.Tensor]]:
+        return self.scorer.token_logps(examples)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +316,7 @@ def on_policy_example(family: str, index: int, prompt_id: str, prompt_ids: Seque
                       report: OverlongReport | None = None) -> TrainExample:
     """The rows one loss family trains on, from ``n`` samples of one prompt and their rewards.
 
-    ``group``: the samples with their rewards; ``dft``: the data's answer (reward 1.0), then the
+    ``group`` and ``policy``: the samples with their rewards; ``dft``: the data's answer (reward 1.0), then the
     samples; ``pairwise``: ``(chosen, rejected)`` by :func:`online_pair` (``positive_reward``, the
     answer's reward, is required). Rows longer than ``max_length`` are truncated and counted in ``report``.
     """
@@ -249,7 +326,7 @@ def on_policy_example(family: str, index: int, prompt_id: str, prompt_ids: Seque
             report.truncated += max_length is not None and len(prompt_ids) + len(response_ids) > max_length
         return make_row(prompt_ids, response_ids, max_length)
 
-    if family == "group":
+    if family in ("group", "policy"):
         return TrainExample(index, prompt_id, [row(s) for s in samples], rewards=list(rewards))
     if family == "dft":
         return TrainExample(index, prompt_id, [row(answer_ids)] + [row(s) for s in samples],
@@ -268,7 +345,7 @@ def offline_layout(family: str, samples_per_prompt: int) -> list[int]:
     """Which rows of an offline example (answer, neg_1..neg_K) take the place of an on-policy one."""
     if family == "pairwise":
         return [0, 1]  # (good answer, first negative)
-    if family == "group":
+    if family in ("group", "policy"):
         return list(range(1, 1 + samples_per_prompt))  # the negatives only, like the n on-policy samples
     return list(range(0, 1 + samples_per_prompt))  # good answer, then n negatives
 
@@ -328,17 +405,21 @@ class OnPolicyExamples:
         sampler: draws the samples and scores the rows (the reference log-probs) with the current policy.
         order: which examples the coming micro-batches hold; ``grad_accum`` micro-batches per step,
             ``total_steps`` steps.
-        family: the loss family (``"dft"``, ``"pairwise"`` or ``"group"``) and ``needs_ref_logps``:
-            which rows to build, and whether to score them.
+        family: the loss family (``"dft"``, ``"pairwise"``, ``"group"`` or ``"policy"``) and
+            ``needs_ref_logps``: which rows to build, and whether to score them (sequence log-probs
+            by the sampler). The ``"policy"`` family also records every sample's per-token log-probs
+            under the sampling weights (``old_token_logps``, via ``sampler.token_logps``).
+        reference: scores the per-token reference log-probs of every new window
+            (``ref_token_logps``): the initial model's :class:`RowScorer`, or None.
         offline: the offline training set (same data file, negatives from the generate stage) that
             ``cfg.offline_mix`` draws from; required when ``cfg.offline_mix > 0``.
     """
 
     def __init__(self, cfg: OnPolicyConfig, prompts: PromptSet, sampler: Sampler, order: ExampleOrder, *,
                  family: str, needs_ref_logps: bool, grad_accum: int, total_steps: int, seed: int,
-                 offline: OfflineExamples | None = None):
+                 offline: OfflineExamples | None = None, reference: RowScorer | None = None):
         self.cfg, self.prompts, self.sampler, self.order = cfg, prompts, sampler, order
-        self.family, self.needs_ref_logps = family, needs_ref_logps
+        self.family, self.needs_ref_logps, self.reference = family, needs_ref_logps, reference
         self.grad_accum, self.total_steps, self.seed = grad_accum, total_steps, seed
         self.reward_fn = resolve_reward(cfg.reward, what="--reward")
         self.overlong = OverlongReport(prompts.max_length)  # sampled rows cut to max_length
@@ -421,12 +502,14 @@ class OnPolicyExamples:
     def before_step(self, step: int, first_micro_batch: int) -> dict[str, float]:
         """Refresh the samples when a window starts (or none is loaded).
 
-        Returns ``{"sample_reward": mean reward of the current window's samples}``.
+        A window lasts ``refresh_every * ppo_epochs`` steps; ``first_micro_batch`` is
+        :meth:`OnPolicyConfig.first_micro_batch` of ``step``. Returns ``{"sample_reward": mean
+        reward of the current window's samples}``.
         """
         self._next_micro_batch = first_micro_batch
-        if not self.window or step % self.cfg.refresh_every == 0:
-            last = min(first_micro_batch + self.cfg.refresh_every * self.grad_accum,
-                       self.total_steps * self.grad_accum)
+        if not self.window or step % (self.cfg.refresh_every * self.cfg.ppo_epochs) == 0:
+            end = self.cfg.first_micro_batch(self.total_steps - 1, self.grad_accum) + self.grad_accum
+            last = min(first_micro_batch + self.cfg.refresh_every * self.grad_accum, end)
             indices = []  # only the positions that are not taken from the offline negatives
             for m in range(first_micro_batch, last):
                 offline = self.offline_positions(m)
@@ -454,9 +537,15 @@ class OnPolicyExamples:
                                               prompts.answer_ids[index], [s.token_ids for s in mine], rewards,
                                               positive_reward=positive_reward, max_length=prompts.max_length,
                                               report=self.overlong)
+        examples = [window[i] for i in indices]  # duplicates kept: equal work on every rank
         if self.needs_ref_logps:  # the reference log-probs are the sampling policy's own
-            examples = [window[i] for i in indices]
             for example, values in zip(examples, self.sampler.sequence_logps(examples)):
                 example.ref_logps = values
+        if self.family == "policy":  # the ratio's denominator: same weights, training transform
+            for example, values in zip(examples, self.sampler.token_logps(examples)):
+                example.old_token_logps = values
+        if self.reference is not None:  # the KL's reference: the initial model
+            for example, values in zip(examples, self.reference.token_logps(examples)):
+                example.ref_token_logps = values
         self.window = window
         self.window_reward = sum(rewards_seen) / max(1, len(rewards_seen))

@@ -8,7 +8,8 @@ command-line flag; validation and the command line are both generated from it.
   range, choices one of theirs; the error names the field and says the accepted values, e.g.
   ``lr must be > 0 (a finite number), got inf``.
 * :func:`add_arguments` adds one argparse option per field (``--lr``; ``--no-X`` for a boolean
-  whose default is True), whose parser applies the same :class:`Spec`, with the help text and the
+  whose default is True; both ``--X`` and ``--no-X`` for an optional boolean whose default None
+  means "automatic"), whose parser applies the same :class:`Spec`, with the help text and the
   ``(default: ...)`` taken from the field; :func:`option_names` lists the names the parsed
   namespace holds, so the stage config is built without reading argparse internals.
 
@@ -162,7 +163,13 @@ class Choice(Spec):
 
 @dataclass(frozen=True)
 class Flag(Spec):
-    """A ``bool`` (``True``/``False`` only: ``"no"`` or ``1`` are refused)."""
+    """A ``bool`` (``True``/``False`` only: ``"no"`` or ``1`` are refused).
+
+    ``optional=True``: None is accepted too, meaning "decide automatically"; on the command line
+    such an option (default None) gets both ``--X`` (True) and ``--no-X`` (False).
+    """
+
+    optional: bool = False
 
     def describe(self) -> str:
         return "True or False (a bool)"
@@ -494,7 +501,9 @@ def _add_argument(target, cls: type, f: dataclasses.Field, meta: Option, default
     name = meta.name or f.name
     required = default is MISSING
     kwargs: dict[str, Any] = dict(dest=name, help=_help(f, meta, help))
-    if isinstance(meta.spec, Flag):
+    if isinstance(meta.spec, Flag) and default is None:  # tri-state: --X / --no-X / neither (automatic)
+        kwargs.update(action=argparse.BooleanOptionalAction, default=None)
+    elif isinstance(meta.spec, Flag):
         if default is True and not (meta.flag or "").startswith("--no-"):
             raise TypeError(f"{cls.__name__}.{f.name}: a boolean option that defaults to True needs a --no-... flag")
         kwargs.update(action="store_false" if default is True else "store_true", default=default)

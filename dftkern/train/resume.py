@@ -33,8 +33,9 @@ from .distributed import DistContext
 __all__ = ["RESUME_KEYS", "ResumePoint", "load_resume_point"]
 
 RESUME_KEYS = ("loss", "batch_size", "grad_accum", "seed", "shuffle", "num_negatives", "max_length", "overlong",
-               "on_policy", "samples_per_prompt", "refresh_every", "offline_mix")
-"""Settings (flat option names) that decide the data order and the rows of every batch."""
+               "on_policy", "samples_per_prompt", "refresh_every", "offline_mix", "ppo_epochs", "kl_beta")
+"""Settings (flat option names) that decide the data order and the rows of every batch (``ppo_epochs``: which
+micro-batches a step reads; ``kl_beta``: whether the saved window holds the reference's per-token log-probs)."""
 
 
 @dataclass

@@ -205,10 +205,14 @@ class _Decoder:
         cls = RECORD_TYPES.get(name) if isinstance(name, str) else None
         if cls is None:
             raise self.fail(where, f"unknown record type {name!r} (known: {sorted(RECORD_TYPES)})")
-        expected = {f.name for f in dataclasses.fields(cls) if f.init}
-        if not isinstance(fields, dict) or set(fields) != expected:
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        required = {f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING}
+        # fields added later with a default may be absent (files written before they existed)
+        if not isinstance(fields, dict) or not required <= set(fields) <= known:
             got = sorted(fields) if isinstance(fields, dict) else fields
-            raise self.fail(where, f"record {name} needs the fields {sorted(expected)}, got {got}")
+            raise self.fail(where, f"record {name} needs the fields {sorted(required)} (and may have "
+                                   f"{sorted(known - required)}), got {got}")
         values = {k: self.decode(v, f"{where}.{k}") for k, v in fields.items()}
         try:
             return cls(**values)

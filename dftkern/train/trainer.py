@@ -28,11 +28,13 @@ from __future__ import annotations
 import json
 import math
 import resource
+import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm.auto import tqdm
@@ -44,6 +46,7 @@ from .batching import (
     ExampleOrder,
     OverlongReport,
     TrainExample,
+    attach_token_values,
     build_examples,
     collate,
     examples_fingerprint,
@@ -72,10 +75,11 @@ from .model import (
     load_tokenizer,
     progress_option,
     score_rows,
+    token_logps_rows,
     use_packing,
     vocab_size,
 )
-from .objectives import Objective, ObjectiveConfig
+from .objectives import LOSS_NAMES, POLICY_LOSS_NAMES, Objective, ObjectiveConfig
 from .onpolicy import (
     ON_POLICY_LOSSES,
     ExampleSource,
@@ -84,8 +88,17 @@ from .onpolicy import (
     OnPolicyExamples,
     PolicySampler,
     PromptSet,
+    RowScorer,
+    offline_layout,
 )
 from .options import Choice, FlatKeywords, Flag, Integer, Number, Text, flat_values, nested, option, validate
+from .prefix_sharing import (
+    SHARED_PROMPT_ATTENTION,
+    SharedPromptUnsupported,
+    check_attention_support,
+    collate_shared,
+    prepare_shared_prompt_model,
+)
 from .records import read_prompt_records, read_sample_records
 from .ref_logps import attach_ref_logps, cache_path
 from .resume import load_resume_point
@@ -158,13 +171,20 @@ class TrainConfig(FlatKeywords):
         OnPolicyConfig, optional=True, group="on_policy",
         help="every --refresh-every steps sample --samples-per-prompt responses per prompt from the current policy, "
              "score them with --reward; losses: reinforce, rloo, rwr (samples only), dft/dft2 (fresh negatives), "
-             "dpo/ipo/hinge/simpo/unlikelihood (online pairs); the reference log-probs are the sampling policy's own",
+             "dpo/ipo/hinge/simpo/unlikelihood (online pairs; their reference log-probs are the sampling policy's "
+             "own), ppo/grpo/dapo/dr_grpo (token level: group advantages, the sampler's per-token log-probs as the "
+             "ratio's denominator, the initial model as the KL reference)",
         unused_hint=" (offline group losses take their rewards from generate --reward)")
     precision: str = option("auto", Choice(PRECISION_CHOICES), "auto = bf16 autocast on CUDA (fp32 master "
                             "weights), fp32 on CPU", group="system")
     packing: str = option("auto", Choice(PACKING_CHOICES), "packed variable-length batches (position_ids/"
                           "cu_seqlens); auto = on with flash_attention_2, padding otherwise", group="system")
     gradient_checkpointing: bool = option(False, Flag(), "recompute decoder layers in backward", group="system")
+    share_prompt: bool | None = option(
+        None, Flag(optional=True), "run the backbone over each group's prompt once (docs/prefix_sharing.md); needs "
+        "sdpa, eager or flex_attention (--share-prompt with --attn auto loads sdpa). Neither flag: on when a prompt "
+        "has several rows and the model passes the exactness probe, off otherwise (printed); --no-share-prompt: "
+        "off", group="system")
     log_every: int = option(1, Integer(low=1), "metrics.jsonl every N steps", group="system")
     save_every: int | None = option(None, Integer(low=1, optional=True), "checkpoint every N steps (and at the end)",
                                     group="system")
@@ -188,7 +208,12 @@ class TrainConfig(FlatKeywords):
     def __post_init__(self):
         validate(self)
         sampling = self.on_policy
+        policy = self.objective.spec.family == "policy"
         if sampling is None:
+            if policy:
+                raise ValueError(f"loss={self.objective.loss!r} (--loss) is an on-policy RL loss: it needs the "
+                                 f"sampler's per-token log-probs, so pass on_policy=True (--on-policy) and a reward "
+                                 f"(--reward); offline, loss must be one of {LOSS_NAMES}")
             return
         if self.overlong == "drop":
             raise ValueError("overlong='drop' (--overlong drop) is not supported with on_policy: sampled rows cannot "
@@ -197,10 +222,18 @@ class TrainConfig(FlatKeywords):
         if self.objective.loss not in ON_POLICY_LOSSES:
             raise ValueError(f"on_policy supports the losses {ON_POLICY_LOSSES}, not {self.objective.loss!r}")
         spec = self.objective.spec
-        if spec.family == "group" and sampling.samples_per_prompt < spec.min_rows_per_group:
+        if spec.family in ("group", "policy") and sampling.samples_per_prompt < spec.min_rows_per_group:
             raise ValueError(f"loss {spec.name!r} needs at least {spec.min_rows_per_group} samples per prompt, "
                              f"got samples_per_prompt={sampling.samples_per_prompt} (--samples-per-prompt)")
         resolve_reward(sampling.reward, what="reward (--reward)")  # unknown names fail here, not after loading
+        if sampling.ppo_epochs > 1 and not policy:
+            raise ValueError(f"ppo_epochs={sampling.ppo_epochs} (--ppo-epochs) reuses each window of samples; only "
+                             f"the policy losses {POLICY_LOSS_NAMES} correct for that (importance ratio to the "
+                             f"sampler), not loss={spec.name!r}")
+        if policy and sampling.offline_mix > 0:
+            raise ValueError(f"offline_mix={sampling.offline_mix} (--offline-mix) is not supported with the policy "
+                             f"loss {spec.name!r}: the offline negatives have no sampler per-token log-probs for "
+                             f"its importance ratio")
         if sampling.offline_mix > 0:
             if not self.negatives:
                 raise ValueError(f"offline_mix={sampling.offline_mix} (--offline-mix) takes part of every batch from "
@@ -317,6 +350,64 @@ def load_training_examples(cfg: TrainConfig, tokenizer, objective: Objective, *,
     return examples
 
 
+def _reference_scorer(cfg: TrainConfig, ctx: DistContext, *, packed: bool, autocast_dtype, pad_token_id: int
+                      ) -> RowScorer:
+    """Per-token log-probs of the *initial* model (``cfg.model.path``), the KL reference of the policy losses.
+
+    A frozen float32 copy (eval mode, no gradients), loaded once, scores each new window of samples;
+    under FSDP2 every rank keeps a whole copy on its device (not sharded: fine for models that fit
+    twice; it is never trained, so its memory is the weights alone). On resume it is loaded from
+    ``cfg.model.path`` again, not from the checkpoint, so it stays the initial model.
+    """
+    m = cfg.model
+    reference = load_causal_lm(m.path, attn=m.attn, device=ctx.device, dtype=torch.float32,
+                               trust_remote_code=m.trust_remote_code).eval().requires_grad_(False)
+    wrapper = PolicyWithLoss(reference, token_logps_rows, autocast_dtype=autocast_dtype)
+    return RowScorer(wrapper, pad_token_id=pad_token_id, device=ctx.device,
+                     batch_size=cfg.on_policy.generation_batch_size, packed=packed)
+
+
+def _rows_per_example(cfg: TrainConfig, objective: Objective, offline: OfflineExamples | None) -> int:
+    """Rows of every training example: what the prompt-shared layout would share one prompt between."""
+    if cfg.on_policy is not None:
+        return len(offline_layout(objective.spec.family, cfg.on_policy.samples_per_prompt))
+    if objective.rows is not None:
+        return len(objective.rows)
+    return len(offline.examples([0])[0].rows)
+
+
+def _share_prompt(cfg: TrainConfig, causal_lm, rows_per_example: int) -> tuple[bool, str]:
+    """Whether the training batches use the prompt-shared layout, and why (``share_prompt`` None = automatic).
+
+    Automatic: on when an example has several rows, the attention kernel takes a custom mask (no
+    sliding window that a row of ``max_length`` could exceed, no FlexAttention backward on CPU) and
+    :func:`~.prefix_sharing.prepare_shared_prompt_model`'s probe proves the model exact; otherwise
+    off, with the reason. ``share_prompt=True`` shares even one-row examples, leaves the sliding
+    window to the per-batch check of the forward, and raises
+    :class:`~.prefix_sharing.SharedPromptUnsupported` (a ValueError naming the cause) instead of
+    turning itself off.
+    """
+    if cfg.share_prompt is False:
+        return False, "off (--no-share-prompt)"
+    if cfg.share_prompt is None:
+        if rows_per_example < 2:
+            return False, "off (one row per prompt: nothing to share)"
+        impl = causal_lm.config._attn_implementation
+        if impl not in SHARED_PROMPT_ATTENTION:
+            return False, f"off: attention {impl!r} takes no custom mask (needs one of {SHARED_PROMPT_ATTENTION})"
+    # static checks first (no probe forward for a kernel that cannot train the layout, e.g. FlexAttention on CPU);
+    # automatic: rows up to max_length must fit a sliding window; explicit: checked per batch in the forward
+    longest = SimpleNamespace(max_row_length=cfg.max_length or sys.maxsize) if cfg.share_prompt is None else None
+    try:
+        check_attention_support(causal_lm, longest)
+        kernel = prepare_shared_prompt_model(causal_lm)
+    except SharedPromptUnsupported as err:
+        if cfg.share_prompt:
+            raise SharedPromptUnsupported(f"share_prompt=True (--share-prompt): {err}") from err
+        return False, f"off: {err}"
+    return True, f"on ({kernel})"
+
+
 @torch.no_grad()
 def _heldout_pos_logp(wrapper, examples, ctx: DistContext, *, batch_size: int, pad_token_id: int,
                       packed: bool) -> float:
@@ -359,7 +450,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
     def load(path: str, strict: bool = True):
         # under FSDP2 every rank loads on CPU, shards, then moves only its shard to the device
         m = cfg.model
-        causal_lm = load_causal_lm(path, attn=m.attn, device="cpu" if ctx.distributed else device,
+        attn = "sdpa" if cfg.share_prompt and m.attn == "auto" else m.attn  # the shared layout needs a custom mask
+        causal_lm = load_causal_lm(path, attn=attn, device="cpu" if ctx.distributed else device,
                                    attn_device=device, dtype=torch.float32, trust_remote_code=m.trust_remote_code,
                                    strict=strict)
         return load_tokenizer(path, trust_remote_code=m.trust_remote_code), causal_lm
@@ -381,7 +473,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
 
     # -- data ------------------------------------------------------------------------------------
     family = cfg.objective.spec.family
-    objective = Objective(cfg.objective, positive_first=not (cfg.on_policy and family == "group"))
+    objective = Objective(cfg.objective, positive_first=not (cfg.on_policy and family in ("group", "policy")),
+                          max_tokens=cfg.on_policy.max_new_tokens if cfg.on_policy else None)
     vocab = vocab_size(causal_lm)
     overlong = OverlongReport()
     offline = None  # the offline training set (with on-policy sampling only for the offline mix)
@@ -398,6 +491,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         note(overlong.message("train"))
     state = dftkern.DFTState(num_examples, init=cfg.objective.dft_u_init).to(device) if family == "dft" else None
 
+    # -- prompt sharing (before FSDP sharding: the probe runs on the whole model) ------------------
+    share, share_reason = _share_prompt(cfg, causal_lm, _rows_per_example(cfg, objective, offline))
+    share = ctx.all_true(share)
+    if ctx.is_main and share_reason.startswith("off:"):  # automatic, and the model or kernel cannot share
+        note(f"--share-prompt {share_reason}")
+
     # -- model wrapper, optimizer, schedule, example source ------------------------------------------
     wrapper = PolicyWithLoss(causal_lm, objective, autocast_dtype=autocast_dtype)
     if ctx.distributed:
@@ -407,7 +506,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
                                   betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps)
     order = ExampleOrder(num_examples, optim.batch_size, seed=optim.seed, rank=ctx.rank, world_size=ctx.world_size,
                          shuffle=optim.shuffle)
-    total_steps = optim.max_steps or max(1, math.ceil(optim.epochs * order.batches_per_epoch / optim.grad_accum))
+    ppo_epochs = cfg.on_policy.ppo_epochs if cfg.on_policy else 1  # every sampled window is trained on E times
+    total_steps = optim.max_steps or ppo_epochs * max(1, math.ceil(optim.epochs * order.batches_per_epoch
+                                                                   / optim.grad_accum))
     warmup = optim.warmup_steps if optim.warmup_steps is not None else round(optim.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup, optim.min_lr_ratio))
     source: ExampleSource = offline
@@ -416,9 +517,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
                                 batch_size=cfg.on_policy.generation_batch_size, packed=packed)
         prompts = PromptSet.encode(tokenizer, records, use_chat_template=cfg.model.use_chat_template,
                                    max_length=cfg.max_length)
+        reference = _reference_scorer(cfg, ctx, packed=packed, autocast_dtype=autocast_dtype,
+                                      pad_token_id=tokenizer.pad_token_id) if objective.uses_reference else None
         source = OnPolicyExamples(cfg.on_policy, prompts, sampler, order, family=family,
                                   needs_ref_logps=objective.spec.needs_ref_logps, grad_accum=optim.grad_accum,
-                                  total_steps=total_steps, seed=optim.seed, offline=offline)
+                                  total_steps=total_steps, seed=optim.seed, offline=offline, reference=reference)
 
     # -- resume ------------------------------------------------------------------------------------
     step, micro_batch, nonfinite_run = 0, 0, 0
@@ -438,6 +541,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
     if ctx.is_main:
         atomic_write_json(run_dir / "train_config.json",
                           dict(settings, world_size=ctx.world_size, packed=packed,
+                               share_prompt_active=share, share_prompt_reason=share_reason,
                                attn=causal_lm.config._attn_implementation, total_steps=total_steps,
                                num_examples=num_examples, dftkern_version=getattr(dftkern, "__version__", None)))
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=step if resume else None)
@@ -459,18 +563,32 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end) -> TrainResult:
         return path or latest_checkpoint(run_dir)
 
     # -- the loop ----------------------------------------------------------------------------------
-    collate_kwargs = dict(pad_token_id=tokenizer.pad_token_id, packed=packed, rows=objective.rows,
+    collate_kwargs = dict(pad_token_id=tokenizer.pad_token_id, rows=objective.rows,
                           with_ref_logps=objective.spec.needs_ref_logps, with_rewards=objective.spec.needs_rewards)
+    token_values = dict(old_logps=family == "policy", ref_token_logps=objective.uses_reference)
+
+    def make_batch(examples: list[TrainExample]):
+        """A micro-batch on the device: prompt-shared (one sequence per group), or padded/packed rows."""
+        if share:
+            attn = causal_lm.config._attn_implementation
+            batch = collate_shared(examples, pack_groups=attn == "flex_attention", **collate_kwargs)
+            attach_token_values(batch.loss_batch, examples, objective.rows, **token_values)
+            return batch.to(device)
+        return collate(examples, packed=packed, with_old_logps=token_values["old_logps"],
+                       with_ref_token_logps=token_values["ref_token_logps"], **collate_kwargs).to(device)
     bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.objective.loss}", unit="step",
                disable=not (cfg.progress and ctx.is_main))
     last_metrics: dict = {}
     final_checkpoint = resume.checkpoint if resume else None
     while step < total_steps:
         started = time.perf_counter()
+        # the step's data micro-batches: step * grad_accum ... (with --ppo-epochs a window's are visited E times)
+        micro_batch = cfg.on_policy.first_micro_batch(step, optim.grad_accum) if cfg.on_policy \
+            else step * optim.grad_accum
         sampling_stats = source.before_step(step, micro_batch)  # on-policy: fresh samples when a window starts
         losses, step_stats, tokens = [], {}, 0
         for _ in range(optim.grad_accum):
-            batch = collate(source.examples(order.batch(micro_batch)), **collate_kwargs).to(device)
+            batch = make_batch(source.examples(order.batch(micro_batch)))
             micro_batch += 1
             loss, stats = wrapper(batch, state=state)
             (loss / optim.grad_accum).backward()

@@ -157,9 +157,11 @@ def test_fused_logprobs_of_policy_inputs_are_log_pi(kind):
 # --------------------------------------------------------------------------------------
 
 
-def plain_loss(method, log_pi, actions, rewards, log_ref, config, u_prev=None):
+def plain_loss(method, log_pi, actions, rewards, log_ref, config, u_prev=None, old=None):
     """Float64 restatement of every method from its formula (``log_pi`` [V] differentiable).
 
+    ``old`` [V]: the sampler's log-probs (token-level methods; None = the current policy, ratio 1).
+    The losses not given a knob by BanditConfig use the published defaults written out here.
     Returns ``(loss, u)`` (u: DFT's updated state, else None).
     """
     s = log_pi[actions]  # [G, n] sequence log-probs of one-token sequences
@@ -175,6 +177,27 @@ def plain_loss(method, log_pi, actions, rewards, log_ref, config, u_prev=None):
         if method == "dpo":
             return -F.logsigmoid(config.dpo_beta * margin).mean(), None
         return ((margin - 1 / (2 * config.ipo_beta)) ** 2).mean(), None
+    if method == "hinge":  # SLiC, beta 0.1
+        margin = (s[rows, best] - ref[rows, best]) - (s[rows, worst] - ref[rows, worst])
+        return torch.clamp(1 - 0.1 * margin, min=0).mean(), None
+    if method == "simpo":  # beta 0.1, gamma 0.5, reference-free (one token: mean = sum)
+        return -F.logsigmoid(0.1 * (s[rows, best] - s[rows, worst]) - 0.5).mean(), None
+    if method == "unlikelihood":  # alpha 1: -log p(chosen) - log(1 - p(rejected))
+        return (-s[rows, best] - torch.log1p(-torch.exp(s[rows, worst]))).mean(), None
+    if method in ("ppo", "grpo", "dapo", "dr_grpo"):
+        # clip 0.2 (DAPO: 0.2 below, 0.28 above); GRPO adds 0.04 x the k3 KL to pi_ref; advantages
+        # (R - mean) / (unbiased std + 1e-4), Dr. GRPO R - mean; one token per row, so every
+        # aggregation is the mean over the G * n rows
+        centered = r - r.mean(1, keepdim=True)
+        adv = centered if method == "dr_grpo" else centered / (r.std(1, keepdim=True) + 1e-4)
+        old_s = s.detach() if old is None else old.double()[actions]
+        ratio = torch.exp(s - old_s)
+        high = 1.28 if method == "dapo" else 1.2
+        terms = -torch.minimum(ratio * adv, torch.clamp(ratio, 0.8, high) * adv)
+        if method == "grpo":
+            delta = ref - s
+            terms = terms + 0.04 * (torch.exp(delta) - delta - 1)
+        return terms.mean(), None
     if method == "rwr":
         w = torch.softmax(r / config.rwr_beta, dim=1)
         return -(w * s).sum(1).mean(), None
@@ -184,13 +207,16 @@ def plain_loss(method, log_pi, actions, rewards, log_ref, config, u_prev=None):
         else:
             adv = r - r.mean(1, keepdim=True)
         return -(adv * s).mean(), None
-    if method in ("dft", "dft2"):
-        tau, gamma = (config.dft_tau, config.dft_gamma) if method == "dft" else (config.dft2_tau, config.dft2_gamma)
+    if method in ("dft", "dft2", "dft_unselected"):
+        tau, gamma = (config.dft2_tau, config.dft2_gamma) if method == "dft2" else (config.dft_tau, config.dft_gamma)
         losses, us = [], []
         for g in range(num_groups):
-            neg_idx = [j for j in range(n) if j != int(best[g])]
+            if method == "dft_unselected":  # every sample of the group is a negative
+                neg_idx = list(range(n))
+            else:
+                neg_idx = [j for j in range(n) if j != int(best[g])]
             s_neg = s[g, neg_idx]
-            d = s_neg.detach() / tau - (ref[g, neg_idx] if method == "dft" else 0.0)
+            d = s_neg.detach() / tau - (0.0 if method == "dft2" else ref[g, neg_idx])
             k = len(neg_idx)
             batch_est = math.log(gamma) + torch.logsumexp(d, 0) - math.log(k)
             u = torch.logaddexp(torch.tensor(math.log(1 - gamma), dtype=torch.float64) + u_prev[g], batch_est)
@@ -224,7 +250,7 @@ def test_method_loss_and_gradient_match_plain_restatement(method, kind):
     log_ref = reference_policy().log().float()
     policy = _policy(kind, seed=3, perturb=0.5, num_seeds=num_seeds)
     u_init = -0.4
-    state = DFTState(num_seeds * groups, init=u_init) if method in ("dft", "dft2") else None
+    state = DFTState(num_seeds * groups, init=u_init) if method in ("dft", "dft2", "dft_unselected") else None
 
     loss = method_loss(method, policy, actions, rewards, log_ref, config, state)
     params = [p for p in policy.parameters()]
@@ -249,6 +275,35 @@ def test_method_loss_and_gradient_match_plain_restatement(method, kind):
     if state is not None:
         torch.testing.assert_close(state.u.double(), expected_u.detach(), rtol=1e-5, atol=1e-5)
         assert state.num_updates.tolist() == [1] * (num_seeds * groups)
+
+
+@pytest.mark.parametrize("kind", ["logits", "mlp"])
+@pytest.mark.parametrize("method", ["ppo", "dapo", "grpo", "dr_grpo"])
+def test_token_level_methods_clip_against_the_sampler(method, kind):
+    """Importance ratios against the sampler's log-probs, inside and outside the clip range, both
+    advantage signs: loss and gradient match the plain restatement."""
+    config = BanditConfig()
+    num_seeds, groups = 2, 6
+    actions, rewards = _batch(seed=4, groups=groups, num_seeds=num_seeds)
+    log_ref = reference_policy().log()
+    policy = _policy(kind, seed=5, perturb=0.4, num_seeds=num_seeds).double()
+    # the sampler: the current policy moved by up to +-0.5 nats per action (ratios 0.6 .. 1.6)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        old = torch.log_softmax(policy.logits() + torch.empty(num_seeds, 100, dtype=torch.float64).uniform_(
+            -0.5, 0.5, generator=generator), dim=-1)
+    loss = method_loss(method, policy, actions, rewards.double(), log_ref, config, old_log_probs=old)
+    grads = torch.autograd.grad(loss, list(policy.parameters()))
+
+    log_pi = torch.log_softmax(policy.logits(), dim=-1)
+    ratio = torch.exp(log_pi.detach() - old).gather(1, actions.reshape(num_seeds, -1))
+    assert bool((ratio < 0.8).any()) and bool((ratio > 1.28).any()) and bool(((ratio > 0.8) & (ratio < 1.2)).any())
+    expected = sum(plain_loss(method, log_pi[i], actions[i], rewards[i], log_ref, config, old=old[i])[0]
+                   for i in range(num_seeds))
+    expected_grads = torch.autograd.grad(expected, list(policy.parameters()))
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_dft_is_best_of_n_sft_plus_a_negative_term():
@@ -278,7 +333,7 @@ def test_method_loss_rejects_bad_inputs():
     log_ref = reference_policy().log().float()
     actions, rewards = _batch()
     with pytest.raises(ValueError, match="method"):
-        method_loss("ppo", policy, actions, rewards, log_ref, BanditConfig())
+        method_loss("sac", policy, actions, rewards, log_ref, BanditConfig())
     with pytest.raises(ValueError, match=r"G, n\]"):
         method_loss("dpo", policy, actions.reshape(-1), rewards.reshape(-1), log_ref, BanditConfig())
     with pytest.raises(TypeError, match="int64"):
@@ -302,15 +357,27 @@ def test_train_run_bookkeeping_and_determinism():
     other_seed = train_run("dft", "on_policy", "far", seed=1, config=config)
     assert not torch.equal(run["curve"], other_seed["curve"])
 
-    # a bank of seeds trains each seed exactly as its own run would
+    # a bank of seeds trains each seed exactly as its own run would (float64: ~1e-12 or better)
+    assert run["curve"].dtype == torch.float64
     bank = bandit.train_seeds("dft", "on_policy", "far", [1, 0], config)
-    torch.testing.assert_close(bank["curves"][1], run["curve"], rtol=0, atol=1e-6)
-    torch.testing.assert_close(bank["curves"][0], other_seed["curve"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(bank["curves"][1], run["curve"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(bank["curves"][0], other_seed["curve"], rtol=0, atol=1e-12)
     mlp_config = replace_cfg(config, policy="mlp", hidden_size=4)
     mlp_bank = bandit.train_seeds("dpo", "on_policy", "far", [0, 1], mlp_config)
     mlp_single = train_run("dpo", "on_policy", "far", seed=1, config=mlp_config)
-    torch.testing.assert_close(mlp_bank["curves"][1], mlp_single["curve"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(mlp_bank["curves"][1], mlp_single["curve"], rtol=0, atol=1e-12)
     assert float(mlp_single["curve"][-1]) != float(mlp_single["curve"][0])
+    # a bank whose size is not a power of two, with enough groups and steps that Adam amplifies
+    # any rounding difference on the zero-gradient logits of unsampled actions (RLOO offline)
+    wide = replace_cfg(config, groups=32, reuse=1, steps=8)
+    odd_bank = bandit.train_seeds("rloo", "offline", "near", [2, 0, 1], wide)
+    for row, seed in enumerate([2, 0, 1]):
+        alone = train_run("rloo", "offline", "near", seed=seed, config=wide)
+        torch.testing.assert_close(odd_bank["curves"][row], alone["curve"], rtol=0, atol=1e-12)
+    mlp_wide = replace_cfg(wide, policy="mlp", hidden_size=4, reuse=2)
+    mlp_odd = bandit.train_seeds("ppo", "on_policy", "far", [2, 0, 1], mlp_wide)
+    alone = train_run("ppo", "on_policy", "far", seed=1, config=mlp_wide)
+    torch.testing.assert_close(mlp_odd["curves"][2], alone["curve"], rtol=0, atol=1e-12)
 
     sparse = train_run("rloo", "offline", "near", seed=0, config=replace_cfg(config, eval_every=4))
     assert bandit.eval_steps(replace_cfg(config, eval_every=4)) == [0, 4, 6]
@@ -334,7 +401,7 @@ def test_training_raises_expected_reward_on_near_reward():
         ({"lr": -1.0}, "lr"),
         ({"dft_gamma": 1.5}, "dft_gamma"),
         ({"policy": "transformer"}, "policy"),
-        ({"methods": ("dpo", "ppo")}, "methods"),
+        ({"methods": ("dpo", "sac")}, "methods"),
         ({"methods": ()}, "methods"),
         ({"regimes": ("online",)}, "regimes"),
         ({"rewards": ("far", "far")}, "rewards"),
@@ -354,7 +421,7 @@ def test_command_line_parsing():
     explicit = bandit.config_from_args(parser.parse_args(["--quick", "--steps", "7", "--methods", "dpo", "dft"]))
     assert explicit.steps == 7 and explicit.seeds == 2 and explicit.methods == ("dpo", "dft")
     with pytest.raises(SystemExit):
-        bandit.main(["--methods", "ppo", "--out", "unused"])
+        bandit.main(["--methods", "sac", "--out", "unused"])
 
 
 def test_quick_command_line_end_to_end(tmp_path):
@@ -389,3 +456,24 @@ def test_quick_command_line_end_to_end(tmp_path):
     for row in summary:  # every method improves the near reward within 40 steps
         if row["reward"] == "near":
             assert row["final_mean"] > bases["near"] + 0.2, row
+
+
+def test_paired_comparisons_pair_the_same_seeds():
+    """Differences are taken seed by seed (common random numbers), against best-of-N SFT and across regimes."""
+    config = BanditConfig(seeds=3, methods=("bon_sft", "dft"), rewards=("far",))
+    finals = {("bon_sft", "offline"): [0.1, 0.2, 0.3], ("dft", "offline"): [0.15, 0.22, 0.36],
+              ("bon_sft", "on_policy"): [0.9, 0.8, 0.95], ("dft", "on_policy"): [0.85, 0.79, 0.9]}
+    curves = {(m, r, "far"): torch.tensor([[0.04, v] for v in values], dtype=torch.float64)
+              for (m, r), values in finals.items()}
+    rows = bandit.report.paired_comparisons({"config": config, "curves": curves})
+    by_key = {(row["method"], row["regime"]): row for row in rows}
+    assert set(by_key) == {("dft", "offline"), ("dft", "on_policy"), ("bon_sft", "on_policy - offline"),
+                           ("dft", "on_policy - offline")}
+    row = by_key[("dft", "offline")]
+    d = [0.05, 0.02, 0.06]
+    assert row["vs"] == "bon_sft" and row["final"]["wins"] == 3 and row["final"]["n"] == 3
+    assert row["final"]["mean"] == pytest.approx(sum(d) / 3)
+    assert row["final"]["sd"] == pytest.approx(torch.tensor(d).std().item())
+    assert row["auc"]["mean"] == pytest.approx(sum(d) / 6)  # curves [0.04, final]: the mean moves by half
+    assert by_key[("dft", "on_policy")]["final"]["wins"] == 0
+    assert by_key[("dft", "on_policy - offline")]["final"]["mean"] == pytest.approx((0.7 + 0.57 + 0.54) / 3)

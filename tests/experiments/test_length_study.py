@@ -25,13 +25,6 @@ from dftkern.experiments import length_study as ls
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _clear_mode_target():
-    ls.set_mode_length_target(None)
-    yield
-    ls.set_mode_length_target(None)
-
-
 # --------------------------------------------------------------------------------------
 # rewards
 # --------------------------------------------------------------------------------------
@@ -46,39 +39,37 @@ def test_min_length_reward_is_minus_the_number_of_characters():
 
 
 def test_mode_length_reward_is_peaked_at_the_target():
-    ls.set_mode_length_target(3, width=1.0)
-    values = {n: ls.mode_length_reward("1+2=", "7" * n) for n in range(7)}
+    reward = ls.length_reward("mode_length", 3, width=1.0)
+    values = {n: reward("1+2=", "7" * n, "3") for n in range(7)}
     assert values[3] == 1.0
     assert values[2] == pytest.approx(math.exp(-1)) and values[4] == pytest.approx(math.exp(-1))
     assert values[0] == pytest.approx(math.exp(-9))
     assert max(values, key=values.get) == 3
-    ls.set_mode_length_target(3, width=2.0)
-    assert ls.mode_length_reward("1+2=", "7") == pytest.approx(math.exp(-1))
+    assert ls.length_reward("mode_length", 3, width=2.0)("1+2=", "7", "3") == pytest.approx(math.exp(-1))
 
 
-def test_mode_length_reward_needs_a_target_and_validates_it(monkeypatch):
-    monkeypatch.delenv("DFTKERN_LENGTH_MODE", raising=False)
-    with pytest.raises(ValueError, match="no target"):
-        ls.mode_length_reward("1+2=", "3")
-    monkeypatch.setenv("DFTKERN_LENGTH_MODE", "1")
-    assert ls.mode_length_reward("1+2=", "3") == 1.0
+def test_length_rewards_are_the_trainers_and_validate_their_peak():
+    from dftkern.train.rewards import LengthPeakReward, neg_length_reward, resolve_reward
+
+    assert ls.length_reward("min_length") is neg_length_reward is resolve_reward("neg_length")
+    peak = ls.length_reward("mode_length", 1)
+    assert isinstance(peak, LengthPeakReward) and peak("1+2=", "3", "3") == 1.0
+    with pytest.raises(ValueError, match="needs mode"):
+        ls.length_reward("mode_length")
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="mode"):
-            ls.set_mode_length_target(bad)
+            ls.length_reward("mode_length", bad)
     with pytest.raises(ValueError, match="width"):
-        ls.set_mode_length_target(2, width=0.0)
+        ls.length_reward("mode_length", 2, width=0.0)
+    with pytest.raises(ValueError, match="name must be one of"):
+        ls.length_reward("length")
 
 
-def test_modal_length_and_call_counter():
+def test_modal_length():
     assert ls.modal_length([3, 2, 3, 1]) == 3
     assert ls.modal_length([2, 3, 3, 2]) == 2  # ties: the smaller length
     with pytest.raises(ValueError, match="empty"):
         ls.modal_length([])
-    before = ls.reward_call_count("min_length")
-    ls.min_length_reward("", "12")
-    assert ls.reward_call_count("min_length") == before + 1
-    with pytest.raises(ValueError, match="name must be one of"):
-        ls.reward_call_count("length")
 
 
 def test_config_validation():
@@ -140,12 +131,29 @@ def test_on_policy_arm_resamples_from_the_current_policy(tmp_path, monkeypatch):
         events.append("step")
         return original_step(self, *args, **kwargs)
 
+    import dftkern.train.trainer as trainer_module
+
+    training = [False]  # reward calls are recorded while the trainer runs (not the study's evaluation)
+    original_train = trainer_module.train
+
+    def flagged_train(*args, **kwargs):
+        training[0] = True
+        try:
+            return original_train(*args, **kwargs)
+        finally:
+            training[0] = False
+
     def recording_reward(prompt, response, reference=None):
-        events.append("reward")
-        return ls._REWARD_FUNCTIONS["min_length"](prompt, response, reference)
+        if training[0]:
+            events.append("reward")
+        return ls.min_length_reward(prompt, response, reference)
+
+    def recording_length_reward(name, mode=None, width=1.0):  # the reward functions the study uses
+        return recording_reward if name == "min_length" else ls.length_reward(name, mode, width)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
-    monkeypatch.setattr(ls, "min_length_reward", recording_reward)  # what the trainer loads by name
+    monkeypatch.setattr(trainer_module, "train", flagged_train)
+    monkeypatch.setattr(ls.study, "length_reward", recording_length_reward)
     cfg = ls.LengthStudyConfig(out=str(tmp_path / "out"), work=str(tmp_path / "work"), quick=True,
                                rewards=("min_length",), losses=("reinforce",), refresh_every=2)
     results = ls.run_length_study(cfg)
@@ -207,3 +215,50 @@ def test_quick_run_end_to_end_through_the_command_line(tmp_path):
         assert all(math.isfinite(v) for v in run["reward_at_step"].values())
     # the reference model is reused by a second invocation
     assert (work / "reference" / "reference.json").exists()
+
+
+def test_paired_comparisons_pair_the_same_seeds():
+    """Final and mean-over-training rewards are differenced seed by seed, against the maximum-likelihood
+    arm (rwr) and across arms; the markdown lists every row."""
+    cfg = ls.LengthStudyConfig(seeds=(3, 1), rewards=("min_length",), losses=("rwr", "dpo")).resolved()
+    curves = {("rwr", "offline"): {3: [-2.8, -2.6, -2.5], 1: [-2.8, -2.7, -2.4]},
+              ("dpo", "offline"): {3: [-2.8, -2.2, -2.1], 1: [-2.8, -2.5, -2.3]},
+              ("rwr", "on_policy"): {3: [-2.8, -1.0, 0.0], 1: [-2.8, -1.5, -0.2]},
+              ("dpo", "on_policy"): {3: [-2.8, -0.5, 0.0], 1: [-2.8, -0.4, 0.0]}}
+    runs = [{"reward": "min_length", "loss": loss, "arm": arm, "seed": seed, "final_reward": values[-1],
+             "reward_at_step": {str(step): v for step, v in zip((0, 20, 40), values)}}
+            for (loss, arm), per_seed in curves.items() for seed, values in per_seed.items()]
+    rows = ls.paired_comparisons(runs, cfg)
+    by_key = {(row["loss"], row["arm"]): row for row in rows}
+    assert set(by_key) == {("dpo", "offline"), ("dpo", "on_policy"), ("rwr", "on_policy - offline"),
+                           ("dpo", "on_policy - offline")}
+    off = by_key[("dpo", "offline")]
+    assert off["vs"] == "rwr" and off["final"]["n"] == 2 and off["final"]["wins"] == 2
+    assert off["final"]["mean"] == pytest.approx((0.4 + 0.1) / 2)
+    assert off["auc"]["mean"] == pytest.approx(((0.4 + 0.4) / 3 + (0.2 + 0.1) / 3) / 2)
+    on = by_key[("dpo", "on_policy")]
+    assert on["final"]["mean"] == pytest.approx(0.1) and on["final"]["wins"] == 1
+    assert by_key[("rwr", "on_policy - offline")]["final"]["mean"] == pytest.approx((2.5 + 2.2) / 2)
+    text = ls.format_paired(rows, 2)
+    assert text.count("| min_length |") == 4 and "dpo − rwr, on-policy" in text and "rwr, on-policy − offline" in text
+
+
+def test_command_line_options():
+    parser = ls.build_parser()
+    args = parser.parse_args(["--losses", "rwr", "dpo", "--rewards", "mode_length", "--num-checkpoints", "2"])
+    assert args.losses == ["rwr", "dpo"] and args.rewards == ["mode_length"] and args.num_checkpoints == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--losses", "ppo_unknown"])
+    assert ls.LengthStudyConfig().resolved().checkpoint_steps() == [0, 20, 40, 60, 80, 100, 120, 140, 160]
+    assert ls.LOSSES[0] == ls.MAXIMUM_LIKELIHOOD == "rwr"
+
+
+def test_offline_files_of_the_maximum_likelihood_arm_are_the_group_of_samples(tmp_path):
+    """rwr sees exactly the rows reinforce sees (the n samples with their rewards); only the loss differs."""
+    prompts = _write(tmp_path / "prompts.jsonl", [{"id": "a", "prompt": "12+30=", "response": "42"}])
+    samples = _write(tmp_path / "samples.jsonl", [
+        {"prompt_id": "a", "responses": ["420", "4", "42"], "response_token_ids": [[7, 5, 3, 2], [7, 2], [7, 5, 2]]}])
+    rwr = ls.build_offline_files("rwr", "min_length", prompts, samples, tmp_path / "rwr")
+    reinforce = ls.build_offline_files("reinforce", "min_length", prompts, samples, tmp_path / "rf")
+    for got, want in zip(rwr, reinforce):
+        assert got.read_text() == want.read_text()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
 for path in (HERE.parents[1], HERE):  # `import dftkern`, `import integ_helpers`
@@ -21,6 +22,20 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_full_gc_after_training(monkeypatch):
+    """accelerate's ``free_memory()``, run at the end of every ``Trainer.train()``, calls a full ``gc.collect()``:
+    about 0.5 s per call in a pytest process that holds many objects, for tiny CPU models that need no memory
+    back. Skipped here (numerics untouched); subprocess tests are unaffected."""
+    try:
+        import accelerate.utils.memory as memory
+    except ImportError:  # without the trl extra nothing trains here
+        yield
+        return
+    monkeypatch.setattr(memory, "gc", SimpleNamespace(collect=lambda *args, **kwargs: 0))
+    yield
 
 
 @pytest.fixture(autouse=True)

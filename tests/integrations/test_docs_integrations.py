@@ -12,8 +12,9 @@ SNIPPETS = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
 
 
 def test_doc_has_the_snippets():
-    assert len(SNIPPETS) == 3
+    assert len(SNIPPETS) == 4
     assert "patch_causal_lm(model)" in SNIPPETS[0] and "DFTTrainer" in SNIPPETS[1] and "FusedDPOTrainer" in SNIPPETS[2]
+    assert "FusedGRPOTrainer" in SNIPPETS[3] and "FusedRLOOTrainer" in SNIPPETS[3]
 
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))

@@ -221,3 +221,78 @@ def test_example_order_is_deterministic_sharded_and_resumable():
 def test_sample_file_line_for_record_has_json_object(workspace):
     first = json.loads(workspace.negatives.read_text().splitlines()[0])
     assert set(first) >= {"prompt_id", "responses", "response_token_ids", "finished", "rewards", "positive_reward"}
+
+
+# --------------------------------------------------------------------------------------------- pools
+
+
+def _pool(responses, rewards=None, positive_reward=None):
+    from dftkern.train.records import SampleRecord
+
+    ids = tuple((4 + j,) for j in range(len(responses)))
+    return SampleRecord("p", tuple(responses), ids, None if rewards is None else tuple(rewards), positive_reward,
+                        "neg.jsonl:1")
+
+
+def test_judge_samples_correct_by_the_positives_reward_or_a_threshold_and_equal_by_text():
+    from dftkern.train.records import judge_samples
+
+    record = PromptRecord("p", "17", prompt="12+5=")
+    pool = _pool(["17", " 17\n", "71", "1"], rewards=[1.0, 1.0, 0.0, 0.5], positive_reward=1.0)
+    assert judge_samples(record, pool) == ((True, True, False, False), (True, True, False, False))
+    assert judge_samples(record, pool, correct_threshold=0.5)[0] == (True, True, False, True)
+    assert judge_samples(record, _pool(["17", "3"])) == (None, (True, False))  # no rewards: equality only
+    with pytest.raises(DataError, match=r"neg.jsonl:1: field 'positive_reward' is missing.*--correct-threshold"):
+        judge_samples(record, _pool(["3"], rewards=[0.0]))
+
+
+def test_pool_candidates_filter_and_fallback():
+    from dftkern.train.records import pool_candidates
+
+    record = PromptRecord("p", "17", prompt="12+5=")
+    pool = _pool(["17", "18", "71", "17"], rewards=[1.0, 0.0, 1.0, 1.0], positive_reward=1.0)
+    assert pool_candidates(record, pool) == ([0, 1, 2, 3], False)
+    assert pool_candidates(record, pool, filtered=True) == ([1], False)  # 2 is correct by the verifier
+    assert pool_candidates(record, pool, filtered=True, correct_threshold=2.0) == ([1, 2], False)
+    everything_right = _pool(["17", "17"], rewards=[1.0, 1.0], positive_reward=1.0)
+    assert pool_candidates(record, everything_right, filtered=True) == ([0, 1], True)
+
+
+def test_rotate_negatives_takes_fresh_slices_each_epoch_then_wraps():
+    from dftkern.train.records import rotate_negatives
+
+    pool = list(range(6))
+    epochs = [rotate_negatives(pool, 2, e) for e in range(4)]
+    assert epochs == [[0, 1], [2, 3], [4, 5], [0, 1]]
+    assert rotate_negatives([3, 5, 8], 2, 1) == [8, 3]  # over filtered candidates, wrapping
+    assert rotate_negatives([7], 3, 0) == [7, 7, 7]
+    for bad in (dict(k=0, epoch=0), dict(k=2, epoch=-1), dict(k=True, epoch=0)):
+        with pytest.raises(ValueError, match="must be an integer"):
+            rotate_negatives(pool, **bad)
+    with pytest.raises(ValueError, match="at least one candidate"):
+        rotate_negatives([], 1, 0)
+
+
+def test_pool_stats_counts_and_the_streamed_file_agrees(tmp_path):
+    from dftkern.train.records import SampleRecord, pool_stats, pool_stats_of_file
+
+    records = [PromptRecord("a", "3", prompt="1+2="), PromptRecord("b", "5", prompt="2+3=")]
+    lines = [{"prompt_id": "a", "responses": ["3", "3", "4"], "response_token_ids": [[6], [6], [7]],
+              "rewards": [1.0, 1.0, 0.0], "positive_reward": 1.0},
+             {"prompt_id": "b", "responses": ["5", "05", "6"], "response_token_ids": [[8], [3, 8], [9]],
+              "rewards": [1.0, 1.0, 0.0], "positive_reward": 1.0}]
+    path = write_jsonl(tmp_path / "neg.jsonl", lines)
+    expected = {"prompts": 2, "samples": 6, "frac_equal_positive": 3 / 6, "frac_prompts_all_equal_positive": 0.0,
+                "correct_rule": "reward >= positive_reward (the good answer's reward)", "prompts_with_rewards": 2,
+                "frac_correct": 4 / 6, "mean_reward": 4 / 6, "frac_filtered": 4 / 6,
+                "frac_prompts_unfilterable": 0.0}
+    assert pool_stats(records, read_sample_records(path)) == expected
+    assert pool_stats_of_file(path, records) == expected
+    assert pool_stats_of_file(path, records, correct_threshold=2.0)["frac_correct"] == 0.0
+    no_rewards = {"a": SampleRecord("a", ("3", "3"), ((6,), (6,)))}
+    assert pool_stats(records[:1], no_rewards) == {"prompts": 1, "samples": 2, "frac_equal_positive": 1.0,
+                                                   "frac_prompts_all_equal_positive": 1.0}
+    with pytest.raises(DataError, match="prompt id 'b' has no sampled negatives"):
+        pool_stats(records, no_rewards)
+    with pytest.raises(DataError, match=r"neg.jsonl:2: prompt_id 'b' is not in the data file"):
+        pool_stats_of_file(path, records[:1])

@@ -174,7 +174,8 @@ def test_reinforce_with_a_constant_baseline(model, examples):
 def test_objective_config_rejects_unknown_losses():
     assert set(LOSS_NAMES) >= {"dft", "dft2", "sft", "dpo", "ipo", "simpo", "rwr", "reinforce", "rloo"}
     with pytest.raises(ValueError, match="loss must be one of"):
-        ObjectiveConfig(loss="ppo")
+        ObjectiveConfig(loss="ppo2")  # was "ppo", a trainer loss since issue 13 (on-policy only: TrainConfig refuses
+    assert ObjectiveConfig(loss="ppo").spec.family == "policy"  # it offline with the same message)
     with pytest.raises(ValueError, match="baseline must be 'mean', 'none' or a number"):
         ObjectiveConfig(loss="reinforce", baseline="avg")
     assert ObjectiveConfig(loss="dft2").dft_hparams() == (0.3, 0.9)

@@ -8,6 +8,10 @@
   sigmoid_norm) is :func:`dftkern.fused_preference_loss`: gradients computed in the forward.
 * :class:`FusedSFTTrainer` — ``trl.SFTTrainer`` (``loss_type="nll"``) whose loss is
   :func:`dftkern.fused_linear_cross_entropy`.
+* :class:`FusedGRPOTrainer` — ``trl.GRPOTrainer`` (``loss_type`` grpo, bnpo, dr_grpo, dapo, luspo,
+  cispo, sapo at token level) whose loss is TRL's, term by term, on :func:`dftkern.fused_token_loss`.
+* :class:`FusedRLOOTrainer` — ``trl.RLOOTrainer`` whose sequence-level PPO-clip loss runs on
+  :func:`dftkern.grouped_sequence_loss`.
 
 Checked against TRL 1.16 (see ``docs/integrations.md``). Needs ``pip install "dftkern[trl]"``.
 """
@@ -21,6 +25,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from .dft import DFTConfig, DFTTrainer
 from .dpo import FUSED_DPO_LOSS_TYPES, FusedDPOTrainer
+from .grpo import FUSED_GRPO_LOSS_TYPES, FusedGRPOTrainer
+from .rloo import FusedRLOOTrainer
 from .sft import FusedSFTTrainer
 
-__all__ = ["DFTConfig", "DFTTrainer", "FusedDPOTrainer", "FusedSFTTrainer", "FUSED_DPO_LOSS_TYPES"]
+__all__ = ["DFTConfig", "DFTTrainer", "FusedDPOTrainer", "FusedSFTTrainer", "FusedGRPOTrainer", "FusedRLOOTrainer",
+           "FUSED_DPO_LOSS_TYPES", "FUSED_GRPO_LOSS_TYPES"]
