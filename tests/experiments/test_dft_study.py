@@ -144,36 +144,35 @@ def test_mean_sd():
 def _pool():
     records = [PromptRecord("p0", "5", prompt="2+3="), PromptRecord("p1", "9", prompt="4+5=")]
     eos = 2
-    pos = {"p0": [8, eos], "p1": [12, eos]}  # char ids: "5" -> 8, "9" -> 12
     pool = {
-        # p0: samples 0 and 3 are correct (3 has the positive's exact tokens), the rest wrong
-        "p0": SampleRecord("p0", ("5", "6", "7", "5", "8", "4"), ((8, 9), (9, eos), (10, eos), (8, eos), (11, eos),
-                                                                   (7, eos)), (1.0, 0.0, 0.0, 1.0, 0.0, 0.0)),
+        # p0: samples 0 and 3 are the right answer (0 without its EOS: equal as text, correct by reward)
+        "p0": SampleRecord("p0", ("5", "6", "7", "5", "8", "4"), ((8,), (9, eos), (10, eos), (8, eos), (11, eos),
+                                                                   (7, eos)), (1.0, 0.0, 0.0, 1.0, 0.0, 0.0), 1.0),
         # p1: every sample is correct: the filter has nothing left
-        "p1": SampleRecord("p1", ("9", "9", "9", "9", "9", "9"), tuple((12, eos) for _ in range(6)), (1.0,) * 6),
+        "p1": SampleRecord("p1", ("9",) * 6, tuple((12, eos) for _ in range(6)), (1.0,) * 6, 1.0),
     }
-    return records, pool, pos
+    return records, pool
 
 
 def test_rotation_takes_fresh_negatives_each_epoch_then_wraps():
-    records, pool, pos = _pool()
-    picks = [protocol.rotate_pool(records, pool, pos, epoch=e, k=2, filtered=False)[1]["p0"]["indices"]
+    records, pool = _pool()
+    picks = [protocol.rotate_pool(records, pool, epoch=e, k=2, filtered=False)[1]["p0"]["indices"]
              for e in range(4)]
     assert picks == [[0, 1], [2, 3], [4, 5], [0, 1]]
-    lines, _ = protocol.rotate_pool(records, pool, pos, epoch=1, k=2, filtered=False)
+    lines, _ = protocol.rotate_pool(records, pool, epoch=1, k=2, filtered=False)
     assert lines[0]["responses"] == ["7", "5"] and lines[0]["response_token_ids"] == [[10, 2], [8, 2]]
     assert lines[0]["rewards"] == [0.0, 1.0] and lines[0]["prompt"] == "2+3="
-    again, _ = protocol.rotate_pool(records, pool, pos, epoch=1, k=2, filtered=False)
+    again, _ = protocol.rotate_pool(records, pool, epoch=1, k=2, filtered=False)
     assert again == lines
 
 
 def test_filter_drops_correct_and_equal_to_positive_and_counts_fallbacks():
-    records, pool, pos = _pool()
-    per_epoch = [protocol.rotate_pool(records, pool, pos, epoch=e, k=2, filtered=True)[1] for e in range(3)]
+    records, pool = _pool()
+    per_epoch = [protocol.rotate_pool(records, pool, epoch=e, k=2, filtered=True)[1] for e in range(3)]
     assert [p["p0"]["indices"] for p in per_epoch] == [[1, 2], [4, 5], [1, 2]]
     assert all(not p["p0"]["fallback"] and p["p1"]["fallback"] for p in per_epoch)
     assert per_epoch[0]["p1"]["indices"] == [0, 1]
-    s = protocol._negative_stats(pool, pos, per_epoch, filtered=True)
+    s = protocol._negative_stats(records, pool, per_epoch, filtered=True)
     assert s["negatives_used"] == 12
     assert s["frac_correct"] == pytest.approx(6 / 12)  # p1's fallbacks are all correct, p0's picks none
     assert s["frac_equal_positive"] == pytest.approx(6 / 12)
@@ -184,10 +183,10 @@ def test_filter_drops_correct_and_equal_to_positive_and_counts_fallbacks():
 
 
 def test_rotation_needs_rewards():
-    records, pool, pos = _pool()
+    records, pool = _pool()
     pool["p0"] = SampleRecord("p0", ("5",), ((8, 2),), None, where="pool.jsonl:1")
     with pytest.raises(ValueError, match="pool.jsonl:1: the pool needs rewards"):
-        protocol.rotate_pool(records, pool, pos, epoch=0, k=1, filtered=False)
+        protocol.rotate_pool(records, pool, epoch=0, k=1, filtered=False)
 
 
 # --------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ import torch
 
 from dftkern.train import synthetic
 from dftkern.train.checkpoint import latest_checkpoint
-from dftkern.train.data import build_examples, encode_prompt, encode_response, read_prompt_records, read_sample_records
+from dftkern.train.data import build_examples, encode_prompt, read_prompt_records, read_sample_records
+from dftkern.train.records import judge_samples, pool_candidates, pool_stats, rotate_negatives
 from dftkern.train.evaluate import evaluate_model
 from dftkern.train.generate import GenerateConfig, SamplingConfig, decode, eos_token_ids, generate_samples
 from dftkern.train.model import load_causal_lm, load_tokenizer
@@ -126,10 +127,9 @@ def pretrain_base(cfg: StudyConfig, seed: int, paths: dict[str, Path], out: Path
             raise _ProbeReached
 
     try:
-        train(TrainConfig(model=str(out / "init"), data=str(paths["pretrain"]), out=str(run_dir), loss="sft",
-                          max_steps=cfg.base_max_steps, batch_size=cfg.batch_size, lr=cfg.base_lr, warmup_ratio=0.05,
-                          weight_decay=0.01, save_every=cfg.base_probe_every, keep_checkpoints=1, seed=seed,
-                          device="cpu", plot=False, progress=False), on_step_end=on_step_end)
+        train(_train_config(cfg, seed, model=str(out / "init"), data=str(paths["pretrain"]), out=str(run_dir),
+                            loss="sft", max_steps=cfg.base_max_steps, lr=cfg.base_lr, warmup_ratio=0.05,
+                            weight_decay=0.01, save_every=cfg.base_probe_every), on_step_end=on_step_end)
     except _ProbeReached:
         pass
     model_dir = latest_checkpoint(run_dir)
@@ -146,15 +146,15 @@ def _sample(model_dir, data: Path, out: Path, *, num_samples: int, spec: Samplin
         reward="addition", device="cpu", progress=False))
 
 
-def rotate_pool(records, pool: dict, positive_ids: dict[str, list[int]], *, epoch: int, k: int,
-                filtered: bool) -> tuple[list[dict], dict]:
-    """The K negatives of every prompt for ``epoch``: pool entries ``(epoch*K + j) mod n`` of each prompt's
-    candidates (all pool samples, or with ``filtered`` the ones that are wrong and differ from the positive).
+def rotate_pool(records, pool: dict, *, epoch: int, k: int, filtered: bool) -> tuple[list[dict], dict]:
+    """The K negatives of every prompt for ``epoch``, by the trainer's pool rules: the candidates of
+    :func:`~dftkern.train.records.pool_candidates` (all samples, or with ``filtered`` those neither
+    correct nor equal to the good answer; every sample again, flagged, when none is left) and the
+    rotation of :func:`~dftkern.train.records.rotate_negatives` (entries ``(epoch*K + j) mod n``).
 
     Args:
         records: the training :class:`PromptRecord` s (output order).
         pool: ``{prompt_id: SampleRecord}`` with rewards (the generate stage's output).
-        positive_ids: ``{prompt_id: token ids of the good answer}`` (EOS included).
     Returns:
         ``(lines, picks)``: generate-format dicts (``prompt_id``, ``prompt``, ``responses``,
         ``response_token_ids``, ``rewards``, ``positive_reward``, ``pool_index``) and per prompt the pool
@@ -165,44 +165,37 @@ def rotate_pool(records, pool: dict, positive_ids: dict[str, list[int]], *, epoc
         sample = pool[record.prompt_id]
         if sample.rewards is None:
             raise ValueError(f"{sample.where}: the pool needs rewards (generate with reward='addition')")
-        everything = list(range(len(sample.responses)))
-        candidates = everything
-        fallback = False
-        if filtered:
-            candidates = [i for i in everything if sample.rewards[i] <= 0.0
-                          and list(sample.response_token_ids[i]) != positive_ids[record.prompt_id]]
-            if not candidates:
-                candidates, fallback = everything, True
-        chosen = [candidates[(epoch * k + j) % len(candidates)] for j in range(k)]
+        candidates, fallback = pool_candidates(record, sample, filtered=filtered)
+        chosen = rotate_negatives(candidates, k, epoch)
         picks[record.prompt_id] = {"indices": chosen, "fallback": fallback}
         lines.append({"prompt_id": record.prompt_id, "prompt": record.prompt_text(),
                       "responses": [sample.responses[i] for i in chosen],
                       "response_token_ids": [list(sample.response_token_ids[i]) for i in chosen],
-                      "rewards": [sample.rewards[i] for i in chosen], "positive_reward": 1.0, "pool_index": chosen})
+                      "rewards": [sample.rewards[i] for i in chosen], "positive_reward": sample.positive_reward,
+                      "pool_index": chosen})
     return lines, picks
 
 
-def _negative_stats(pool: dict, positive_ids: dict, picks_per_epoch: list[dict], *, filtered: bool) -> dict:
-    """Fractions over every negative used in training (all epochs), and what the filter removed."""
+def _negative_stats(records, pool: dict, picks_per_epoch: list[dict], *, filtered: bool) -> dict:
+    """Fractions over every negative used in training (all epochs; correct / equal to the good answer
+    as :func:`~dftkern.train.records.judge_samples` says), and what the filter removed from the pools."""
     used, correct, equal, seen, fallback_prompts = 0, 0, 0, set(), set()
+    judged = {r.prompt_id: judge_samples(r, pool[r.prompt_id]) for r in records}
     for picks in picks_per_epoch:
         for prompt_id, pick in picks.items():
-            sample = pool[prompt_id]
+            is_correct, is_equal = judged[prompt_id]
             for i in pick["indices"]:
                 used += 1
-                correct += sample.rewards[i] > 0
-                equal += list(sample.response_token_ids[i]) == positive_ids[prompt_id]
+                correct += is_correct[i]
+                equal += is_equal[i]
                 seen.add((prompt_id, i))
             if pick["fallback"]:
                 fallback_prompts.add(prompt_id)
-    pool_total = sum(len(s.responses) for s in pool.values())
-    pool_correct = sum(sum(r > 0 for r in s.rewards) for s in pool.values())
+    summary = pool_stats(records, pool)
     out = {"negatives_used": used, "frac_correct": correct / used, "frac_equal_positive": equal / used,
-           "frac_fresh": len(seen) / used, "pool_size": pool_total, "pool_frac_correct": pool_correct / pool_total}
+           "frac_fresh": len(seen) / used, "pool_size": summary["samples"], "pool_frac_correct": summary["frac_correct"]}
     if filtered:
-        dropped = sum(sum(1 for i, r in enumerate(s.rewards)
-                          if r > 0 or list(s.response_token_ids[i]) == positive_ids[p]) for p, s in pool.items())
-        out.update({"frac_pool_dropped": dropped / pool_total,
+        out.update({"frac_pool_dropped": summary["frac_filtered"],
                     "frac_prompts_unfilterable": len(fallback_prompts) / len(picks_per_epoch[0])})
     return out
 
@@ -261,23 +254,19 @@ def evaluate_checkpoint(cfg: StudyConfig, seed: int, model_dir: str | Path, root
             "wrong_logp": wrong_logp, "num_wrong": num_wrong}
 
 
-def _positive_ids(tokenizer, records) -> dict[str, list[int]]:
-    return {r.prompt_id: encode_response(tokenizer, r) for r in records}
-
-
 def _prepare_variant(cfg: StudyConfig, seed: int, root: Path, name: str, pool_path: Path, *, filtered: bool,
-                     base_model: str, train_path: Path, records, positive_ids) -> dict:
+                     base_model: str, train_path: Path, records) -> dict:
     pool = read_sample_records(pool_path)
     picks_per_epoch, files = [], []
     for epoch in range(cfg.epochs):
-        lines, picks = rotate_pool(records, pool, positive_ids, epoch=epoch, k=cfg.num_negatives, filtered=filtered)
+        lines, picks = rotate_pool(records, pool, epoch=epoch, k=cfg.num_negatives, filtered=filtered)
         path = seed_dir(root, seed) / "negatives" / name / f"epoch-{epoch}" / "negatives.jsonl"
         _write_jsonl(path, lines)
         compute_ref_logps(RefLogpsConfig(model=base_model, data=str(train_path), negatives=str(path), device="cpu",
                                          batch_size=_EVAL_BATCH, progress=False))
         picks_per_epoch.append(picks)
         files.append(str(path))
-    return {"files": files, **_negative_stats(pool, positive_ids, picks_per_epoch, filtered=filtered)}
+    return {"files": files, **_negative_stats(records, pool, picks_per_epoch, filtered=filtered)}
 
 
 def prepare_seed(cfg: StudyConfig, seed: int, root: str | Path) -> dict:
@@ -294,16 +283,14 @@ def prepare_seed(cfg: StudyConfig, seed: int, root: str | Path) -> dict:
     paths = split_paths(root)
     base = pretrain_base(cfg, seed, paths, out / "base")
     base_model = base["model"]
-    tokenizer = load_tokenizer(base_model)
     records = read_prompt_records(paths["train"])
-    positive_ids = _positive_ids(tokenizer, records)
     pools = out / "pools"
     main_pool = _sample(base_model, paths["train"], pools / "main.jsonl", num_samples=cfg.pool_size,
                         spec=cfg.sampling, seed=seed, max_new_tokens=cfg.max_new_tokens)
     exact_pool = _sample(base_model, paths["train"], pools / "exact.jsonl",
                          num_samples=cfg.num_negatives * cfg.epochs, spec=cfg.exact_sampling,
                          seed=derive_seed(seed, "exact"), max_new_tokens=cfg.max_new_tokens)
-    common = dict(base_model=base_model, train_path=paths["train"], records=records, positive_ids=positive_ids)
+    common = dict(base_model=base_model, train_path=paths["train"], records=records)
     variants = {"main": _prepare_variant(cfg, seed, root, "main", main_pool, filtered=False, **common),
                 "exact": _prepare_variant(cfg, seed, root, "exact", exact_pool, filtered=False, **common),
                 "filtered": _prepare_variant(cfg, seed, root, "filtered", main_pool, filtered=True, **common)}
@@ -341,8 +328,12 @@ def _cleanup(run_dir: Path, *, keep_model: bool) -> None:
 
 
 def _train_config(cfg: StudyConfig, seed: int, **kwargs) -> TrainConfig:
-    return TrainConfig(batch_size=cfg.batch_size, warmup_ratio=cfg.warmup_ratio, seed=seed, device="cpu",
-                       keep_checkpoints=1, plot=False, progress=False, **kwargs)
+    """The study's trainer settings. ``share_prompt=False`` pins the batch layout: the trainer's automatic
+    prompt sharing turns itself on or off by what the attention kernel supports, and the two layouts
+    differ in the last bits, so leaving it automatic would make the numbers depend on the machine."""
+    kwargs = {"batch_size": cfg.batch_size, "warmup_ratio": cfg.warmup_ratio, **kwargs}
+    return TrainConfig(seed=seed, device="cpu", keep_checkpoints=1, plot=False, progress=False, share_prompt=False,
+                       **kwargs)
 
 
 def _mean_grad_norm(run_dir: Path) -> float | None:
@@ -448,10 +439,9 @@ def run_dpo(cfg: StudyConfig, seed: int, sft_lr: float, lr: float, root: str | P
     dpo_steps = cfg.dpo_epochs * (pairs // batch) if pairs else 0
     model = info["sft_model"]
     if dpo_steps:
-        result = train(TrainConfig(model=info["sft_model"], data=info["data"], negatives=info["negatives"],
-                                   out=str(out), loss="dpo", beta=cfg.dpo_beta, max_steps=dpo_steps, lr=lr,
-                                   batch_size=batch, warmup_ratio=cfg.warmup_ratio, seed=seed, device="cpu",
-                                   keep_checkpoints=1, plot=False, progress=False))
+        result = train(_train_config(cfg, seed, model=info["sft_model"], data=info["data"],
+                                     negatives=info["negatives"], out=str(out), loss="dpo", beta=cfg.dpo_beta,
+                                     max_steps=dpo_steps, lr=lr, batch_size=batch))
         model = result.final_checkpoint
     metrics = evaluate_checkpoint(cfg, seed, model, root)
     summary = {"seed": seed, "arm": "sft_dpo", "lr": lr, "sft_lr": sft_lr, "sft_steps": info["sft_steps"],
