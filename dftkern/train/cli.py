@@ -1,6 +1,8 @@
 """Command line: ``python -m dftkern.train [STAGE] [OPTIONS]``.
 
-Without a stage it runs the built-in experiment (:mod:`.default_run`). Stages: ``generate``,
+Without a stage it runs the built-in experiment: one seed of the DFT-vs-SFT study
+(:mod:`dftkern.experiments.dft_study.one_seed`; with ``--warmup-steps``/``--steps``/``--num-negatives``
+the earlier two-stage experiment of :mod:`.default_run`). Stages: ``generate``,
 ``ref-logps``, ``train``, ``eval`` (and ``default``, the same as no stage).
 """
 
@@ -21,7 +23,7 @@ _STAGE_HELP = {
     "ref-logps": "score every row with the reference model once -> cache keyed by data hash",
     "train": "train with dft / dft2 / sft / dpo / ... through dftkern's fused losses",
     "eval": "greedy-decode held-out prompts: task metric + mean log-prob of the answers",
-    "default": "the built-in experiment (same as giving no stage)",
+    "default": "the built-in experiment, one seed of the DFT-vs-SFT study (same as giving no stage)",
 }
 
 
@@ -65,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
             dftkern's reference trainer: (prompt, good answer) data -> K sampled negatives per prompt
             -> reference log-probs (once) -> training with DFT/DFT2/SFT/DPO/... on fused losses -> eval.
 
-            With no stage, runs the built-in experiment (synthetic addition, tiny Llama, CPU, a few
-            minutes): SFT warm-up, then DFT and continued SFT from it; prints held-out accuracy.
+            With no stage, runs the built-in experiment (synthetic addition, tiny Llama, CPU, < 5
+            minutes): one seed of the DFT-vs-SFT study (docs/dft_study.md) -- a weak base model,
+            then sft, sft_mean, dft, dft2 and sft_dpo from it; prints held-out accuracy per method.
             Every stage's options are listed below."""))
     _add_stage_options(parser, "default")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", title="stages")
@@ -107,9 +110,14 @@ def _run(stage: str | None, options: dict) -> int:
 
     transformers.utils.logging.disable_progress_bar()  # our own tqdm bars are enough
     if stage in (None, "default"):
+        overrides = {k: v for k in _OVERRIDES if (v := options.pop(k)) is not None}
+        if not overrides:  # the study protocol, one seed
+            from dftkern.experiments.dft_study.one_seed import run_one_seed
+
+            run_one_seed(seed=options["seed"], out=options["out"], quick=options["quick"], workers=options["workers"])
+            return 0
         from .default_run import DefaultRunConfig, run_default_experiment
 
-        overrides = {k: v for k in _OVERRIDES if (v := options.pop(k)) is not None}
         run_default_experiment(replace(DefaultRunConfig(**options).resolved(), quick=False, **overrides))
         return 0
     if stage == "generate":

@@ -66,17 +66,21 @@ class DefaultRunConfig:
     num_heldout: int = _size(1000, "held-out problems", cli=False, quick="num_heldout")
     hidden_size: int = _size(128, "model width", cli=False, quick="hidden_size")
     num_layers: int = _size(4, "decoder layers", cli=False, quick="num_layers")
-    warmup_steps: int = _size(800, "SFT warm-up steps", quick="warmup_steps")
+    warmup_steps: int = _size(800, "legacy two-stage experiment (SFT warm-up, then DFT vs continued SFT; giving "
+                              "any of --warmup-steps/--steps/--num-negatives runs it instead of the study "
+                              "protocol): SFT warm-up steps", quick="warmup_steps")
     warmup_lr: float = option(2e-3, Number(low=0, low_open=True), "SFT warm-up learning rate", cli=False)
-    steps: int = _size(150, "DFT and continued-SFT steps", quick="steps")
+    steps: int = _size(150, "legacy two-stage experiment: DFT and continued-SFT steps", quick="steps")
     lr: float = option(3e-4, Number(low=0, low_open=True), "DFT/SFT learning rate", cli=False)
     batch_size: int = _size(32, "prompts per step", cli=False, quick="batch_size")
-    num_negatives: int = _size(4, "DFT negatives per prompt", aliases=("-k",), quick="num_negatives")
+    num_negatives: int = _size(4, "legacy two-stage experiment: DFT negatives per prompt", aliases=("-k",),
+                               quick="num_negatives")
     sample_temperature: float = option(1.0, Number(low=0, low_open=True), "temperature of the negatives", cli=False)
     device: str = option("cpu", Device(), "'cpu', 'cuda' or 'cuda:N'")
     threads: int | None = option(1, Integer(low=0, optional=True), "torch intra-op threads; 0 = torch's default "
                                  "(1 is fastest for this tiny model)")
     progress: bool = option(True, Flag(), "hide progress bars", flag="--no-progress")
+    workers: int = option(2, Integer(low=1), "worker processes of the study protocol (1 torch thread each)")
 
     def __post_init__(self):
         validate(self)

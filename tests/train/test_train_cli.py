@@ -68,9 +68,32 @@ def test_bad_record_is_one_error_line_naming_file_line_and_field(workspace, tmp_
 
 @pytest.mark.slow
 def test_default_run_quick_mode_end_to_end(tmp_path):
+    """No stage: one seed of the DFT-vs-SFT study protocol (dftkern.experiments.dft_study.one_seed)."""
     out = tmp_path / "default"
     done = subprocess.run([sys.executable, "-m", "dftkern.train", "--quick", "--out", str(out), "--no-progress"],
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("| sft |", "| sft_mean |", "| dft |", "| dft2 |", "| sft_dpo |", "base model", "test accuracy",
+                 "docs/dft_study.md", str(out.resolve())):
+        assert name in done.stdout, name
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"sft", "sft_mean", "dft", "dft2", "sft_dpo"} and results["seeds"] == [0]
+    for stage_output in ("results.md", "accuracy.png", "seed-0/prepared.json", "seed-0/pools/main.jsonl",
+                         "seed-0/pools/main.jsonl.meta.json"):
+        assert (out / stage_output).exists(), stage_output
+    lr = results["methods"]["dft"]["lr"]
+    dft_metrics = [json.loads(line) for line in
+                   (out / "seed-0" / "runs" / "dft" / f"lr-{lr:g}" / "metrics.jsonl").read_text().splitlines()]
+    assert len(dft_metrics) == results["methods"]["dft"]["steps"][0] and "omega_mean" in dft_metrics[-1]
+    assert list((out / "seed-0" / "negatives" / "main" / "epoch-0").glob("ref_logps-*.safetensors"))
+
+
+@pytest.mark.slow
+def test_legacy_two_stage_default_run_still_runs(tmp_path):
+    """--warmup-steps / --steps / --num-negatives select the earlier warm-up -> DFT vs continued SFT experiment."""
+    out = tmp_path / "legacy"
+    done = subprocess.run([sys.executable, "-m", "dftkern.train", "--quick", "--steps", "6", "--out", str(out),
+                           "--no-progress"], env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for name in ("warm-up (SFT)", "+SFT", "+DFT", "held-out exact match", str(out.resolve())):
         assert name in done.stdout
