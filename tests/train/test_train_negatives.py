@@ -231,18 +231,14 @@ def test_command_line_flags(workspace):
 
 @pytest.mark.parametrize("filtered", [False, True])
 def test_schedule_picks_what_the_dft_study_rotates(workspace, tokenizer, pool, filtered):
-    """The study (dftkern.experiments.dft_study) cuts per-epoch negatives files with its own
-    ``rotate_pool``: wrong = reward <= 0, equal = same tokens as the good answer. On rewards in
-    {0, 0.6, 1} the trainer's rule with --correct-threshold 0.5 is the same rule: same picks."""
-    protocol = pytest.importorskip("dftkern.experiments.dft_study.protocol",
-                                   reason="the DFT study package is not in this tree")
-    from dftkern.train.batching import encode_response
+    """The study (dftkern.experiments.dft_study) cuts per-epoch negatives files with ``rotate_pool``
+    (records.pool_candidates + rotate_negatives, the default rule: correct = reward >= the good
+    answer's): the trainer's schedule with the default rule makes the same picks every epoch."""
+    from dftkern.experiments.dft_study import protocol
 
-    records, samples, _, schedule = _schedule(workspace, tokenizer, pool[0], k=2, rotate=True, filtered=filtered,
-                                              correct_threshold=0.5)
-    positive_ids = {r.prompt_id: encode_response(tokenizer, r) for r in records}
+    records, samples, _, schedule = _schedule(workspace, tokenizer, pool[0], k=2, rotate=True, filtered=filtered)
     for epoch in range(4):
-        _, picks = protocol.rotate_pool(records, samples, positive_ids, epoch=epoch, k=2, filtered=filtered)
+        _, picks = protocol.rotate_pool(records, samples, epoch=epoch, k=2, filtered=filtered)
         assert [schedule.pick(i, epoch) for i in range(len(records))] == \
                [picks[r.prompt_id]["indices"] for r in records]
         assert schedule.unfilterable == sum(p["fallback"] for p in picks.values())
