@@ -31,6 +31,10 @@ def main(out: str) -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"u": trainer.dft_state.u.tolist(), "num_updates": trainer.dft_state.num_updates.tolist(),
                    "world_size": dist.get_world_size()}, f)
+    # The HF Trainer leaves the gloo group alive; tearing it down at interpreter exit races gloo's worker
+    # threads ("terminate called without an active exception", SIGABRT, seen once in CI). Close it here.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
