@@ -4,7 +4,11 @@
 * the offline inputs built from reference samples follow the trainer's on-policy row rule;
 * the on-policy arm really resamples from the current policy: reward calls happen in bursts of
   ``B * n`` separated by exactly ``refresh_every`` optimizer steps (counted on ``AdamW.step``);
-* ``--quick`` end to end through the command line: files, table, sample counts, timing.
+* the arms of each loss and the trainer options they map to (on-policy DPO against the initial
+  model or the moving sampler, PPO with two updates per window);
+* ``--quick`` end to end through the command line: files, table, sample counts, the training
+  diagnostics that show which reference DPO had and whether PPO's clip acted, timing;
+* ``workers=2`` gives the same runs as ``workers=1``.
 """
 
 from __future__ import annotations
@@ -196,25 +200,46 @@ def test_quick_run_end_to_end_through_the_command_line(tmp_path):
         assert (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())
     cfg = results["config"]
-    assert len(results["runs"]) == len(ls.LENGTH_REWARDS) * len(ls.LOSSES) * len(ls.ARMS)
+    # one run per (reward, loss, arm); ppo/ppo_2ep/grpo/dpo_sampler have only the on-policy arm
+    assert len(results["runs"]) == len(ls.LENGTH_REWARDS) * sum(len(ls.arms_of(loss)) for loss in ls.LOSSES)
+    assert len(ls.LENGTH_REWARDS) * len(ls.LOSSES) * len(ls.ARMS) - len(results["runs"]) == \
+        len(ls.LENGTH_REWARDS) * len(ls.ON_POLICY_ONLY)
     table = (out / "results.md").read_text()
     for reward in ls.LENGTH_REWARDS:
         for loss in ls.LOSSES:
             for arm in ("offline", "on-policy"):
-                assert f"| {reward} | {loss} | {arm} |" in table
+                assert (f"| {reward} | {loss} | {arm} |" in table) == (arm.replace("-", "_") in ls.arms_of(loss))
     reference = results["reference"]
     assert reference["mode_length"] == ls.modal_length(
         [int(k) for k, c in reference["length_histogram"].items() for _ in range(c)])
     for run in results["runs"]:
-        # on-policy: n samples per prompt and step; DPO's pair rule also scores the data's answer once
-        per_prompt = cfg["samples_per_prompt"] + (1 if run["loss"] == "dpo" else 0)
-        expected = cfg["steps"] * cfg["prompts_per_step"] * per_prompt if run["arm"] == "on_policy" else 0
+        # on-policy: n samples per prompt and step; DPO's pair rule also scores the data's answer once;
+        # ppo_2ep trains twice on each sampled window, so it samples for half the steps
+        per_prompt = cfg["samples_per_prompt"] + (1 if run["loss"] in ("dpo", "dpo_sampler") else 0)
+        sampled_steps = cfg["steps"] // 2 if run["loss"] == "ppo_2ep" else cfg["steps"]
+        expected = sampled_steps * cfg["prompts_per_step"] * per_prompt if run["arm"] == "on_policy" else 0
         assert run["samples_scored"] == expected, run
         # every arm starts from the reference model, evaluated on the same prompts and seeds
         assert run["reward_at_step"]["0"] == pytest.approx(reference["reward"][run["reward"]])
         assert all(math.isfinite(v) for v in run["reward_at_step"].values())
     # the reference model is reused by a second invocation
     assert (work / "reference" / "reference.json").exists()
+    # which reference DPO had, and whether PPO's clip acted, read off the trainer's own metrics
+    metrics = {(r["reward"], r["loss"], r["arm"]): r["train_metrics"] for r in results["runs"]}
+    for reward in ls.LENGTH_REWARDS:
+        # the moving sampler as reference: every step starts at margin 0; the fixed initial model: not
+        assert abs(metrics[(reward, "dpo_sampler", "on_policy")]["margin_mean"]["mean"]) < 1e-4
+        assert abs(metrics[(reward, "dpo", "on_policy")]["margin_mean"]["last"]) > 1e-3
+        assert abs(metrics[(reward, "dpo", "offline")]["margin_mean"]["last"]) > 1e-3
+        for loss in ("ppo", "grpo"):  # one update per fresh window: ratio 1, nothing clipped
+            m = metrics[(reward, loss, "on_policy")]
+            assert abs(m["ratio_mean"]["mean"] - 1) < 1e-5 and m["clip_fraction_low"]["mean"] == 0
+            assert m["clip_fraction_high"]["mean"] == 0
+        two = metrics[(reward, "ppo_2ep", "on_policy")]
+        assert two["clip_fraction_low"]["mean"] + two["clip_fraction_high"]["mean"] > 0
+        assert "kl_mean" in metrics[(reward, "grpo", "on_policy")] and "kl_mean" not in metrics[(reward, "ppo", "on_policy")]
+        assert metrics[(reward, "rwr", "on_policy")] == {}
+    assert "Training diagnostics" in table and "First checkpoint step" in table
 
 
 def test_paired_comparisons_pair_the_same_seeds():
@@ -262,3 +287,83 @@ def test_offline_files_of_the_maximum_likelihood_arm_are_the_group_of_samples(tm
     reinforce = ls.build_offline_files("reinforce", "min_length", prompts, samples, tmp_path / "rf")
     for got, want in zip(rwr, reinforce):
         assert got.read_text() == want.read_text()
+
+
+def test_arms_and_trainer_options_of_each_loss(tmp_path):
+    """ppo/ppo_2ep/grpo/dpo_sampler run on-policy only; on-policy dpo takes the initial model as its
+    reference, dpo_sampler the moving sampler; ppo_2ep is ppo with two updates per window."""
+    assert ls.arms_of("rwr") == ls.arms_of("dpo") == ls.arms_of("reinforce") == ("offline", "on_policy")
+    for loss in ("ppo", "ppo_2ep", "grpo", "dpo_sampler"):
+        assert ls.arms_of(loss) == ("on_policy",)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        ls.arms_of("sft")
+    from dftkern.experiments.length_study.config import trainer_loss
+    from dftkern.experiments.length_study.study import _train_config
+
+    assert [trainer_loss(loss) for loss in ls.LOSSES] == ["rwr", "dpo", "dpo", "reinforce", "ppo", "ppo", "grpo"]
+    cfg = ls.LengthStudyConfig(quick=True).resolved()
+    kwargs = dict(reference=tmp_path / "ref", run_dir=tmp_path / "run", reward=ls.min_length_reward, seed=0,
+                  prompts_file=tmp_path / "p.jsonl", samples_file=tmp_path / "s.jsonl", save_every=2)
+    configs = {loss: _train_config(cfg, loss=loss, arm="on_policy", **kwargs) for loss in ls.LOSSES}
+    assert configs["dpo"].on_policy.reference == "initial"
+    assert configs["dpo_sampler"].on_policy.reference == "sampler"
+    assert configs["dpo"].objective.loss == configs["dpo_sampler"].objective.loss == "dpo"
+    assert configs["dpo"].objective.beta == cfg.dpo_beta and configs["rwr"].objective.beta == cfg.rwr_beta
+    assert configs["ppo_2ep"].objective.loss == "ppo" and configs["ppo_2ep"].on_policy.ppo_epochs == 2
+    assert configs["ppo"].on_policy.ppo_epochs == configs["grpo"].on_policy.ppo_epochs == 1
+    for loss, c in configs.items():
+        assert c.optim.max_steps == cfg.steps and c.optim.lr == cfg.lr[loss] and c.on_policy.samples_per_prompt == 4
+    with pytest.raises(ValueError, match="has no 'offline' arm"):
+        _train_config(cfg, loss="ppo", arm="offline", **kwargs)
+    with pytest.raises(ValueError, match="no offline arm"):
+        ls.build_offline_files("grpo", "min_length", tmp_path / "p.jsonl", tmp_path / "s.jsonl", tmp_path / "x")
+
+
+def test_paired_comparisons_of_on_policy_only_losses_and_the_dpo_reference():
+    """On-policy-only losses are compared with rwr on-policy only and have no on-policy − offline row;
+    dpo − dpo_sampler compares the fixed and the moving DPO reference, seed by seed."""
+    cfg = ls.LengthStudyConfig(seeds=(0, 1, 2), rewards=("mode_length",),
+                               losses=("rwr", "dpo", "dpo_sampler", "ppo")).resolved()
+    finals = {("rwr", "offline"): [0.80, 0.81, 0.79], ("rwr", "on_policy"): [0.99, 0.98, 0.97],
+              ("dpo", "offline"): [0.95, 0.96, 0.94], ("dpo", "on_policy"): [0.99, 0.99, 0.96],
+              ("dpo_sampler", "on_policy"): [0.97, 0.99, 0.98], ("ppo", "on_policy"): [0.90, 1.00, 0.99]}
+    runs = [{"reward": "mode_length", "loss": loss, "arm": arm, "seed": seed, "final_reward": v,
+             "reward_at_step": {"0": 0.75, "10": v}} for (loss, arm), values in finals.items()
+            for seed, v in zip(cfg.seeds, values)]
+    rows = ls.paired_comparisons(runs, cfg)
+    keys = [(row["loss"], row["vs"], row["arm"]) for row in rows]
+    assert keys == [("dpo", "rwr", "offline"), ("dpo", "rwr", "on_policy"), ("dpo_sampler", "rwr", "on_policy"),
+                    ("ppo", "rwr", "on_policy"), ("dpo", "dpo_sampler", "on_policy"),
+                    ("rwr", None, "on_policy - offline"), ("dpo", None, "on_policy - offline")]
+    fixed_vs_moving = rows[keys.index(("dpo", "dpo_sampler", "on_policy"))]["final"]
+    diffs = [0.99 - 0.97, 0.99 - 0.99, 0.96 - 0.98]
+    assert fixed_vs_moving["mean"] == pytest.approx(sum(diffs) / 3) and fixed_vs_moving["wins"] == 1
+    sd = math.sqrt(sum((d - sum(diffs) / 3) ** 2 for d in diffs) / 2)
+    assert fixed_vs_moving["sd"] == pytest.approx(sd)
+    assert "dpo − dpo_sampler, on-policy" in ls.format_paired(rows, 3)
+
+
+def test_steps_to_optimum():
+    cfg = ls.LengthStudyConfig(seeds=(0, 1), rewards=("min_length", "mode_length"), losses=("ppo",)).resolved()
+    curves = {("min_length", 0): [-2.8, -0.5, -0.05, 0.0], ("min_length", 1): [-2.8, -1.0, -0.2, -0.11],
+              ("mode_length", 0): [0.75, 0.98, 0.97, 0.99], ("mode_length", 1): [0.75, 0.9, 0.979, 0.999]}
+    runs = [{"reward": reward, "loss": "ppo", "arm": "on_policy", "seed": seed,
+             "reward_at_step": {str(s): v for s, v in zip((0, 20, 40, 60), values)}}
+            for (reward, seed), values in curves.items()]
+    rows = ls.steps_to_optimum(runs, cfg)
+    assert [(row["reward"], row["steps"]) for row in rows] == [("min_length", [40, None]), ("mode_length", [20, 60])]
+    assert rows[0]["threshold"] == pytest.approx(-0.1) and rows[1]["threshold"] == pytest.approx(0.98)
+    assert "| min_length | ppo | on-policy | -0.10 | 40 / – |" in ls.format_steps_to_optimum(rows)
+
+
+@pytest.mark.slow
+def test_workers_give_the_same_runs_as_one_process(tmp_path):
+    """Runs trained in two spawned worker processes equal the in-process runs (each run is seeded on its own)."""
+    common = dict(work=str(tmp_path / "work"), quick=True, rewards=("mode_length",), losses=("rwr", "ppo_2ep"))
+    one = ls.run_length_study(ls.LengthStudyConfig(out=str(tmp_path / "one"), **common))
+    two = ls.run_length_study(ls.LengthStudyConfig(out=str(tmp_path / "two"), workers=2, **common))
+    assert two["workers"] == 2 and len(one["runs"]) == len(two["runs"]) == 3
+    for a, b in zip(one["runs"], two["runs"]):
+        assert (a["loss"], a["arm"], a["seed"]) == (b["loss"], b["arm"], b["seed"])
+        assert a["reward_at_step"] == b["reward_at_step"] and a["length_at_step"] == b["length_at_step"]
+        assert a["train_metrics"] == b["train_metrics"] and a["samples_scored"] == b["samples_scored"]

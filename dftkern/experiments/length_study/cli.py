@@ -14,7 +14,9 @@ __all__ = ["build_parser", "main"]
 
 _PROG = "python -m dftkern.experiments.length_study"
 _DESCRIPTION = ("The synthetic length tasks of Tajwar et al. (2024), in miniature, through dftkern's reference "
-                "trainer: offline vs on-policy data, with and without a negative gradient.")
+                "trainer: offline vs on-policy data, with and without a negative gradient (rwr = maximum "
+                "likelihood; dpo, reinforce, ppo, grpo). ppo, ppo_2ep (two updates per sampled window), grpo "
+                "and dpo_sampler (on-policy DPO against the moving sampler) run on-policy only.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"rewards to run (default: {' '.join(defaults.rewards)})")
     parser.add_argument("--refresh-every", type=int, default=None,
                         help=f"on-policy: steps between sampling rounds (default: {defaults.refresh_every})")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads; 0 = torch's default (default: 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (per worker); 0 = torch's default (default: 1)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help=f"runs trained at once, each in its own process (default: {defaults.workers}); "
+                             "the results do not depend on it")
     parser.add_argument("--progress", action="store_true", help="show the trainer's progress bars")
     return parser
 
@@ -49,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("seeds", "losses", "rewards"):
         if getattr(args, name) is not None:
             setattr(cfg, name, tuple(getattr(args, name)))
-    for name in ("steps", "num_checkpoints", "refresh_every"):
+    for name in ("steps", "num_checkpoints", "refresh_every", "workers"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     argv_list = list(sys.argv[1:] if argv is None else argv)

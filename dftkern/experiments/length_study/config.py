@@ -6,16 +6,40 @@ from dataclasses import dataclass, field, replace
 
 from .rewards import LENGTH_REWARDS
 
-__all__ = ["LOSSES", "GROUP_LOSSES", "MAXIMUM_LIKELIHOOD", "ARMS", "LengthStudyConfig"]
+__all__ = ["LOSSES", "VARIANTS", "GROUP_LOSSES", "POLICY_LOSSES", "ON_POLICY_ONLY", "MAXIMUM_LIKELIHOOD",
+           "ARMS", "arms_of", "trainer_loss", "LengthStudyConfig"]
 
 #: the compared losses: ``rwr`` (reward-weighted regression over the group: maximum likelihood,
-#: no negative gradient), ``dpo`` and ``reinforce`` (both push some samples down)
-LOSSES = ("rwr", "dpo", "reinforce")
+#: no negative gradient); ``dpo`` (reference = the initial model in both arms), ``reinforce``,
+#: ``ppo`` and ``grpo`` (all push some samples down); two on-policy variants: ``dpo_sampler``
+#: (DPO whose reference is the moving sampler: the trainer's ``--on-policy-reference sampler``)
+#: and ``ppo_2ep`` (PPO with two updates per sampled window, ``--ppo-epochs 2``: the clip acts)
+LOSSES = ("rwr", "dpo", "dpo_sampler", "reinforce", "ppo", "ppo_2ep", "grpo")
+#: study losses that are a trainer loss with options: name -> (trainer ``--loss``, TrainConfig keywords)
+VARIANTS = {"dpo_sampler": ("dpo", {"on_policy_reference": "sampler"}), "ppo_2ep": ("ppo", {"ppo_epochs": 2})}
 #: losses whose rows are the n samples of a prompt with their rewards
 GROUP_LOSSES = frozenset({"rwr", "reinforce"})
+#: the token-level policy losses (on-policy only: their importance ratio needs the sampler's log-probs)
+POLICY_LOSSES = frozenset({"ppo", "ppo_2ep", "grpo"})
+#: losses run on-policy only (offline they are either undefined or the same run as another loss)
+ON_POLICY_ONLY = POLICY_LOSSES | {"dpo_sampler"}
 #: the arm every other loss is compared with, seed by seed
 MAXIMUM_LIKELIHOOD = "rwr"
 ARMS = ("offline", "on_policy")
+
+
+def arms_of(loss: str) -> tuple[str, ...]:
+    """The arms a loss is run in: ``("on_policy",)`` for :data:`ON_POLICY_ONLY`, else :data:`ARMS`."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    return ("on_policy",) if loss in ON_POLICY_ONLY else ARMS
+
+
+def trainer_loss(loss: str) -> str:
+    """The trainer's ``--loss`` of a study loss (``dpo_sampler`` is ``dpo``, ``ppo_2ep`` is ``ppo``)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    return VARIANTS[loss][0] if loss in VARIANTS else loss
 
 
 @dataclass
@@ -23,13 +47,15 @@ class LengthStudyConfig:
     """Sizes and settings; ``quick=True`` shrinks everything for CI (see :meth:`resolved`).
 
     ``steps`` (S), ``prompts_per_step`` (B) and ``samples_per_prompt`` (n) are shared by every arm.
-    Learning rates are per loss (their gradients have different scales) and equal across arms.
+    Learning rates are per loss and equal across arms (all 1e-4 by default: AdamW's update size
+    hardly depends on the scale of a loss's gradient). ``workers > 1`` trains that many runs at once,
+    each in a spawned process with ``threads`` torch threads; results do not depend on it.
     """
 
     out: str = "docs/length_study"
     work: str | None = None  # reference model + scratch runs; default: runs/length_study (git-ignored)
     quick: bool = False
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     # reference model
     max_digits: int = 3
     num_warmup_records: int = 3000
@@ -43,7 +69,7 @@ class LengthStudyConfig:
     prompts_per_step: int = 16
     samples_per_prompt: int = 4
     refresh_every: int = 1
-    lr: dict = field(default_factory=lambda: {"rwr": 1e-4, "dpo": 1e-4, "reinforce": 1e-4})
+    lr: dict = field(default_factory=lambda: {loss: 1e-4 for loss in LOSSES})
     dpo_beta: float = 0.1
     rwr_beta: float = 0.1  # RWR temperature: weights softmax(reward / rwr_beta) within a prompt's samples
     mode_width: float = 1.0
@@ -54,6 +80,7 @@ class LengthStudyConfig:
     rewards: tuple[str, ...] = LENGTH_REWARDS
     losses: tuple[str, ...] = LOSSES
     threads: int | None = 1
+    workers: int = 1  # runs trained in parallel, each in its own process with ``threads`` torch threads
     progress: bool = False
 
     def resolved(self) -> LengthStudyConfig:
@@ -71,7 +98,7 @@ class LengthStudyConfig:
     def _validate(self) -> None:
         for name in ("max_digits", "num_warmup_records", "hidden_size", "num_layers", "warmup_steps",
                      "warmup_batch_size", "steps", "prompts_per_step", "samples_per_prompt", "refresh_every",
-                     "eval_prompts", "eval_samples", "num_checkpoints", "max_new_tokens"):
+                     "eval_prompts", "eval_samples", "num_checkpoints", "max_new_tokens", "workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

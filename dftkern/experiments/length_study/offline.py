@@ -9,7 +9,7 @@ from pathlib import Path
 from dftkern.train.onpolicy import online_pair
 from dftkern.train.rewards import RewardFn
 
-from .config import GROUP_LOSSES
+from .config import GROUP_LOSSES, ON_POLICY_ONLY
 from .models import write_jsonl
 from .rewards import length_reward
 
@@ -29,8 +29,11 @@ def build_offline_files(loss: str, reward: RewardFn | str, prompts_file: Path, s
     sample 0, negatives := samples 1..n-1 (so the group is the n samples with their rewards).
     ``dpo``: the trainer's online pair rule (:func:`dftkern.train.onpolicy.online_pair`): data
     answer := chosen (the correct sum unless a sample is strictly better), one negative := the
-    lowest-reward sample. Returns ``(data_file, negatives_file)``.
+    lowest-reward sample. Returns ``(data_file, negatives_file)``. The on-policy-only losses
+    (``ppo``, ``grpo``, ``dpo_sampler``) have no offline arm: a ValueError.
     """
+    if loss in ON_POLICY_ONLY:
+        raise ValueError(f"loss {loss!r} has no offline arm (it is run on-policy only)")
     from dftkern.train.data import read_prompt_records, read_sample_records
 
     fn = length_reward(reward) if isinstance(reward, str) else reward
