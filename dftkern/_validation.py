@@ -24,12 +24,18 @@ def validation_enabled(validate: bool | None) -> bool:
         if not isinstance(validate, bool):
             raise TypeError(f"validate must be True, False or None, got {validate!r} ({type(validate).__name__})")
         return validate
-    raw = os.environ.get("DFTKERN_VALIDATE", "0").strip().lower()
+    return env_flag("DFTKERN_VALIDATE")
+
+
+def env_flag(name: str) -> bool:
+    """A boolean environment variable, parsed strictly: 1/true/yes/on, 0/false/no/off or unset/empty
+    (False), any case; anything else is a ValueError listing the accepted forms."""
+    raw = os.environ.get(name, "").strip().lower()
     if raw in _TRUE_FORMS:
         return True
     if raw in _FALSE_FORMS:
         return False
-    raise ValueError(f"DFTKERN_VALIDATE={raw!r} is not a boolean; accepted: {'/'.join(_TRUE_FORMS)} or "
+    raise ValueError(f"{name}={raw!r} is not a boolean; accepted: {'/'.join(_TRUE_FORMS)} or "
                      f"{'/'.join(f for f in _FALSE_FORMS if f)} (any case)")
 
 

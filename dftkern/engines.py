@@ -252,7 +252,10 @@ class TorchRowEngine:
             logp[r0:r1] = target - s.log()
             if entropy:
                 # H = log s - sum_k e_k (z_k - m) / s, with e_k = exp(z_k - m), s = sum_k e_k
-                ent[r0:r1] = s.log() - e.mul_(shifted).sum(1) / s
+                # e_k = 0 where z_k = -inf (a masked vocabulary entry): its term is 0, not 0 * -inf
+                vanished = e == 0
+                ent[r0:r1] = s.log() - e.mul_(shifted).masked_fill_(vanished, 0.0).sum(1) / s
+                del vanished
             del shifted, e
         logp.masked_fill_(ignored, 0.0)
         if entropy:
@@ -286,6 +289,8 @@ class TorchRowEngine:
                 grad.mul_(-g[r0:r1].unsqueeze(1))
             else:  # -p (g + g_H (log p + H))
                 coef = logp_all.add_(entropy[r0:r1].to(logits.dtype).unsqueeze(1)).mul_(gh[r0:r1].unsqueeze(1))
+                # dH/dz = -p (log p + H) -> 0 as p -> 0 (z = -inf would give 0 * inf); NaN p stays NaN
+                coef.masked_fill_(grad == 0, 0.0)
                 grad.mul_(coef.add_(g[r0:r1].unsqueeze(1))).neg_()
             del logp_all
             rows = torch.arange(r1 - r0, device=logits.device)

@@ -21,6 +21,8 @@ n is the number of valid tokens (label != ignore_index): ignored tokens enter no
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,6 +104,44 @@ def select_engine(backend: str, device: torch.device, dtype: torch.dtype):
     return TritonRowEngine()
 
 
+def autocast_off(device: torch.device):
+    """A context with autocast off for ``device``'s type (a null context where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def follows_autocast(op):
+    """Make a public op (``op(hidden, weight, labels, *, bias=None, ...)``) behave under ``torch.autocast``.
+
+    Inside an autocast region of hidden's device type, ``hidden``, ``weight`` and ``bias`` (float32,
+    float16 or bfloat16; float64 is left alone, as autocast does) are cast to the autocast dtype, as
+    autocast casts a linear layer's inputs, and the op runs with autocast off: its products still
+    return fp32 logits, and the casts are differentiable, so gradients reach float32 parameters in
+    float32. (Without this, autocast would turn the op's fp32 logit buffers into bfloat16 ones.)
+    Outside autocast the op is called unchanged.
+    """
+
+    @functools.wraps(op)
+    def wrapper(hidden, weight, labels, *args, **kwargs):
+        device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else None
+        if (device_type is None or not torch.amp.is_autocast_available(device_type)
+                or not torch.is_autocast_enabled(device_type)):
+            return op(hidden, weight, labels, *args, **kwargs)
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(t):
+            lowered = isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            return t.to(dtype) if lowered else t
+
+        if kwargs.get("bias") is not None:
+            kwargs["bias"] = cast(kwargs["bias"])
+        with autocast_off(hidden.device):
+            return op(cast(hidden), cast(weight), labels, *args, **kwargs)
+
+    return wrapper
+
+
 def prepare_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap, backend, chunk_bytes,
                    validate, accum_dtype="fp32", grouped=False):
     """Checks shared by every public op; returns ``(labels int64, engine, budget, transform)``.
@@ -177,10 +217,11 @@ class _LinearLogprobs(torch.autograd.Function):
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grads = backward_logprobs(hidden, weight, bias, labels, lse, grad_logp.contiguous(), ctx.transform,
-                                  ctx.engine, ctx.budget, ctx.tokens, entropy=ent, grad_entropy=grad_entropy,
-                                  need_hidden=need_h, need_weight=need_w, need_bias=need_b,
-                                  accum_dtype=ctx.accum_dtype)
+        with autocast_off(hidden.device):  # a backward called inside autocast
+            grads = backward_logprobs(hidden, weight, bias, labels, lse, grad_logp.contiguous(), ctx.transform,
+                                      ctx.engine, ctx.budget, ctx.tokens, entropy=ent, grad_entropy=grad_entropy,
+                                      need_hidden=need_h, need_weight=need_w, need_bias=need_b,
+                                      accum_dtype=ctx.accum_dtype)
         return (*grads,) + (None,) * 7
 
 
@@ -196,6 +237,7 @@ def compact_token_logprobs(hidden2d, weight, bias, labels1d, tokens: ValidTokens
     return (logp, ent) if entropy else logp
 
 
+@follows_autocast
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias: torch.Tensor | None = None, ignore_index: int = -100,
                           temperature: float = 1.0, softcap: float | None = None,
@@ -255,16 +297,22 @@ class _PrecomputedGradients(torch.autograd.Function):
     """``loss`` (a detached scalar) whose input gradients were computed in the forward pass.
 
     Backward returns those gradients times ``grad_output``, scaling them in place: no second
-    ``[V, H]`` buffer. It can run once (``retain_graph=True`` and a second backward raise).
+    ``[V, H]`` buffer, so it can run once (``retain_graph=True`` and a second backward raise).
+    Float64 — the dtype of reference checks such as ``torch.autograd.gradcheck``, which runs
+    backward several times — scales out of place instead and can be backpropagated any number of
+    times (at the cost of a copy of each gradient per backward).
     """
 
     @staticmethod
     def forward(ctx, loss, hidden, weight, bias, grads: InForwardGradients):
         ctx.grads = (grads.grad_hidden, grads.grad_weight, grads.grad_bias)
+        ctx.reentrant = any(g is not None and g.dtype == torch.float64 for g in ctx.grads)
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.reentrant:
+            return (None, *(None if g is None else g * grad_loss for g in ctx.grads), None)
         if ctx.grads is None:
             raise RuntimeError("a dftkern loss with in-forward gradients can be backpropagated once: its saved "
                                "gradients were scaled in place by the first backward (retain_graph=True is not "
@@ -298,6 +346,7 @@ def with_precomputed_gradients(loss: torch.Tensor, hidden2d, weight, bias, grads
     return _PrecomputedGradients.apply(loss, hidden2d, weight, bias, grads)
 
 
+@follows_autocast
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                                reduction: str = "mean", bias: torch.Tensor | None = None,
                                ignore_index: int = -100, temperature: float = 1.0,
@@ -354,6 +403,7 @@ the callable can gather its own per-token constants (advantages, old or referenc
 weights). The loss is the sum of all terms."""
 
 
+@follows_autocast
 def fused_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, token_loss: TokenLoss,
                      cu_seqlens=None, bias: torch.Tensor | None = None, ignore_index: int = -100,
                      temperature: float = 1.0, softcap: float | None = None, backend: str = "auto",

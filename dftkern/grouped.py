@@ -24,6 +24,7 @@ from .functional import (
     TokenCall,
     compact_token_logprobs,
     find_valid_tokens,
+    follows_autocast,
     in_forward_gradients,
     input_grads_wanted,
     prepare_inputs,
@@ -78,16 +79,25 @@ class RowLayout:
     def segment_sum(self, token_values: torch.Tensor, row0: int = 0, row1: int | None = None) -> torch.Tensor:
         """Differentiable per-row sums of ``token_values`` (the tokens of rows ``row0..row1``).
 
-        Padded rows sum by a reshape; packed rows by an fp64 prefix sum (deterministic on CUDA).
+        Padded rows sum by a reshape; packed rows by an fp64 prefix sum over the finite values
+        (deterministic on CUDA) plus, per row, the sum of its non-finite values (0, +-inf or NaN,
+        order-free): a NaN or inf in one row never leaks into the rows after it.
         """
         row1 = self.num_rows if row1 is None else row1
         if self.padded_len is not None:
             return token_values.reshape(row1 - row0, self.padded_len).sum(1)
         t0 = self.bounds[row0]
-        local = torch.tensor([b - t0 for b in self.bounds[row0:row1 + 1]], device=token_values.device)
-        prefix = torch.cat([token_values.new_zeros(1, dtype=torch.float64),
-                            torch.cumsum(token_values.to(torch.float64), 0)])
-        return (prefix[local[1:]] - prefix[local[:-1]]).to(token_values.dtype)
+        device = token_values.device
+        local = torch.tensor([b - t0 for b in self.bounds[row0:row1 + 1]], device=device)
+        values = token_values.to(torch.float64)
+        finite = torch.isfinite(values)
+        prefix = torch.cat([values.new_zeros(1), torch.cumsum(torch.where(finite, values, 0.0), 0)])
+        sums = prefix[local[1:]] - prefix[local[:-1]]
+        row_of_token = torch.repeat_interleave(torch.arange(row1 - row0, device=device), local.diff(),
+                                               output_size=values.shape[0])
+        # every addend is 0 except the non-finite values, so the result does not depend on the order
+        nonfinite = values.new_zeros(row1 - row0).index_add(0, row_of_token, torch.where(finite, 0.0, values))
+        return (sums + nonfinite).to(token_values.dtype)
 
 
 def make_layout(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens) -> tuple[torch.Tensor, torch.Tensor, RowLayout]:
@@ -103,11 +113,15 @@ def make_layout(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens) -> tuple
                            seq_len if seq_len > 0 else None)
         return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), layout
     if isinstance(cu_seqlens, torch.Tensor):
-        if cu_seqlens.is_floating_point() or cu_seqlens.dim() != 1:
+        if cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool or cu_seqlens.dim() != 1:
             raise TypeError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
         bounds = [int(b) for b in cu_seqlens.tolist()]
     elif isinstance(cu_seqlens, (list, tuple, range)):
-        bounds = [int(b) for b in cu_seqlens]
+        bad = [b for b in cu_seqlens if isinstance(b, bool) or not isinstance(b, int)]
+        if bad:
+            raise TypeError(f"cu_seqlens must be a list of ints or a 1-D integer tensor; it holds {bad[0]!r} "
+                            f"({type(bad[0]).__name__})")
+        bounds = list(cu_seqlens)
     else:
         raise TypeError(f"cu_seqlens must be a list of ints or a 1-D integer tensor, got {type(cu_seqlens).__name__}")
     if len(bounds) < 1 or bounds[0] != 0 or bounds[-1] != hidden.shape[0]:
@@ -130,6 +144,7 @@ def _prepare_rows(hidden, weight, labels, cu_seqlens, *, bias, ignore_index, tem
     return TokenCall(hidden2d, labels1d, labels, engine, budget, transform, tokens), layout
 
 
+@follows_autocast
 def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                       average: bool = False, cu_seqlens=None, bias: torch.Tensor | None = None,
                       ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
@@ -211,6 +226,7 @@ def _resolve_group_loss(group_loss, head) -> GroupLoss:
     return group_loss
 
 
+@follows_autocast
 def grouped_sequence_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           rows_per_group: int, group_loss: GroupLoss | None = None, head: GroupLoss | None = None,
                           token_term: TokenTerm | None = None, cu_seqlens=None,

@@ -179,3 +179,42 @@ def test_valid_tokens_planning_helpers():
     assert dense.all_valid and dense.chunk_bounds(2) == [(0, 2), (2, 3)]
     empty = ValidTokens.find(torch.full((4,), -100), -100)
     assert empty.num_valid == 0 and empty.chunk_bounds(2) == [(0, 4)]
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_a_nan_row_does_not_leak_into_the_other_rows(backend, layout):
+    """Row sums over the compacted tokens: a NaN/inf in one row leaves every other row's value and
+    gradient as the uncompacted path gives them (before, a prefix sum carried the NaN forward)."""
+    dtype = torch.float64 if backend == "torch" else torch.float32  # the Triton engine takes fp32/fp16/bf16
+    hidden, weight, labels, _ = make_inputs((4, 5), 6, 7, seed=13, dtype=dtype)
+    hidden[0, 4] = float("nan")
+    hidden[2, 1] = float("inf")
+    labels[:, 0] = -100  # some ignored tokens: the compacted (packed) row layout is used
+    kwargs = {} if layout == "padded" else {"cu_seqlens": [0, 5, 10, 15, 20]}
+    if layout == "packed":
+        hidden, labels = hidden.reshape(20, 6), labels.reshape(20)
+    h = hidden.clone().requires_grad_(True)
+    seq = dftkern.sequence_logprobs(h, weight, labels, backend=backend, **kwargs)
+    assert seq[0].isnan() and not torch.isfinite(seq[2])
+    seq[[1, 3]].sum().backward()
+    token = reference_token_logprobs(hidden.reshape(20, 6)[5:10], weight, labels.reshape(20)[5:10])
+    assert relative_error(seq[1], token.sum()) <= 1e-5
+    rows = h.grad.reshape(4, 5, 6)
+    assert torch.isfinite(rows[1]).all() and torch.isfinite(rows[3]).all()
+
+
+def test_dft_skips_only_the_group_with_a_nan():
+    """One NaN in a negative of group 0: only that group is skipped (its u kept), group 1 updates."""
+    torch.manual_seed(0)
+    G, K, T, H, V = 2, 2, 4, 6, 9
+    hidden = torch.randn(G * (K + 1), T, H, dtype=torch.float64)
+    weight = torch.randn(V, H, dtype=torch.float64)
+    labels = torch.randint(0, V, (G * (K + 1), T))
+    labels[:, 0] = -100
+    hidden[1, 3] = float("nan")  # group 0, first negative
+    ref = torch.randn(G, K, dtype=torch.float64)
+    state = dftkern.DFTState(G)
+    loss, stats = dftkern.fused_dft_loss(hidden, weight, labels, ref_logps=ref, state=state, ids=torch.arange(G),
+                                         num_negatives=K, return_stats=True)
+    assert int(stats["skipped_groups"]) == 1
+    assert state.u[0] == 0 and state.u[1] != 0 and torch.isfinite(state.u).all()

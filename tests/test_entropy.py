@@ -166,3 +166,26 @@ def test_return_entropy_must_be_bool():
     hidden, weight, labels, _ = make_inputs(3, 4, 10, seed=1)
     with pytest.raises(TypeError, match="return_entropy"):
         fused_linear_logprobs(hidden, weight, labels, return_entropy="yes")
+
+
+def test_entropy_with_masked_vocabulary_entries(backend):
+    """A -inf bias entry (a masked token) has p = 0 and adds nothing to H or its gradient; before, the
+    term 0 * (-inf) made the entropy NaN on both engines while the log-probs were right."""
+    dtype = torch.float64 if backend == "torch" else torch.float32  # the Triton engine takes fp32/fp16/bf16
+    hidden, weight, labels, _ = make_inputs(5, 6, 11, seed=12, dtype=dtype)
+    bias = torch.zeros(11, dtype=dtype)
+    bias[[3, 7]] = -math.inf
+    labels = torch.tensor([0, 1, 2, 4, 10])
+    h = hidden.clone().requires_grad_(True)
+    logp, ent = fused_linear_logprobs(h, weight, labels, bias=bias, return_entropy=True, backend=backend)
+    (logp.sum() + 0.7 * ent.sum()).backward()
+    keep = [v for v in range(11) if v not in (3, 7)]
+    h_ref = hidden.double().requires_grad_(True)
+    logp_all = (h_ref @ weight[keep].double().T).log_softmax(-1)
+    ref_ent = -(logp_all.exp() * logp_all).sum(-1)
+    ref_logp = logp_all.gather(1, torch.tensor([keep.index(int(y)) for y in labels]).unsqueeze(1)).squeeze(1)
+    (ref_logp.sum() + 0.7 * ref_ent.sum()).backward()
+    tol = 1e-12 if backend == "torch" else 1e-5
+    assert torch.isfinite(ent).all() and torch.isfinite(h.grad).all()
+    assert relative_error(ent, ref_ent) <= tol and relative_error(logp, ref_logp) <= tol
+    assert relative_error(h.grad, h_ref.grad) <= 10 * tol

@@ -279,8 +279,9 @@ def test_sequence_logprobs_bad_cu_seqlens_values(inputs, cu_seqlens):
         sequence_logprobs(hidden, weight, labels, cu_seqlens=cu_seqlens)
 
 
-@pytest.mark.parametrize("cu_seqlens", [torch.tensor([0.0, 3.0, 6.0]), torch.tensor([[0, 3, 6]])],
-                         ids=["float", "2-D"])
+@pytest.mark.parametrize("cu_seqlens", [torch.tensor([0.0, 3.0, 6.0]), torch.tensor([[0, 3, 6]]),
+                                        torch.tensor([False, True]), [0, 3.0, 6], [0, 3.5, 6], [0, True, 6]],
+                         ids=["float", "2-D", "bool", "list-float", "list-fraction", "list-bool"])
 def test_sequence_logprobs_bad_cu_seqlens_tensor(inputs, cu_seqlens):
     hidden, weight, labels, _ = inputs
     with pytest.raises(TypeError, match="cu_seqlens"):

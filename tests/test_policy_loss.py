@@ -343,8 +343,8 @@ def test_fused_packed_equals_reference(backend, case):
 def central_differences(fn, tensors, eps: float = 1e-6) -> list[torch.Tensor]:
     """Numerical gradient of the scalar ``fn(*tensors)`` w.r.t. every entry of every tensor (float64).
 
-    ``torch.autograd.gradcheck`` needs several backward passes through one graph, which the fused
-    losses refuse (their in-forward gradients are scaled in place once); this is its numerical half.
+    Independent of autograd (``torch.autograd.gradcheck`` is run as well, below: in float64 the
+    in-forward gradients can be backpropagated several times, as it needs).
     """
     grads = []
     with torch.no_grad():
@@ -388,6 +388,41 @@ def test_fused_gradients_match_finite_differences_float64_torch_engine():
     numerical = central_differences(fn, [hidden.clone(), weight.clone(), bias.clone()])
     for leaf, num, name in zip(leaves, numerical, ("hidden", "weight", "bias")):
         torch.testing.assert_close(leaf.grad, num, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@needs_token_loss
+@pytest.mark.parametrize("op", ["policy-token_mean", "policy-sequence_mean", "policy-constant", "cross_entropy",
+                                "token_loss", "dpo", "dft2"])
+def test_torch_autograd_gradcheck_float64(op):
+    """``torch.autograd.gradcheck`` (several backward passes through one graph) on every fused loss family."""
+    gen = torch.Generator().manual_seed(52)
+    hidden = torch.randn(4, 3, 5, generator=gen, dtype=F64)
+    weight = torch.randn(9, 5, generator=gen, dtype=F64) * 0.5
+    bias = torch.randn(9, generator=gen, dtype=F64) * 0.3
+    labels = torch.randint(0, 9, (4, 3), generator=gen)
+    labels[0, 0] = labels[2, 2] = IGNORE
+    logp64, _ = reference_logp_entropy(hidden, weight, labels, bias)
+    old, ref = ratio_inputs(logp64, labels, seed=53)
+    adv = torch.tensor([1.0, -0.7, 0.4, 0.1], dtype=F64)
+
+    def fn(h, w, b):
+        if op.startswith("policy"):
+            agg = op.split("-")[1]
+            return fused_policy_loss(h, w, labels, bias=b, advantages=adv, old_logps=old.double(),
+                                     ref_logps=ref.double(), clip_eps=EPS, kl_beta=0.2, entropy_coef=0.05,
+                                     aggregation=agg, max_tokens=3 if agg == "constant" else None, backend="torch")
+        if op == "cross_entropy":
+            return dftkern.fused_linear_cross_entropy(h, w, labels, bias=b, backend="torch")
+        if op == "token_loss":
+            return dftkern.fused_token_loss(h, w, labels, bias=b, backend="torch",
+                                            token_loss=lambda lp, ent, idx: (lp.square() - 0.3 * ent).sum())
+        if op == "dpo":
+            return dftkern.fused_preference_loss(h, w, labels, bias=b, loss="dpo", backend="torch",
+                                                 ref_logps=torch.tensor([-7.0, -6.5, -8.0, -5.0], dtype=F64))
+        return dftkern.fused_dft_loss(h, w, labels, bias=b, num_negatives=1, variant="dft2", backend="torch")
+
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 @needs_token_loss

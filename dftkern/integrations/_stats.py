@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..chunking import resolve_chunk_bytes
+from ..functional import autocast_off
 from ._head import LMHead
 
 
@@ -40,17 +41,19 @@ def token_logit_stats(hidden: torch.Tensor, head: LMHead, labels: torch.Tensor, 
     w32 = weight.float() if weight.dtype != torch.float32 else weight
     b32 = None if head.bias is None else head.bias.float()
     tf = head.transform
-    for start in range(0, valid.numel(), rows):
-        idx = valid[start:start + rows]
-        z = flat_h[idx].float() @ w32.t()
-        if b32 is not None:
-            z = z + b32
-        if tf.temperature != 1.0:
-            z = z / tf.temperature
-        if tf.softcap is not None:
-            z = tf.softcap * torch.tanh(z / tf.softcap)
-        logp = torch.log_softmax(z, dim=-1)
-        out["entropy"][idx] = -(logp.exp() * logp).sum(-1)
-        out["mean_logit"][idx] = z.mean(-1)
-        out["is_top1"][idx] = z.argmax(-1) == flat_y[idx]
+    with autocast_off(flat_h.device):  # fp32 statistics, also inside TRL's bf16 autocast
+        for start in range(0, valid.numel(), rows):
+            idx = valid[start:start + rows]
+            z = flat_h[idx].float() @ w32.t()
+            if b32 is not None:
+                z = z + b32
+            if tf.temperature != 1.0:
+                z = z / tf.temperature
+            if tf.softcap is not None:
+                z = tf.softcap * torch.tanh(z / tf.softcap)
+            logp = torch.log_softmax(z, dim=-1)
+            plogp = logp.exp() * logp
+            out["entropy"][idx] = -plogp.masked_fill_(logp == -torch.inf, 0.0).sum(-1)  # p = 0: no term
+            out["mean_logit"][idx] = z.mean(-1)
+            out["is_top1"][idx] = z.argmax(-1) == flat_y[idx]
     return {k: v.view(labels.shape) for k, v in out.items()}

@@ -87,7 +87,8 @@ def _row_lse_target_kernel(
         e = tl.where(in_vocab, tl.exp(z - new_max), 0.0)
         if HAS_ENTROPY:
             # rescale t to the new max first (it uses the old sum), then add the new terms
-            run_t = scale * (run_t + run_sum * (run_max - new_max)) + e * (z - new_max)
+            # e = 0 where z = -inf (a masked vocabulary entry): its term is 0, not 0 * -inf
+            run_t = scale * (run_t + run_sum * (run_max - new_max)) + tl.where(e > 0.0, e * (z - new_max), 0.0)
         run_sum = run_sum * scale + e
         run_max = new_max
     row_max = tl.max(run_max, axis=0)
@@ -154,7 +155,8 @@ def _row_grad_kernel(
         prob = tl.exp(z - lse)
         d = g * (tl.where(cols == label, 1.0, 0.0) - prob)
         if HAS_ENTROPY:
-            d -= g_h * prob * (z + shift)
+            # dH/dz = -p (log p + H) -> 0 as p -> 0 (also where z = -inf, where the product is 0 * inf)
+            d -= tl.where(prob > 0.0, g_h * prob * (z + shift), 0.0)
         if HAS_SOFTCAP:
             t = z / softcap
             d = d * (1.0 - t * t)

@@ -66,9 +66,15 @@ def check_int(name: str, value, minimum: int) -> int:
     return value
 
 
+def loss_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype of a loss's per-sequence math: float64 for float64 inputs (reference checks), else float32."""
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
 def check_float_tensor(name: str, value, shape: tuple[int, ...], device: torch.device,
-                       validate: bool | None, *, always_check_finite: bool = False) -> torch.Tensor:
-    """A float tensor of exactly ``shape``, returned as float32 on ``device`` (detached).
+                       validate: bool | None, *, always_check_finite: bool = False,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A float tensor of exactly ``shape``, returned as ``dtype`` (float32) on ``device`` (detached).
 
     NaN/inf are rejected where it costs no device sync (CPU), with ``validate``, or with
     ``always_check_finite``.
@@ -82,7 +88,7 @@ def check_float_tensor(name: str, value, shape: tuple[int, ...], device: torch.d
     if always_check_finite or not value.is_cuda or validation_enabled(validate):
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{name} contains NaN or inf")
-    return value.detach().to(device=device, dtype=torch.float32)
+    return value.detach().to(device=device, dtype=dtype)
 
 
 def check_ids(ids, n_groups: int, num_examples: int, device: torch.device, validate: bool | None) -> torch.Tensor:

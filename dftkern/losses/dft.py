@@ -25,8 +25,17 @@ from __future__ import annotations
 
 import torch
 
+from ..functional import follows_autocast
 from ..grouped import grouped_sequence_loss
-from ._common import check_bool, check_float_tensor, check_ids, check_int, count_rows, in_backward_recompute
+from ._common import (
+    check_bool,
+    check_float_tensor,
+    check_ids,
+    check_int,
+    count_rows,
+    in_backward_recompute,
+    loss_dtype,
+)
 from .formulas import dft_step
 from .registry import get_loss, loss_names
 from .state import DFTState
@@ -37,6 +46,7 @@ DFT_DEFAULTS = {name: dict(get_loss(name).defaults) for name in loss_names("dft"
 """Per-variant defaults (from the registry): DFT tau 1.0 / gamma 0.85, DFT2 tau 0.3 / gamma 0.9."""
 
 
+@follows_autocast
 def fused_dft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, num_negatives: int,
                    ids: torch.Tensor | None = None, state: DFTState | None = None,
                    ref_logps: torch.Tensor | None = None, tau: float | None = None, gamma: float | None = None,
@@ -75,7 +85,7 @@ def fused_dft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
             the same way without a state, where nothing is written).
 
     Returns:
-        scalar float32 loss (and stats). The loss may be NaN/inf when the inputs are; the state
+        scalar float32 loss (float64 for float64 inputs), and stats. The loss may be NaN/inf when the inputs are; the state
         stays finite.
     """
     if variant not in DFT_DEFAULTS:
@@ -90,12 +100,12 @@ def fused_dft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     if n_rows <= 0 or n_rows % (1 + k) != 0:
         raise ValueError(f"the number of rows ({n_rows}) must be a positive multiple of 1 + num_negatives = {1 + k}")
     n_groups = n_rows // (1 + k)
-    device = hidden.device
+    device, dtype = hidden.device, loss_dtype(hidden)
     if spec.needs_ref:
         if ref_logps is None:
             raise ValueError(f"ref_logps [G, K] is required for variant={variant!r} (reference log-probs of the "
                              f"negatives)")
-        ref = check_float_tensor("ref_logps", ref_logps, (n_groups, k), device, validate)
+        ref = check_float_tensor("ref_logps", ref_logps, (n_groups, k), device, validate, dtype=dtype)
     else:
         if ref_logps is not None:
             raise ValueError(f"ref_logps must be None for variant={variant!r} (reference-free)")
@@ -114,7 +124,7 @@ def fused_dft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (u, update) per chunk of groups
 
     def group_loss(seq_sums: torch.Tensor, counts: torch.Tensor, g0: int, g1: int, token_term_sums=None):
-        sums = seq_sums.reshape(g1 - g0, 1 + k).float()
+        sums = seq_sums.reshape(g1 - g0, 1 + k).to(dtype)
         group_counts = counts.reshape(g1 - g0, 1 + k)
         scores = sums / group_counts.clamp_min(1) if spec.mean_scores else sums
         u_prev = u_replay = None

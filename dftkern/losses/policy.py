@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import validation_enabled
-from ..functional import fused_token_loss
+from ..functional import follows_autocast, fused_token_loss
 from ._common import check_bool, count_rows
 from .formulas import aggregation_weights, policy_token_terms
 from .registry import check_hyperparameter
@@ -69,6 +69,7 @@ def _token_rows(labels: torch.Tensor, cu_seqlens, n_rows: int, check: bool) -> t
     return torch.searchsorted(bounds[1:].to(device), torch.arange(n_tokens, device=device), right=True)
 
 
+@follows_autocast
 def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, advantages: torch.Tensor,
                       old_logps: torch.Tensor | None = None, ref_logps: torch.Tensor | None = None,
                       clip_eps: float = 0.2, clip_eps_high: float | None = None, kl_beta: float = 0.0,

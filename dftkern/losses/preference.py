@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import torch
 
+from ..functional import follows_autocast
 from ..grouped import grouped_sequence_loss
-from ._common import check_bool, check_float_tensor, count_rows
+from ._common import check_bool, check_float_tensor, count_rows, loss_dtype
 from .registry import check_hyperparameter, get_loss, loss_names
 
 __all__ = ["fused_preference_loss", "PREFERENCE_LOSSES"]
@@ -48,6 +49,7 @@ PREFERENCE_LOSSES = tuple(name for family in _FAMILIES for name in loss_names(fa
 """The losses :func:`fused_preference_loss` takes: the registry's sft, pairwise and group families."""
 
 
+@follows_autocast
 def fused_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, loss: str,
                           beta: float = 0.1, ref_logps: torch.Tensor | None = None,
                           rewards: torch.Tensor | None = None, average: bool = False, simpo_gamma: float = 0.5,
@@ -81,7 +83,7 @@ def fused_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         accum_dtype: ``dW`` accumulation across chunks: "fp32" (default) or the weight's dtype
             ("weight"); see :func:`dftkern.fused_linear_cross_entropy`.
     Returns:
-        scalar float32 loss (and stats).
+        scalar float32 loss (float64 for float64 inputs), and stats.
     """
     names = tuple(name for family in _FAMILIES for name in loss_names(family))  # read now: the registry decides
     if not isinstance(loss, str) or loss not in names:
@@ -95,7 +97,7 @@ def fused_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                                   ("unlikelihood_alpha", unlikelihood_alpha), ("baseline", baseline))
                                  if name in spec.defaults})
     n_rows = count_rows(hidden, labels, cu_seqlens)
-    device = hidden.device
+    device, dtype = hidden.device, loss_dtype(hidden)
     if spec.needs_rewards:
         if rewards is None:
             raise ValueError(f"rewards [G, n] are required for loss={loss!r}")
@@ -115,7 +117,7 @@ def fused_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                          f"loss={loss!r} ({origin})")
     n_groups = n_rows // group
     if spec.needs_rewards:
-        rewards = check_float_tensor("rewards", rewards, (n_groups, group), device, validate)
+        rewards = check_float_tensor("rewards", rewards, (n_groups, group), device, validate, dtype=dtype)
     elif rewards is not None:
         raise ValueError(f"rewards are only used by {loss_names('group')}, not loss={loss!r}")
     ref = None
@@ -123,18 +125,19 @@ def fused_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         if ref_logps is None and not spec.ref_optional:
             raise ValueError(f"ref_logps [R={n_rows}] (reference per-row log-probs) are required for loss={loss!r}")
         if ref_logps is not None:
-            ref = check_float_tensor("ref_logps", ref_logps, (n_rows,), device, validate).reshape(n_groups, group)
+            ref = check_float_tensor("ref_logps", ref_logps, (n_rows,), device, validate,
+                                     dtype=dtype).reshape(n_groups, group)
     elif ref_logps is not None:
         raise ValueError(f"ref_logps are not used by loss={loss!r}")
     use_mean = average or spec.mean_scores
 
     def group_loss(seq_sums: torch.Tensor, counts: torch.Tensor, g0: int, g1: int, token_term_sums=None):
         n_g = g1 - g0
-        sums = seq_sums.float()
+        sums = seq_sums.to(dtype)
         scores = (sums / counts.clamp_min(1) if use_mean else sums).reshape(n_g, group)
         inputs = {"ref": None if ref is None else ref[g0:g1], "rewards": None if rewards is None else rewards[g0:g1]}
         if token_term_sums is not None:
-            inputs["token_term_sums"] = token_term_sums.float().reshape(n_g, group)
+            inputs["token_term_sums"] = token_term_sums.to(dtype).reshape(n_g, group)
         per_group = spec.fn(scores, counts=counts.reshape(n_g, group), **inputs, **hp)
         stats = {"scores": scores.detach().reshape(-1)}
         if spec.stats_fn is not None:

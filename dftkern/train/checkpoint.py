@@ -39,7 +39,7 @@ __all__ = ["CheckpointError", "CheckpointWarning", "checkpoint_dir", "list_check
 TRAINER_STATE = "trainer_state"  # stem: trainer_state.json + trainer_state.safetensors
 LEGACY_TRAINER_STATE = "trainer_state.pt"
 _STEP_RE = re.compile(r"^step-(\d+)$")
-_STALE_RE = re.compile(r"^\.(tmp|old)-step-\d+-")
+_STALE_RE = re.compile(r"^\.(tmp|old)-step-")  # what an interrupted save leaves: .tmp-step-N-PID, .old-step-N-PID
 _TRAINER_KEYS = ("step", "micro_batch", "optimizer", "scheduler", "rng", "source", "world_size", "dft_state", "config")
 
 
@@ -93,7 +93,10 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
     if root.is_dir():
         for path in root.iterdir():
             if _STALE_RE.match(path.name):
-                shutil.rmtree(path, ignore_errors=True)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
 

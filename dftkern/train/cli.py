@@ -14,6 +14,8 @@ import sys
 import textwrap
 from dataclasses import replace
 
+from dftkern._validation import env_flag
+
 from .options import add_arguments, option_names
 
 __all__ = ["build_parser", "main"]
@@ -94,12 +96,17 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        show_traceback = env_flag("DFTKERN_TRACEBACK")
+    except ValueError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     names = option_names(_stage_configs()[args.stage or "default"])
     options = {k: v for k, v in vars(args).items() if k in names}
     try:
         return _run(args.stage, options)
     except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
-        if os.environ.get("DFTKERN_TRACEBACK") == "1":
+        if show_traceback:
             raise
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2

@@ -117,7 +117,9 @@ def preference_dataset():
     return Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
 
 
-def dpo_parity(loss_type: str, *, precompute: bool = False, out_dir: str = "/tmp/dftkern-dpo-parity") -> dict:
+def dpo_parity(loss_type: str, *, precompute: bool = False, out_dir: str = "/tmp/dftkern-dpo-parity",
+               **config) -> dict:
+    """FusedDPOTrainer vs DPOTrainer (fp32 unless ``config`` says otherwise, e.g. ``bf16=True``)."""
     from trl import DPOConfig, DPOTrainer
 
     from dftkern.integrations.trl import FusedDPOTrainer
@@ -125,16 +127,18 @@ def dpo_parity(loss_type: str, *, precompute: bool = False, out_dir: str = "/tmp
     base, tokenizer = tiny_llama_and_tokenizer()
 
     def make(cls, max_steps):
-        args = DPOConfig(output_dir=out_dir, per_device_train_batch_size=2, max_steps=max_steps, bf16=False,
-                         report_to=[], logging_steps=1, use_cpu=True, save_strategy="no", learning_rate=1e-2,
-                         loss_type=[loss_type], precompute_ref_log_probs=precompute, seed=0, beta=0.5)
+        args = DPOConfig(**{**dict(output_dir=out_dir, per_device_train_batch_size=2, max_steps=max_steps, bf16=False,
+                                   report_to=[], logging_steps=1, use_cpu=True, save_strategy="no", learning_rate=1e-2,
+                                   loss_type=[loss_type], precompute_ref_log_probs=precompute, seed=0, beta=0.5),
+                            **config})
         return cls(model=copy.deepcopy(base), ref_model=copy.deepcopy(base), args=args,
                    train_dataset=preference_dataset(), processing_class=tokenizer)
 
     return _compare(make, DPOTrainer, FusedDPOTrainer)
 
 
-def sft_parity(*, out_dir: str = "/tmp/dftkern-sft-parity") -> dict:
+def sft_parity(*, out_dir: str = "/tmp/dftkern-sft-parity", **config) -> dict:
+    """FusedSFTTrainer vs SFTTrainer (fp32 unless ``config`` says otherwise, e.g. ``bf16=True``)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -144,9 +148,9 @@ def sft_parity(*, out_dir: str = "/tmp/dftkern-sft-parity") -> dict:
     data = Dataset.from_dict({"prompt": PROMPTS, "completion": CHOSEN})
 
     def make(cls, max_steps):
-        args = SFTConfig(output_dir=out_dir, per_device_train_batch_size=2, max_steps=max_steps, bf16=False,
-                         report_to=[], logging_steps=1, use_cpu=True, save_strategy="no", learning_rate=1e-2,
-                         seed=0, gradient_accumulation_steps=2)
+        args = SFTConfig(**{**dict(output_dir=out_dir, per_device_train_batch_size=2, max_steps=max_steps, bf16=False,
+                                   report_to=[], logging_steps=1, use_cpu=True, save_strategy="no", learning_rate=1e-2,
+                                   seed=0, gradient_accumulation_steps=2), **config})
         return cls(model=copy.deepcopy(base), args=args, train_dataset=data, processing_class=tokenizer)
 
     return _compare(make, SFTTrainer, FusedSFTTrainer)

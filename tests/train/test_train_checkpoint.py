@@ -132,3 +132,23 @@ def test_truncated_state_files_name_the_file(tmp_path):
     (tmp_path / "s.json").write_text('{"state": {}}')
     with pytest.raises(StateFileError, match=r"s\.json: not a dftkern state file"):
         load_state(tmp_path / "s")
+
+
+def test_stale_temporaries_of_any_save_are_removed(tmp_path):
+    """Whatever an interrupted save leaves (.tmp-step-N, .tmp-step-N-PID, .old-step-N-PID, dirs or
+    files) is removed; checkpoints and anything else in the folder stay."""
+    from dftkern.train.checkpoint import remove_stale_temporaries
+
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    stale = [".tmp-step-00000006", ".tmp-step-00000006-123", ".old-step-00000004-9"]
+    for name in stale:
+        (root / name).mkdir()
+        (root / name / "model.safetensors").write_bytes(b"half")
+    (root / ".tmp-step-00000007-5").write_bytes(b"")  # a file, not a folder
+    kept = ["step-00000002", "corrupt-step-00000003", ".notes"]
+    for name in kept:
+        (root / name).mkdir()
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(stale + [".tmp-step-00000007-5"])
+    assert sorted(p.name for p in root.iterdir()) == sorted(kept)

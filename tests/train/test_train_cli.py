@@ -138,3 +138,17 @@ def test_train_takes_k_negatives_of_a_pool_scored_once(workspace, tmp_path):
         for line in workspace.data.read_text().splitlines()])
     with pytest.raises(ValueError, match="holds reference log-probs for other rows"):
         train(small_run(workspace, tmp_path / "other", negatives=str(other), ref_logps=str(workspace.ref_cache)))
+
+
+def test_traceback_env_var_is_parsed_strictly(workspace, tmp_path, capsys, monkeypatch):
+    from dftkern.train.records import DataError
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "2+2=", "response": 4}])
+    argv = ["train", "--model", str(workspace.model), "--data", str(bad), "--out", str(tmp_path / "r"),
+            "--loss", "sft", "--device", "cpu", "--no-progress"]
+    monkeypatch.setenv("DFTKERN_TRACEBACK", "TRUE")
+    with pytest.raises(DataError, match="field 'response'"):
+        main(argv)
+    monkeypatch.setenv("DFTKERN_TRACEBACK", "maybe")
+    assert main(argv) == 2
+    assert "DFTKERN_TRACEBACK='maybe' is not a boolean; accepted: 1/true/yes/on" in capsys.readouterr().err
