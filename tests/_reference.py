@@ -357,3 +357,27 @@ def assert_no_worse_than_naive(op, hidden: torch.Tensor, weight: torch.Tensor, l
         if ref[name] is not None:
             err = relative_error(ours[name], ref[name])
             assert err <= grad_tol, f"d{name} relative error {err:.3e} > {grad_tol}"
+
+
+def make_ragged_rows(n_rows: int, seq_len: int, hidden_size: int, vocab_size: int, *, seed: int,
+                     empty_rows: tuple[int, ...] = (), with_bias: bool = True, ignore_index: int = -100):
+    """Seeded padded rows with ragged prompts and responses, float32 on CPU.
+
+    Returns ``(hidden [R, T, H], weight [V, H], labels int64 [R, T], bias [V] | None)``. Every row
+    gets a random prompt (0-2 ignored tokens) and a random response length >= 1 (the rest is
+    padding = ``ignore_index``), so token counts differ from row to row; rows listed in
+    ``empty_rows`` have every label ignored (no scored token at all).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n_rows, seq_len, hidden_size, generator=gen)
+    weight = torch.randn(vocab_size, hidden_size, generator=gen) * (1.5 / hidden_size ** 0.5)
+    labels = torch.randint(0, vocab_size, (n_rows, seq_len), generator=gen)
+    for row in range(n_rows):
+        prompt = int(torch.randint(0, 3, (1,), generator=gen))
+        length = int(torch.randint(1, seq_len - prompt + 1, (1,), generator=gen))
+        labels[row, :prompt] = ignore_index
+        labels[row, prompt + length:] = ignore_index
+    for row in empty_rows:
+        labels[row] = ignore_index
+    bias = torch.randn(vocab_size, generator=gen) * 0.5 if with_bias else None
+    return hidden, weight, labels, bias

@@ -11,19 +11,12 @@ is off.
 from __future__ import annotations
 
 import os
-import sys
 
 if "TRITON_INTERPRET" not in os.environ:
     import torch  # does not import triton
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
-
-_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-_REPO_ROOT = os.path.dirname(_TESTS_DIR)
-for _path in (_REPO_ROOT, _TESTS_DIR):  # `import dftkern` and `import _reference` from any test folder
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
 
 import pytest  # noqa: E402
 

@@ -20,7 +20,7 @@ import math
 
 import pytest
 import torch
-from _reference import GRAD_TOL, reference_sequence_logprobs, relative_error
+from _reference import GRAD_TOL, make_ragged_rows, reference_sequence_logprobs, relative_error
 
 import dftkern.functional as functional
 from dftkern import DFTState, fused_dft_loss
@@ -44,20 +44,8 @@ def make_groups(n_groups: int, k: int, seq_len: int, hidden_size: int, vocab_siz
     rest is padding = ``IGNORE``), so token counts differ from row to row; rows listed in
     ``empty_rows`` have every label ignored (no scored token at all).
     """
-    gen = torch.Generator().manual_seed(seed)
-    n_rows = n_groups * (1 + k)
-    hidden = torch.randn(n_rows, seq_len, hidden_size, generator=gen)
-    weight = torch.randn(vocab_size, hidden_size, generator=gen) * (1.5 / hidden_size ** 0.5)
-    labels = torch.randint(0, vocab_size, (n_rows, seq_len), generator=gen)
-    for row in range(n_rows):
-        prompt = int(torch.randint(0, 3, (1,), generator=gen))
-        length = int(torch.randint(1, seq_len - prompt + 1, (1,), generator=gen))
-        labels[row, :prompt] = IGNORE
-        labels[row, prompt + length:] = IGNORE
-    for row in empty_rows:
-        labels[row] = IGNORE
-    bias = torch.randn(vocab_size, generator=gen) * 0.5 if with_bias else None
-    return hidden, weight, labels, bias
+    return make_ragged_rows(n_groups * (1 + k), seq_len, hidden_size, vocab_size, seed=seed, empty_rows=empty_rows,
+                            with_bias=with_bias, ignore_index=IGNORE)
 
 
 def make_ref_logps(hidden, weight, labels, bias, k: int, *, seed: int, cu_seqlens=None) -> torch.Tensor:

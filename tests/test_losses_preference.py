@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _reference import GRAD_TOL, reference_sequence_logprobs, reference_token_logprobs, relative_error
+from _reference import (
+    GRAD_TOL,
+    make_ragged_rows,
+    reference_sequence_logprobs,
+    reference_token_logprobs,
+    relative_error,
+)
 
 from dftkern import fused_preference_loss
 from dftkern.losses import PREFERENCE_LOSSES
@@ -30,19 +36,8 @@ def rows_per_group(loss: str, group_size: int = 3) -> int:
 def make_rows(n_rows: int, seq_len: int, hidden_size: int, vocab_size: int, *, seed: int,
               empty_rows: tuple[int, ...] = (), with_bias: bool = True):
     """Seeded padded rows with ragged prompts/responses; ``empty_rows`` have every label ignored."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n_rows, seq_len, hidden_size, generator=gen)
-    weight = torch.randn(vocab_size, hidden_size, generator=gen) * (1.5 / hidden_size ** 0.5)
-    labels = torch.randint(0, vocab_size, (n_rows, seq_len), generator=gen)
-    for row in range(n_rows):
-        prompt = int(torch.randint(0, 3, (1,), generator=gen))
-        length = int(torch.randint(1, seq_len - prompt + 1, (1,), generator=gen))
-        labels[row, :prompt] = IGNORE
-        labels[row, prompt + length:] = IGNORE
-    for row in empty_rows:
-        labels[row] = IGNORE
-    bias = torch.randn(vocab_size, generator=gen) * 0.5 if with_bias else None
-    return hidden, weight, labels, bias
+    return make_ragged_rows(n_rows, seq_len, hidden_size, vocab_size, seed=seed, empty_rows=empty_rows,
+                            with_bias=with_bias, ignore_index=IGNORE)
 
 
 def loss_inputs(loss: str, n_groups: int, *, seed: int, group_size: int = 3):

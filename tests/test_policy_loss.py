@@ -464,13 +464,25 @@ ERRORS = {
     "entropy_coef-nan": ({"entropy_coef": float("nan")}, ValueError, "entropy_coef"),
     "aggregation-unknown": ({"aggregation": "mean"}, ValueError, "aggregation"),
     "constant-without-max_tokens": ({"aggregation": "constant"}, ValueError, "max_tokens"),
-    "max_tokens-with-token_mean": ({"max_tokens": 8}, ValueError, "max_tokens"),
+    "max_tokens-zero-with-token_mean": ({"max_tokens": 0}, ValueError, "max_tokens"),
+    "max_tokens-float-with-sequence_mean": ({"aggregation": "sequence_mean", "max_tokens": 8.5}, TypeError,
+                                            "max_tokens"),
     "max_tokens-zero": ({"aggregation": "constant", "max_tokens": 0}, ValueError, "max_tokens"),
     "return_stats-not-bool": ({"return_stats": 1}, TypeError, "return_stats must be a bool"),
     "labels-shape": ({"labels": torch.zeros(3, 5, dtype=torch.int64)}, ValueError, "labels"),
     "cu_seqlens-with-padded": ({"cu_seqlens": [0, 4, 8, 12]}, ValueError, "packed layout is expected"),
     "hidden-list": ({"hidden": [[0.0]]}, TypeError, "hidden"),
 }
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
+def test_max_tokens_is_accepted_and_unused_outside_constant(aggregation):
+    """One setting (a trainer's max completion length) can be passed for every aggregation."""
+    hidden, weight, labels, adv = _error_inputs()
+    base = fused_policy_loss(hidden, weight, labels, advantages=adv, aggregation=aggregation, backend="torch")
+    with_max = fused_policy_loss(hidden, weight, labels, advantages=adv, aggregation=aggregation, max_tokens=8,
+                                 backend="torch")
+    assert torch.equal(base, with_max)
 
 
 @pytest.mark.parametrize("case", list(ERRORS.values()), ids=list(ERRORS))

@@ -3,8 +3,9 @@
 the logits (Gemma's final softcapping, Cohere's logit scale, Granite's logit divisor).
 
 The head transform is known per ``model_type`` (each listed family is checked against the
-model's own loss in tests/integrations); other families are refused unless the caller asks for a
-numerical check at patch time (``verify=True`` in :func:`~dftkern.integrations.transformers.patch_causal_lm`).
+model's own loss in tests/integrations); for any other family
+:func:`~dftkern.integrations.transformers.patch_causal_lm` checks the patched loss against the
+model's own numerically at patch time (``verify=None``, the default) and refuses a mismatch.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ import torch
 
 # model_type -> how the model's forward turns lm_head(h) into logits. "plain": logits = lm_head(h).
 # Each entry is covered by tests/integrations/test_transformers_patch.py::test_loss_matches_hf.
-PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "phi3", "olmo2", "gpt2"})
+PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "phi3", "olmo", "olmo2", "gpt2",
+                              "gpt_neox", "opt", "starcoder2", "stablelm", "falcon", "glm", "smollm3", "exaone4"})
+# Mixture-of-experts families: a plain head; their forward adds a router load-balancing loss only with
+# output_router_logits, which the patched forward refuses (it computes the token loss only).
+MOE_HEAD_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe"})
 SOFTCAP_HEAD_TYPES = frozenset({"gemma2", "gemma3_text"})  # softcap * tanh(logits / softcap)
 SCALED_HEAD_TYPES = {"cohere": "logit_scale", "granite": "logits_scaling"}  # logits * scale / logits / scaling
-SUPPORTED_MODEL_TYPES = tuple(sorted(PLAIN_HEAD_TYPES | SOFTCAP_HEAD_TYPES | set(SCALED_HEAD_TYPES)))
+SUPPORTED_MODEL_TYPES = tuple(sorted(PLAIN_HEAD_TYPES | MOE_HEAD_TYPES | SOFTCAP_HEAD_TYPES | set(SCALED_HEAD_TYPES)))
 
 
 @dataclass(frozen=True)
@@ -76,13 +81,14 @@ def head_transform(model, *, strict: bool = True) -> HeadTransform:
     if model_type in SCALED_HEAD_TYPES:
         value = float(getattr(cfg, SCALED_HEAD_TYPES[model_type]))
         return HeadTransform(temperature=1.0 / value if model_type == "cohere" else value)
-    if model_type in PLAIN_HEAD_TYPES:
+    if model_type in PLAIN_HEAD_TYPES or model_type in MOE_HEAD_TYPES:
         return HeadTransform()
     if strict:
         raise NotImplementedError(
             f"model_type {model_type!r} ({type(model).__name__}) is not a family dftkern has checked against the "
             f"model's own loss ({', '.join(SUPPORTED_MODEL_TYPES)}); its forward may transform the logits in a way "
-            f"dftkern does not know. Pass verify=True to check it numerically at patch time.")
+            f"dftkern does not know. Leave verify=None (the default) or pass verify=True to check it numerically at "
+            f"patch time.")
     return HeadTransform(softcap=None if softcap is None else float(softcap))
 
 

@@ -28,7 +28,18 @@ from typing import Any
 import torch
 
 from .. import fused_linear_cross_entropy, fused_linear_logprobs
-from ._head import HeadTransform, LMHead, call_with_head, head_transform, linear_head, shift_for_next_token, unwrap_model
+from ._head import (
+    MOE_HEAD_TYPES,
+    SUPPORTED_MODEL_TYPES,
+    HeadTransform,
+    LMHead,
+    call_with_head,
+    head_transform,
+    linear_head,
+    shift_for_next_token,
+    text_config,
+    unwrap_model,
+)
 
 __all__ = ["patch_causal_lm", "unpatch_causal_lm", "is_patched", "TokenLogprobsOutput", "token_logprobs"]
 
@@ -83,7 +94,7 @@ def is_patched(model) -> bool:
 
 
 def patch_causal_lm(model, *, output: str = "loss", return_entropy: bool = False, ignore_index: int = -100,
-                    chunk_bytes: int | None = None, backend: str = "auto", verify: bool = False):
+                    chunk_bytes: int | None = None, backend: str = "auto", verify: bool | None = None):
     """Make ``model``'s loss (or per-token log-probs) come from dftkern's fused LM head. In place.
 
     Args:
@@ -98,23 +109,29 @@ def patch_causal_lm(model, *, output: str = "loss", return_entropy: bool = False
             ``fused_linear_logprobs(..., return_entropy=True)``).
         ignore_index: label value that is not scored (Hugging Face uses -100).
         chunk_bytes, backend: passed to dftkern (workspace budget; "auto" | "triton" | "torch").
-        verify: for a family outside the checked list, run the original and the patched forward
-            once on a random 2 x 8 batch (no gradient) and refuse the patch if the losses differ.
+        verify: run the original and the patched forward once on a random 2 x 8 batch (no
+            gradient, evaluation mode) and refuse the patch if the losses differ. None (default):
+            only for a family outside the checked list; True: always; False: never (an unchecked
+            family is then refused).
 
     Returns:
         ``model`` itself (patched in place). Calling it again updates the options.
 
     Raises:
         TypeError: the model has no linear LM head, or a PEFT adapter sits on the head.
-        NotImplementedError: an unchecked family without ``verify=True``.
-        ValueError: a bad option; ``verify=True`` found a mismatch.
+        NotImplementedError: an unchecked family with ``verify=False``.
+        ValueError: a bad option; the numerical check found a mismatch.
     """
     if output not in _OUTPUTS:
         raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if verify is not None and not isinstance(verify, bool):
+        raise TypeError(f"verify must be None, True or False, got {verify!r}")
     target = unwrap_model(model)
     linear_head(target)
+    if verify is None:
+        verify = getattr(text_config(target), "model_type", None) not in SUPPORTED_MODEL_TYPES
     transform = head_transform(target, strict=not verify)
     previous = getattr(target, "_dftkern_patch", None)
     if previous is not None:
@@ -176,6 +193,11 @@ def _patched_forward(self, *args, labels=None, shift_labels=None, num_items_in_b
     if mode not in _OUTPUTS:
         raise ValueError(f"dftkern_output must be one of {_OUTPUTS}, got {mode!r}")
     call = _call_arguments(self, args, kwargs)
+    if getattr(text_config(self), "model_type", None) in MOE_HEAD_TYPES and call.get(
+            "output_router_logits", getattr(text_config(self), "output_router_logits", False)):
+        raise NotImplementedError("output_router_logits=True: the model's loss would add the router's load-balancing "
+                                  "loss, which a dftkern-patched model does not compute; turn it off, or add "
+                                  "router_aux_loss_coef * aux_loss yourself from an unpatched forward")
     logits_to_keep = call.pop("logits_to_keep", 0)
     if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
         raise ValueError("logits_to_keep must be 0 when labels are passed to a dftkern-patched model (no logits "
@@ -210,7 +232,11 @@ def _hf_causal_lm_output(hidden, labels, weight, common: dict, num_items_in_batc
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     if num_items_in_batch is None:
-        loss = fused_linear_cross_entropy(hidden, weight, labels, reduction="mean", **common)
+        # Hugging Face's mean over the non-ignored tokens; with none, its loss is NaN (0 / 0) and its
+        # gradients are 0: the same here, without a host sync
+        total = fused_linear_cross_entropy(hidden, weight, labels, reduction="sum", **common)
+        count = (labels != common["ignore_index"]).sum().to(total.device)
+        loss = total / count.clamp_min(1) + torch.where(count == 0, torch.nan, 0.0).to(total.dtype)
     else:
         total = fused_linear_cross_entropy(hidden, weight, labels, reduction="sum", **common)
         if torch.is_tensor(num_items_in_batch):

@@ -97,7 +97,8 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         clip_eps: in (0, 1e6]; clip_eps_high: None (= clip_eps) or in [0, 1e6]; kl_beta: in
             [0, 1e6]; entropy_coef: in [-1e6, 1e6] (positive = entropy bonus).
         aggregation: "token_mean" | "sequence_mean" | "constant"; max_tokens: int >= 1, required
-            by (and only accepted with) "constant".
+            by "constant" and unused by the others (checked either way, so one setting — e.g. a
+            trainer's maximum completion length — can be passed for every aggregation).
         return_stats: bool; also return a dict of detached 0-d float32 tensors over the valid
             tokens: ``clip_fraction_low`` (share with ``r < 1 - clip_eps`` and ``A < 0``: the
             lower clip is active), ``clip_fraction_high`` (``r > 1 + eps_high`` and ``A > 0``),
@@ -120,8 +121,6 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     if aggregation == "constant" and max_tokens is None:
         raise ValueError("aggregation='constant' (Dr. GRPO) needs max_tokens (an int >= 1: the normalizer R * "
                          "max_tokens)")
-    if aggregation != "constant" and max_tokens is not None:
-        raise ValueError(f"max_tokens is only used by aggregation='constant', not aggregation={aggregation!r}")
     n_rows = count_rows(hidden, labels, cu_seqlens)
     device = hidden.device
     const_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32

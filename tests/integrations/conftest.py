@@ -6,14 +6,7 @@ Every model here is a tiny random-init model built in-process (nothing is downlo
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 from types import SimpleNamespace
-
-HERE = Path(__file__).resolve().parent
-for path in (HERE.parents[1], HERE):  # `import dftkern`, `import integ_helpers`
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
 
 # TRL pings a telemetry endpoint from Trainer.__init__ unless told not to; nothing may leave the machine.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -22,7 +22,9 @@ def make_model(family: str, seed: int = 0):
 
     Families: llama, llama_tied, llama_bias, qwen2, qwen3, mistral, gemma2 (final_logit_softcapping
     = 2.0), gemma3, cohere (logit_scale 0.25, tied), granite (logits_scaling 4.0), phi (head bias),
-    gpt2, olmo (an unchecked family), minicpm3 (scales hidden states before its head: unchecked).
+    gpt2, gemma, phi3, olmo, olmo2, gpt_neox, opt, starcoder2, stablelm, falcon, glm, smollm3, exaone4,
+    mixtral, qwen2_moe and qwen3_moe (mixture of experts), helium (an unchecked family), minicpm3
+    (scales hidden states before its head: unchecked).
     Parameters get extra noise so that no logit row is degenerate.
     """
     import transformers as T
@@ -43,6 +45,28 @@ def make_model(family: str, seed: int = 0):
                                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                                        bos_token_id=1, eos_token_id=2)),
         "olmo": lambda: T.OlmoForCausalLM(T.OlmoConfig(**_common())),
+        "gpt_neox": lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                                 num_attention_heads=4, intermediate_size=64)),
+        "starcoder2": lambda: T.Starcoder2ForCausalLM(T.Starcoder2Config(**_common())),
+        "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(**_common(num_local_experts=4, num_experts_per_tok=2))),
+        "qwen2_moe": lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(**_common(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16))),
+        "qwen3_moe": lambda: T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(**_common(
+            head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16))),
+        "gemma": lambda: T.GemmaForCausalLM(T.GemmaConfig(**_common(head_dim=8))),
+        "phi3": lambda: T.Phi3ForCausalLM(T.Phi3Config(**_common())),
+        "olmo2": lambda: T.Olmo2ForCausalLM(T.Olmo2Config(**_common())),
+        "opt": lambda: T.OPTForCausalLM(T.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
+                                                    max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+                                                    layerdrop=0.0)),
+        "stablelm": lambda: T.StableLmForCausalLM(T.StableLmConfig(**_common())),
+        "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                             num_attention_heads=4)),
+        "glm": lambda: T.GlmForCausalLM(T.GlmConfig(**_common(head_dim=8))),
+        "smollm3": lambda: T.SmolLM3ForCausalLM(T.SmolLM3Config(**_common())),
+        "exaone4": lambda: T.Exaone4ForCausalLM(T.Exaone4Config(**_common())),
+        "helium": lambda: T.HeliumForCausalLM(T.HeliumConfig(**_common(head_dim=8))),
         "minicpm3": lambda: T.MiniCPM3ForCausalLM(T.MiniCPM3Config(**_common(num_key_value_heads=4))),
     }
     with torch.random.fork_rng(devices=[]):

