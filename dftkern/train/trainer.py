@@ -20,7 +20,8 @@ one is skipped for the newest intact one (:mod:`.resume`); stale ``.tmp-*`` dire
 killed save are removed at start.
 
 Output in ``out``: ``checkpoints/``, ``metrics.jsonl`` (one line per logged step), ``curves.png``,
-``train_config.json`` (every option by its flat name, plus what the run derived).
+``train_config.json`` (every option by its flat name as given, so they rebuild the config, plus what the run
+derived, e.g. ``attn_kernel``: the attention kernel actually run).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ from .prefix_sharing import (
     prepare_shared_prompt_model,
 )
 from .records import DataError, pool_stats, read_prompt_records, read_sample_records
-from .ref_logps import RefLogpsPool, attach_ref_logps, cache_path
+from .ref_logps import RefLogpsPool, attach_ref_logps, cache_path, read_ref_logps
 from .resume import load_resume_point
 from .rewards import resolve_reward
 from .util import atomic_write_json, note
@@ -161,7 +162,8 @@ class TrainConfig(FlatKeywords):
     negatives: str | None = option(None, Text(optional=True), "generate stage output (every loss except sft, "
                                    "unless --on-policy; with --on-policy only for --offline-mix)")
     ref_logps: str | None = option(None, Text(optional=True), "reference log-prob cache file, or the directory "
-                                   "holding it", default_text="next to --negatives")
+                                   "holding it (the cache of exactly these rows, else the whole pool's: ref-logps "
+                                   "without --num-negatives)", default_text="next to --negatives")
     num_negatives: int | None = option(None, Integer(low=1, optional=True), "K negatives per example: the first K "
                                        "samples per prompt, or with --rotate-negatives / --filter-negatives K of "
                                        "the prompt's pool (its M samples) per epoch", metavar="K",
@@ -383,6 +385,52 @@ def _attach_reference(examples: list[TrainExample], path: Path) -> None:
             raise ValueError(f"{err}; nor can it serve as a pool cache: {pool_err}") from None
 
 
+def _find_reference(cfg: TrainConfig, examples: list[TrainExample], *, loss: str, pooled: bool,
+                    pool: Callable[[], list[TrainExample]]) -> None:
+    """Attach the reference log-probs of ``examples`` from the ``ref-logps`` cache.
+
+    ``--ref-logps FILE``: that file (:func:`_attach_reference`). Otherwise, in ``--ref-logps DIR`` or
+    next to ``--negatives``: the cache named by the fingerprint of exactly these rows, else -- when
+    ``--num-negatives K`` takes the first K of each prompt's samples -- the whole-pool cache (``ref-logps``
+    without ``--num-negatives``) of the same data, negatives, tokenization and ``--max-length``:
+    ``pool()`` rebuilds the whole-pool examples, whose fingerprint names that file and is checked against
+    the file's own (:func:`~.ref_logps.read_ref_logps`) before any row is looked up in it by content.
+    A cache for other rows is never used: the error says which files were looked for.
+    """
+    location = Path(cfg.ref_logps) if cfg.ref_logps else Path(cfg.negatives).parent
+    if not location.is_dir():
+        if not location.exists():
+            raise FileNotFoundError(f"loss {loss!r} needs reference log-probs, but {location} (ref_logps, "
+                                    f"--ref-logps) does not exist: {_ref_logps_hint(cfg, pooled)}")
+        _attach_reference(examples, location)
+        return
+    path = cache_path(location, examples_fingerprint(examples))
+    if path.exists():
+        _attach_reference(examples, path)
+        return
+    looked = [str(path)]
+    if not pooled and cfg.num_negatives is not None:  # the first K: a whole-pool cache scored them too
+        pool_examples = pool()
+        pool_path = cache_path(location, examples_fingerprint(pool_examples))
+        if pool_path != path:
+            if pool_path.exists():
+                read_ref_logps(pool_path, pool_examples)  # the pool these rows come from, or an error naming it
+                RefLogpsPool(pool_path).attach(examples)
+                return
+            looked.append(f"{pool_path} (the whole pool)")
+    raise FileNotFoundError(f"loss {loss!r} needs reference log-probs, but no cache for these rows exists: looked "
+                            f"for {' and '.join(looked)}; {_ref_logps_hint(cfg, pooled)}")
+
+
+def _ref_logps_hint(cfg: TrainConfig, pooled: bool) -> str:
+    """What to run to make the reference cache the trainer looks for."""
+    how = ("without --num-negatives (the whole pool: --rotate-negatives/--filter-negatives draw from all of it)"
+           if pooled else "without --num-negatives (the whole pool, scored once, serves any --num-negatives and "
+           "--rotate-negatives) or with the same --num-negatives")
+    return (f"run `python -m dftkern.train ref-logps --model REF --data {cfg.data} --negatives {cfg.negatives}` "
+            f"first ({how}, and the same --max-length), or name its file with --ref-logps")
+
+
 def load_training_examples(cfg: TrainConfig, tokenizer, objective: Objective, *, vocab_size: int | None = None,
                            report: OverlongReport | None = None) -> list[TrainExample]:
     """Tokenized examples with negatives, reference log-probs and rewards as the loss needs them.
@@ -409,15 +457,10 @@ def _load_offline(cfg: TrainConfig, tokenizer, objective: Objective, *, vocab_si
                               max_length=cfg.max_length, use_chat_template=cfg.model.use_chat_template,
                               overlong=cfg.overlong, vocab_size=vocab_size, report=report)
     if spec.needs_ref_logps:
-        location = Path(cfg.ref_logps) if cfg.ref_logps else Path(cfg.negatives).parent
-        path = cache_path(location, examples_fingerprint(examples)) if location.is_dir() else location
-        if not path.exists():
-            how = ("without --num-negatives (the whole pool: --rotate-negatives/--filter-negatives draw from all of "
-                   "it)" if pooled else "with the same --num-negatives")
-            raise FileNotFoundError(f"loss {loss!r} needs reference log-probs, but {path} does not exist: run "
-                                    f"`python -m dftkern.train ref-logps --model REF --data {cfg.data} --negatives "
-                                    f"{cfg.negatives}` first ({how} and --max-length)")
-        _attach_reference(examples, path)
+        _find_reference(cfg, examples, loss=loss, pooled=pooled, pool=lambda: build_examples(
+            tokenizer, records, samples, num_negatives=None, max_length=cfg.max_length,
+            use_chat_template=cfg.model.use_chat_template, overlong=cfg.overlong, vocab_size=vocab_size,
+            report=OverlongReport()))
     if spec.needs_rewards and any(e.rewards is None for e in examples):
         raise ValueError(f"loss {loss!r} needs rewards: generate the negatives with --reward module:function")
     if not pooled:
@@ -675,7 +718,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end, resources: contextli
         atomic_write_json(run_dir / "train_config.json",
                           dict(settings, world_size=ctx.world_size, packed=packed,
                                share_prompt_active=share, share_prompt_reason=share_reason,
-                               attn=causal_lm.config._attn_implementation, total_steps=total_steps,
+                               attn_kernel=causal_lm.config._attn_implementation, total_steps=total_steps,
                                num_examples=num_examples, negatives_pool=pool,
                                dftkern_version=getattr(dftkern, "__version__", None)))
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=step if resume else None)

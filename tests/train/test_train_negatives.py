@@ -242,3 +242,87 @@ def test_schedule_picks_what_the_dft_study_rotates(workspace, tokenizer, pool, f
         assert [schedule.pick(i, epoch) for i in range(len(records))] == \
                [picks[r.prompt_id]["indices"] for r in records]
         assert schedule.unfilterable == sum(p["fallback"] for p in picks.values())
+
+
+# -- the whole-pool cache found by the default and the directory lookup (--num-negatives K < M) -----
+
+
+def _only_the_pool_cache(pool, directory):
+    """A directory holding the negatives file and its whole-pool cache, nothing else."""
+    import shutil
+
+    negatives, cache = pool
+    directory.mkdir()
+    shutil.copy(negatives, directory / negatives.name)
+    shutil.copy(cache, directory / cache.name)
+    return directory / negatives.name, directory / cache.name
+
+
+def test_default_and_directory_lookup_serve_the_first_k_from_the_whole_pool_cache(workspace, tokenizer, pool,
+                                                                                   tmp_path):
+    from dftkern.train.objectives import Objective
+    from dftkern.train.trainer import load_training_examples
+
+    negatives, cache = _only_the_pool_cache(pool, tmp_path / "pool")
+    scored = load_file(str(cache))["row_logps"]  # [N, 1 + M], in the data's order
+    for k in (1, 2, 4):  # any K: the first K of every prompt's samples, looked up in the pool's cache
+        for ref_logps in (None, str(negatives.parent)):  # next to --negatives; --ref-logps DIR
+            cfg = small_run(workspace, tmp_path / "x", negatives=str(negatives), num_negatives=k, ref_logps=ref_logps)
+            examples = load_training_examples(cfg, tokenizer, Objective(cfg.objective))
+            assert [len(e.rows) for e in examples] == [1 + k] * len(scored)
+            assert torch.equal(torch.tensor([e.ref_logps for e in examples]), scored[:, :1 + k])
+
+    common = dict(negatives=str(negatives), num_negatives=2, max_steps=4, lr=3e-3)
+    runs = {name: train(small_run(workspace, tmp_path / name, **common, **extra))
+            for name, extra in (("file", dict(ref_logps=str(cache))), ("default", {}),
+                                ("directory", dict(ref_logps=str(negatives.parent))))}
+    losses = {name: [m["loss"] for m in _metrics(tmp_path / name)] for name in runs}
+    assert len(losses["file"]) == 4 and losses["default"] == losses["file"] == losses["directory"]
+    for name in ("default", "directory"):
+        weights = _weights(runs[name])
+        assert all(torch.equal(value, weights[key]) for key, value in _weights(runs["file"]).items())
+    assert sorted(p.name for p in negatives.parent.iterdir()) == sorted([negatives.name, cache.name])  # no K cache
+
+
+def test_a_whole_pool_cache_of_other_rows_is_refused(workspace, tokenizer, pool, tmp_path):
+    from dftkern.train.batching import examples_fingerprint
+    from dftkern.train.ref_logps import cache_path
+
+    negatives, _ = pool
+    # the pool of other negatives (every sample one longer), scored whole: found for none of ours
+    other = tmp_path / "other"
+    other.mkdir()
+    lines = [json.loads(line) for line in negatives.read_text().splitlines()]
+    for line in lines:
+        line["responses"] = [r + "0" for r in line["responses"]]
+        line["response_token_ids"] = [ids[:-1] + tokenizer("0", add_special_tokens=False)["input_ids"] + ids[-1:]
+                                      for ids in line["response_token_ids"]]
+    other_negatives = write_jsonl(other / "pool.jsonl", lines)
+    other_cache = compute_ref_logps(RefLogpsConfig(model=str(workspace.model), data=str(workspace.data),
+                                                   negatives=str(other_negatives), device="cpu", progress=False))
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    mine = write_jsonl(ours / "pool.jsonl", negatives.read_text().splitlines())
+    (ours / other_cache.name).write_bytes(other_cache.read_bytes())
+    for ref_logps in (None, str(ours)):
+        with pytest.raises(FileNotFoundError, match=r"no cache for these rows exists: looked for .*ref_logps-\w+\."
+                                                    r"safetensors and .*ref_logps-\w+\.safetensors \(the whole pool\);"
+                                                    r".*without --num-negatives \(the whole pool, scored once, serves "
+                                                    r"any --num-negatives"):
+            train(small_run(workspace, tmp_path / "run", negatives=str(mine), num_negatives=2, ref_logps=ref_logps))
+    with pytest.raises(ValueError, match=r"holds reference log-probs for other rows.*nor can it serve as a pool "
+                                         r"cache: .*row 1 of prompt id .* was not scored in this cache"):
+        train(small_run(workspace, tmp_path / "run", negatives=str(mine), num_negatives=2, ref_logps=str(other_cache)))
+
+    # our pool scored with other settings (--max-length 8 cuts the rows), under the name the lookup takes for
+    # our whole pool (a renamed or stale file): its fingerprint is checked before any row is looked up
+    cut = compute_ref_logps(RefLogpsConfig(model=str(workspace.model), data=str(workspace.data),
+                                           negatives=str(negatives), max_length=8, out_dir=str(tmp_path / "cut"),
+                                           device="cpu", progress=False))
+    whole = build_examples(tokenizer, read_prompt_records(workspace.data), read_sample_records(mine))
+    expected = cache_path(ours, examples_fingerprint(whole))
+    assert expected.name != cut.name
+    expected.write_bytes(cut.read_bytes())
+    with pytest.raises(ValueError, match=rf"{expected.name} holds reference log-probs for other rows \(fingerprint "
+                                         rf"{cut.name[10:26]}, these rows: {expected.name[10:26]}\); rerun ref-logps"):
+        train(small_run(workspace, tmp_path / "run", negatives=str(mine), num_negatives=2))

@@ -21,6 +21,7 @@ from train_helpers import small_run, subprocess_env
 
 from dftkern.train import prefix_sharing, trainer
 from dftkern.train.cli import build_parser
+from dftkern.train.options import flat_values, option_names
 from dftkern.train.prefix_sharing import PREFIX_SDPA, SharedPromptUnsupported
 from dftkern.train.trainer import train
 
@@ -56,7 +57,8 @@ def test_shared_prompt_trains_like_the_unshared_layout(workspace, tmp_path, loss
     shared = train(small_run(workspace, tmp_path / "shared", loss=loss, share_prompt=True))
     plain = train(small_run(workspace, tmp_path / "plain", loss=loss, share_prompt=False))
     _assert_same_training(workspace, shared, plain, tmp_path / "shared", tmp_path / "plain")
-    assert _run_info(tmp_path / "shared")["attn"] == PREFIX_SDPA
+    info = _run_info(tmp_path / "shared")
+    assert info["attn_kernel"] == PREFIX_SDPA and info["attn"] == "auto"  # the kernel run; the option given
 
 
 @pytest.mark.parametrize("loss", ["rloo", "dft", "dpo"])
@@ -75,7 +77,9 @@ def test_shared_prompt_against_packed_rows_checkpointing_and_eager(workspace, tm
     shared = train(small_run(workspace, tmp_path / "shared", loss="dft", share_prompt=True, **extra))
     plain = train(small_run(workspace, tmp_path / "plain", loss="dft", share_prompt=False, **extra))
     _assert_same_training(workspace, shared, plain, tmp_path / "shared", tmp_path / "plain")
-    assert _run_info(tmp_path / "shared")["attn"] == (PREFIX_SDPA if "attn" not in extra else "eager")
+    info = _run_info(tmp_path / "shared")
+    assert info["attn_kernel"] == (PREFIX_SDPA if "attn" not in extra else "eager")
+    assert info["attn"] == extra.get("attn", "auto")
 
 
 def test_on_by_default_where_a_prompt_has_several_rows(workspace, tmp_path, capsys):
@@ -89,6 +93,27 @@ def test_on_by_default_where_a_prompt_has_several_rows(workspace, tmp_path, caps
     train(small_run(workspace, tmp_path / "off", loss="dft", share_prompt=False))
     assert _run_info(tmp_path / "off")["share_prompt_reason"] == "off (--no-share-prompt)"
     assert "--share-prompt" not in capsys.readouterr().err  # nothing to report in these three
+
+
+DERIVED = {"world_size", "packed", "share_prompt_active", "share_prompt_reason", "attn_kernel", "total_steps",
+           "num_examples", "negatives_pool", "dftkern_version"}
+
+
+@pytest.mark.parametrize("attn", ["auto", "sdpa"])
+def test_train_config_json_rebuilds_the_config_and_records_the_kernel(workspace, tmp_path, attn):
+    """train_config.json holds the flat options as given (``attn`` included, though prompt sharing
+    runs its own kernel) plus what the run derived: its options rebuild the TrainConfig, which resumes."""
+    cfg = small_run(workspace, tmp_path / "run", loss="dft", attn=attn, max_steps=1)
+    train(cfg)
+    info = _run_info(tmp_path / "run")
+    assert info["attn"] == attn and info["attn_kernel"] == PREFIX_SDPA and info["share_prompt_active"]
+    options = option_names(trainer.TrainConfig)
+    assert set(info) - options == DERIVED
+    flat = {k: v for k, v in info.items() if k in options}
+    rebuilt = trainer.TrainConfig(**flat)
+    assert flat_values(rebuilt) == flat_values(cfg) == flat
+    resumed = train(trainer.TrainConfig(**{**flat, "resume": "auto", "max_steps": 2}))
+    assert resumed.steps == 2 and _run_info(tmp_path / "run")["attn"] == attn
 
 
 def test_a_model_failing_the_probe_falls_back_or_fails_as_asked(workspace, tmp_path, monkeypatch, capsys):
