@@ -10,6 +10,12 @@ import torch
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument or option of the wrong type (``DFTState(True)``, ``TrainConfig(progress="no")``): a
+    TypeError, as Python code expects, and a ValueError, like every other bad setting (the trainer's
+    command line reports ValueErrors as one ``error:`` line)."""
+
+
 _TRUE_FORMS = ("1", "true", "yes", "on")
 _FALSE_FORMS = ("", "0", "false", "no", "off")
 

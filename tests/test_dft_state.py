@@ -336,3 +336,10 @@ def test_load_state_dict_rejects_bad_values_and_changes_nothing(case):
     assert state.init == 0.5
     with pytest.raises(TypeError, match="dict"):
         state.load_state_dict([("u", state.u)])
+
+
+@pytest.mark.parametrize("args,exc", [((True,), TypeError), ((2.0,), TypeError), (("3",), TypeError),
+                                      ((0,), ValueError), ((3, float("nan")), ValueError), ((3, "0"), TypeError)])
+def test_constructor_argument_errors(args, exc):
+    with pytest.raises(exc):
+        DFTState(*args)

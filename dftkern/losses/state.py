@@ -7,6 +7,8 @@ from collections import deque
 
 import torch
 
+from .._validation import ArgumentTypeError
+
 __all__ = ["DFTState"]
 
 
@@ -32,9 +34,13 @@ class DFTState:
     """
 
     def __init__(self, num_examples: int, init: float = 0.0, device: torch.device | str | None = None):
-        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int):
+            raise ArgumentTypeError(f"num_examples must be a positive int, got {num_examples!r}")
+        if num_examples <= 0:
             raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
-        if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
+        if isinstance(init, bool) or not isinstance(init, (int, float)):
+            raise ArgumentTypeError(f"init must be a finite number, got {init!r}")
+        if not math.isfinite(init):
             raise ValueError(f"init must be a finite number, got {init!r}")
         self.num_examples = num_examples
         self.init = float(init)

@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from dataclasses import MISSING, dataclass
 from typing import Any
 
+from dftkern._validation import ArgumentTypeError
+
 __all__ = ["Spec", "Integer", "Number", "Choice", "Flag", "Text", "Device", "AnyOf", "Function", "Option", "option",
            "Nested", "nested", "FlatKeywords", "options_of", "validate", "add_arguments", "option_names", "flat_values"]
 
@@ -44,6 +46,7 @@ class Spec:
     """The values one option accepts. ``optional``: None is accepted too (meaning "unset")."""
 
     optional: bool = False
+    types: tuple = ()  # the Python types a value may have (empty: any); bool is never an int here
 
     def describe(self) -> str:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -63,8 +66,15 @@ class Spec:
         ok, normalized = self.accept(value)
         if not ok:
             unset = " (or None)" if self.optional else ""
-            raise ValueError(f"{label} must be {self.describe()}{unset}, got {value!r}" + (f": {why}" if why else ""))
+            error = ArgumentTypeError if not self.right_type(value) else ValueError
+            raise error(f"{label} must be {self.describe()}{unset}, got {value!r}" + (f": {why}" if why else ""))
         return normalized
+
+    def right_type(self, value: Any) -> bool:
+        """Whether ``value``'s type could be accepted (a wrong value of the right type is a plain ValueError)."""
+        if not self.types:
+            return True
+        return isinstance(value, self.types) and not (isinstance(value, bool) and bool not in self.types)
 
     def parse(self, text: str) -> Any:
         """argparse ``type=``: the parsed value, or ``ArgumentTypeError`` saying what is accepted."""
@@ -105,6 +115,7 @@ class Integer(Spec):
     low: int | None = None
     high: int | None = None
     optional: bool = False
+    types: tuple = (int,)
 
     def describe(self) -> str:
         return _bounds(self.low, self.high, False, False, "an integer")
@@ -128,6 +139,7 @@ class Number(Spec):
     high_open: bool = False
     optional: bool = False
     text: str | None = None  # describes the range in other words
+    types: tuple = (int, float)
 
     def describe(self) -> str:
         return self.text or _bounds(self.low, self.high, self.low_open, self.high_open,
@@ -153,6 +165,7 @@ class Choice(Spec):
 
     values: tuple = ()
     optional: bool = False
+    types: tuple = (str,)
 
     def describe(self) -> str:
         return f"one of {self.values}"
@@ -170,6 +183,7 @@ class Flag(Spec):
     """
 
     optional: bool = False
+    types: tuple = (bool,)
 
     def describe(self) -> str:
         return "True or False (a bool)"
@@ -183,6 +197,7 @@ class Text(Spec):
     """A non-empty string (a path, a device name, ...)."""
 
     optional: bool = False
+    types: tuple = (str,)
 
     def describe(self) -> str:
         return "a non-empty string"
@@ -194,6 +209,8 @@ class Text(Spec):
 @dataclass(frozen=True)
 class Device(Spec):
     """``"auto"`` or a torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``)."""
+
+    types: tuple = (str,)
 
     def describe(self) -> str:
         return "'auto', 'cpu', 'cuda' or 'cuda:N'"
@@ -242,6 +259,9 @@ class AnyOf(Spec):
             if ok:
                 return True, normalized
         return False, value
+
+    def right_type(self, value) -> bool:
+        return any(spec.right_type(value) for spec in self.specs)
 
     def parse(self, text: str):
         for spec in self.specs:

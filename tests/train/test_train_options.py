@@ -133,3 +133,19 @@ def test_command_line_defaults_are_the_config_defaults():
     help_text = parser.format_help()
     assert "--lr LR               peak learning rate (default: 1e-05)" in help_text
     assert "--keep-checkpoints KEEP_CHECKPOINTS" in help_text and "newest checkpoints kept (default: 2)" in help_text
+
+
+@pytest.mark.parametrize("kwargs", [{"progress": "no"}, {"batch_size": 2.5}, {"loss": 3}, {"device": 3},
+                                    {"plot": 1}])
+def test_wrongly_typed_options_are_type_and_value_errors(kwargs):
+    """A wrong type is a TypeError (Python callers) and a ValueError (the CLI's one error line)."""
+    with pytest.raises(TypeError) as caught:
+        TrainConfig(model="m", data="d", out="o", **kwargs)
+    assert isinstance(caught.value, ValueError) and next(iter(kwargs)) in str(caught.value)
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"loss": "nope"}, {"lr": float("nan")}, {"device": "gpu"}])
+def test_out_of_range_options_are_value_errors_only(kwargs):
+    with pytest.raises(ValueError) as caught:
+        TrainConfig(model="m", data="d", out="o", **kwargs)
+    assert not isinstance(caught.value, TypeError)
