@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session in one script (target: under 8 minutes on an H100/H200): the CUDA tests, then
+# One GPU session in one script (target: under 8 minutes on an H100/H200, set before the
+# prefix-sharing step was added; that step is capped by PREFIX_BENCH_TIMEOUT_S): the CUDA tests, then
 # the benchmark rows of the lean-engine issue, then the report. Everything goes to $OUT.
 #
 #   bash benchmarks/gpu_run.sh                    # tests/gpu + the default subset (below)
@@ -15,9 +16,13 @@
 # are left out (slow on GPU, not what is being measured).
 #
 # Steps: install the carried peer wheels from .whl/ (if any) into /tmp/site; pytest tests/gpu
-# (-> $OUT/gpu_tests.log, $OUT/gpu_tests.xml); pytest benchmarks/ --benchmark-only with few
+# (-> $OUT/gpu_tests.log, $OUT/gpu_tests.xml); the prefix-sharing step of issue 16 (shared vs
+# unshared training step on a random-init model with Llama-3-8B's layer shapes, 2 layers, bf16
+# autocast, K = 2, 4, 8 at prompt/response 512/512 and 1024/256; -> $OUT/prefix_sharing.json,
+# $OUT/prefix_sharing.md; docs/prefix_sharing.md); pytest benchmarks/ --benchmark-only with few
 # rounds (-> $OUT/bench.json, $OUT/pytest.log); benchmarks/report.py (-> $OUT/bench.md,
-# $OUT/bench.png); print the Markdown last.
+# $OUT/bench.png); print the Markdown last. That is 8 files under $OUT, the most the device
+# tool brings back: add no more.
 #
 # Environment:
 #   OUT                     output folder (default: ./bench-out)
@@ -26,6 +31,9 @@
 #                           (default 330)
 #   GPU_TESTS_TIMEOUT_S     wall limit of the tests/gpu step (default 180)
 #   SKIP_GPU_TESTS          1: skip the tests/gpu step
+#   PREFIX_BENCH_TIMEOUT_S  wall limit of the prefix-sharing step (default 240; the JSON is rewritten
+#                           after every measurement, so a run cut short keeps what it measured)
+#   SKIP_PREFIX_BENCH       1: skip the prefix-sharing step
 #   PYTHON                  interpreter (default: python3)
 set -euo pipefail
 
@@ -77,6 +85,21 @@ if [[ "${SKIP_GPU_TESTS:-0}" != "1" ]]; then
     echo "== tests/gpu exit status $GPU_TESTS_STATUS after $(($(date +%s) - START)) s"
 fi
 
+PREFIX_STATUS=skipped
+if [[ "${SKIP_PREFIX_BENCH:-0}" != "1" ]]; then
+    echo "== prefix sharing (issue 16): Llama-3-8B layer shapes, 2 layers (limit ${PREFIX_BENCH_TIMEOUT_S:-240}s)"
+    set +e
+    timeout "${PREFIX_BENCH_TIMEOUT_S:-240}" "$PYTHON" -m dftkern.train.prefix_sharing bench --device cuda \
+        --dtype bf16 --preset llama3-8b-layers --ks 2 4 8 --shapes 512/512 1024/256 --groups 2 --warmup 2 \
+        --repeats 3 --json "$OUT/prefix_sharing.json" >"$OUT/prefix_sharing.md" 2>/tmp/prefix_sharing.err
+    PREFIX_STATUS=$?
+    set -e
+    rm -f "$OUT/prefix_sharing.json.tmp"  # left only if the limit struck mid-write
+    tail -n 20 /tmp/prefix_sharing.err
+    cat "$OUT/prefix_sharing.md"
+    echo "== prefix sharing exit status $PREFIX_STATUS after $(($(date +%s) - START)) s"
+fi
+
 if (($#)); then
     SELECTION=("$@")
 else
@@ -105,7 +128,18 @@ else
     tail -n 40 "$OUT/pytest.log"
     echo "== wall time $(($(date +%s) - START)) s (tests/gpu status: $GPU_TESTS_STATUS)"
 fi
+if [[ "$PREFIX_STATUS" != "skipped" && -s "$OUT/prefix_sharing.md" ]]; then
+    echo
+    echo "Prefix sharing (issue 16, exit status $PREFIX_STATUS):"
+    cat "$OUT/prefix_sharing.md"
+fi
 if [[ "$GPU_TESTS_STATUS" != "0" && "$GPU_TESTS_STATUS" != "skipped" ]]; then
     exit "$GPU_TESTS_STATUS"
 fi
-exit "$PYTEST_STATUS"
+if [[ "$PYTEST_STATUS" != "0" ]]; then
+    exit "$PYTEST_STATUS"
+fi
+if [[ "$PREFIX_STATUS" != "0" && "$PREFIX_STATUS" != "skipped" ]]; then
+    exit "$PREFIX_STATUS"
+fi
+exit 0

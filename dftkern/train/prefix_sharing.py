@@ -59,14 +59,15 @@ Models that do not pass keyword arguments down to their attention function, or d
 through transformers' AttentionInterface, cannot use :data:`PREFIX_SDPA`;
 :func:`prepare_shared_prompt_model` then falls back to the dense SDPA mask with a warning.
 
-Module entry point: ``python -m dftkern.train.prefix_sharing bench`` (CPU timing and peak-RSS of
-one backbone + loss step, shared vs unshared; see :func:`benchmark`) and ``... mask`` (prints the
-mask of a small example).
+Module entry point: ``python -m dftkern.train.prefix_sharing bench`` (time and peak memory of one
+backbone + loss training step, shared vs unshared, on the CPU or a CUDA device, optionally at
+Llama-3-8B's layer shapes with ``--preset llama3-8b-layers``; see :func:`benchmark`) and
+``... mask`` (prints the mask of a small example).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -90,6 +91,9 @@ __all__ = [
     "check_shared_prompt_support",
     "mask_picture",
     "benchmark",
+    "bench_config",
+    "bench_device",
+    "BENCH_PRESETS",
 ]
 
 PREFIX_SDPA = "dftkern_prefix_sdpa"
@@ -662,7 +666,7 @@ def prepare_shared_prompt_model(causal_lm, *, block_attention: bool = True) -> s
 
 
 # ---------------------------------------------------------------------------------------------
-# Pictures and the CPU benchmark
+# Pictures and the benchmark
 # ---------------------------------------------------------------------------------------------
 
 
@@ -697,46 +701,231 @@ def _rss_kib(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
+BENCH_PRESETS: dict[str, dict] = {
+    # Llama-3-8B's layer shapes (meta-llama/Meta-Llama-3-8B config.json: hidden 4096, 32 query / 8 KV heads,
+    # MLP 14336, vocabulary 128256, RoPE base 500000, untied LM head); 2 of its 32 layers, random init
+    "llama3-8b-layers": dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                             vocab_size=128256, num_hidden_layers=2, rope_theta=500000.0, rms_norm_eps=1e-5,
+                             max_position_embeddings=8192, tie_word_embeddings=False),
+}
+"""Model presets of :func:`benchmark` (``--preset``); any shape option given explicitly overrides the preset's."""
+
+# without a preset (the CPU benchmark's model since it was written): key/value heads default to the query heads,
+# the MLP to 4 x hidden, max_position_embeddings to the longest row, RoPE base to LlamaConfig's
+_BENCH_DEFAULTS = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, vocab_size=1024,
+                       tie_word_embeddings=True)
+_BENCH_OPTIONS = {"hidden_size": "--hidden", "num_hidden_layers": "--layers", "num_attention_heads": "--heads",
+                  "num_key_value_heads": "--kv-heads", "intermediate_size": "--intermediate-size",
+                  "vocab_size": "--vocab"}
+_BENCH_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+_BENCH_ATTN = ("prefix_sdpa", "sdpa", "eager")
+
+
+def bench_config(*, preset: str | None = None, hidden_size: int | None = None, num_layers: int | None = None,
+                 num_heads: int | None = None, num_kv_heads: int | None = None, intermediate_size: int | None = None,
+                 vocab_size: int | None = None, max_length: int = 256):
+    """The :func:`benchmark` model's ``transformers.LlamaConfig`` (a config only: nothing is allocated).
+
+    Without ``preset``: hidden 128, 4 layers, 4 heads, key/value heads = heads, MLP 4 x hidden,
+    vocabulary 1024, tied embeddings, ``max_position_embeddings = max_length`` (the model the CPU
+    benchmark always used). ``preset`` (a key of :data:`BENCH_PRESETS`) starts from that preset's
+    fields instead (``max_position_embeddings`` at least ``max_length``). Every argument that is not
+    None overrides. ``max_length``: the longest row, prompt + response.
+
+    Raises:
+        ValueError: naming the CLI option — unknown preset, a non-positive size, heads that do not
+            divide the hidden size, key/value heads that do not divide the heads, an odd head
+            dimension (RoPE rotates pairs), a vocabulary under 4 (tokens 0-2 are not drawn).
+    """
+    from transformers import LlamaConfig
+
+    if preset is not None and preset not in BENCH_PRESETS:
+        raise ValueError(f"--preset {preset!r}: unknown preset; choose from {', '.join(sorted(BENCH_PRESETS))}")
+    fields = dict(BENCH_PRESETS[preset]) if preset is not None else dict(_BENCH_DEFAULTS)
+    given = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                 num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size, vocab_size=vocab_size)
+    for name, value in given.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{_BENCH_OPTIONS[name]} must be a positive integer, got {value!r}")
+        fields[name] = value
+    fields.setdefault("num_key_value_heads", fields["num_attention_heads"])
+    fields.setdefault("intermediate_size", 4 * fields["hidden_size"])
+    hidden, heads, kv = fields["hidden_size"], fields["num_attention_heads"], fields["num_key_value_heads"]
+    if hidden % heads:
+        raise ValueError(f"--heads {heads} does not divide --hidden {hidden}")
+    if heads % kv:
+        raise ValueError(f"--kv-heads {kv} does not divide --heads {heads} (grouped-query attention)")
+    if (hidden // heads) % 2:
+        raise ValueError(f"--hidden {hidden} / --heads {heads} = head dimension {hidden // heads}, which must be even "
+                         f"(RoPE rotates pairs of dimensions)")
+    if fields["vocab_size"] < 4:
+        raise ValueError(f"--vocab must be at least 4 (the benchmark draws tokens 3 .. vocab-1), got "
+                         f"{fields['vocab_size']}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+    fields["max_position_embeddings"] = max(max_length, fields.get("max_position_embeddings", 0))
+    theta = fields.pop("rope_theta", None)
+    if theta is not None:  # transformers 5 takes the RoPE base inside rope_parameters, 4.x as rope_theta
+        import inspect
+
+        if "rope_parameters" in inspect.signature(LlamaConfig.__init__).parameters:
+            fields["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+        else:
+            fields["rope_theta"] = theta
+    return LlamaConfig(**fields)
+
+
+def _rope_theta(config) -> float | None:
+    params = getattr(config, "rope_parameters", None) or {}
+    return params.get("rope_theta", getattr(config, "rope_theta", None))
+
+
+def bench_device(device: str | torch.device) -> torch.device:
+    """``--device`` (``cpu``, ``cuda`` or ``cuda:N``) as a torch device; ValueError naming ``--device`` if unusable."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {device!r}: not a device name (use cpu, cuda or cuda:N)") from err
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise ValueError(f"--device {device}: only cpu, cuda and cuda:N are supported")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available (torch {torch.__version__}, CUDA build "
+                         f"{torch.version.cuda}; no usable GPU visible)")
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if index >= count:
+        raise ValueError(f"--device {device}: only {count} CUDA device(s) visible")
+    return torch.device("cuda", index)
+
+
+def _bench_autocast(dtype: str, dev: torch.device) -> torch.dtype | None:
+    if dtype not in _BENCH_DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose fp32 or bf16")
+    if dtype == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--dtype bf16: {torch.cuda.get_device_name(dev)} does not support bfloat16")
+    return _BENCH_DTYPES[dtype]
+
+
+def _bench_cases(ks, shapes, groups, repeats, warmup, attn) -> tuple[list[int], list[tuple[int, int]]]:
+    def positive(name, value, low=1):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+    ks = list(ks)
+    if not ks:
+        raise ValueError("--ks: give at least one K")
+    for k in ks:
+        positive("--ks", k)
+    shapes = [tuple(s) for s in shapes]
+    if not shapes:
+        raise ValueError("--shapes: give at least one PROMPT/RESPONSE")
+    for shape in shapes:
+        if len(shape) != 2:
+            raise ValueError(f"--shapes: expected (prompt, response) lengths, got {shape!r}")
+        positive("--shapes prompt length", shape[0])
+        positive("--shapes response length", shape[1])
+    positive("--groups", groups)
+    positive("--repeats", repeats)
+    positive("--warmup", warmup, low=0)
+    if attn not in _BENCH_ATTN:
+        raise ValueError(f"--attn {attn!r}: choose from {', '.join(_BENCH_ATTN)}")
+    return ks, shapes
+
+
+def _bench_loss(loss: str):
+    """The trainer's :class:`Objective` for ``loss``; policy losses (ppo, grpo, ...) are refused: they need the
+    sampler's per-token log-probs, which these random offline groups do not have."""
+    from .objectives import Objective, ObjectiveConfig
+
+    objective = Objective(ObjectiveConfig(loss=loss))
+    if objective.spec.family == "policy":
+        raise ValueError(f"--loss {loss}: policy losses need the sampler's per-token log-probs (on-policy sampling), "
+                         f"which the benchmark's random groups do not have; use an offline loss (dft2, dft, sft, dpo, "
+                         f"rloo, ...)")
+    return objective
+
+
 def benchmark(*, ks: Sequence[int] = (2, 4, 8), shapes: Sequence[tuple[int, int]] = ((128, 128), (256, 64)),
-              groups: int = 2, hidden_size: int = 128, num_layers: int = 4, vocab_size: int = 1024,
-              repeats: int = 3, attn: str = "prefix_sdpa", loss: str = "dft2", seed: int = 0) -> list[dict]:
-    """CPU timing and peak-RSS growth of one backbone + fused-loss step (forward + backward), shared vs unshared.
+              groups: int = 2, hidden_size: int | None = None, num_layers: int | None = None,
+              vocab_size: int | None = None, repeats: int = 3, attn: str = "prefix_sdpa", loss: str = "dft2",
+              seed: int = 0, num_heads: int | None = None, num_kv_heads: int | None = None,
+              intermediate_size: int | None = None, preset: str | None = None, device: str | torch.device = "cpu",
+              dtype: str = "fp32", warmup: int = 1, progress: Callable[[dict], None] | None = None) -> list[dict]:
+    """Time and peak memory of one backbone + fused-loss training step (forward + backward), shared vs unshared.
 
-    Model: random-init Llama (``hidden_size``, ``num_layers``, 4 heads, MLP 4x, vocabulary
-    ``vocab_size``), float32. Each case: ``groups`` groups of ``1 + K`` rows, a prompt of ``P`` and
-    responses of ``L`` random tokens; unshared = :func:`collate` padded (all rows of equal length,
-    so no padding) through :func:`~dftkern.train.model.backbone_hidden`; shared = one group per row
-    through :func:`shared_backbone_hidden`. Loss: the trainer's :class:`Objective` for ``loss``.
-    Time: median of ``repeats`` steps after one warm-up, wall clock (``step_s``) and this process's
-    CPU time (``cpu_s``; with one thread it is insensitive to other load on the machine). Memory:
-    growth of the resident set's peak (``VmHWM`` after the step minus ``VmRSS`` before it, peak
-    mark reset by ``/proc/self/clear_refs``; run with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed
-    buffers leave the resident set). ``attn``: ``"prefix_sdpa"`` (block-wise kernel), ``"sdpa"`` or
-    ``"eager"`` (dense shared mask); the unshared layout runs plain SDPA/eager in every case.
+    Model: random-init Llama from :func:`bench_config` (default: hidden 128, 4 layers, 4 heads, MLP
+    4x, vocabulary 1024; ``preset="llama3-8b-layers"``: Llama-3-8B's layer shapes, 2 layers), with
+    float32 weights, built on ``device``. Each case: ``groups`` groups of ``1 + K`` rows, a prompt
+    of ``P`` and responses of ``L`` random tokens; unshared = :func:`collate` padded (all rows of
+    equal length, so no padding) through :func:`~dftkern.train.model.backbone_hidden`; shared = one
+    group per row through :func:`shared_backbone_hidden`. The step is the trainer's:
+    :class:`~dftkern.train.model.PolicyWithLoss` around the trainer's :class:`Objective` for
+    ``loss``. ``dtype``: ``"fp32"`` (no autocast) or ``"bf16"`` — bf16 autocast over the float32
+    master weights, hidden states and LM head cast to bf16 for the fused loss, which is what the
+    trainer runs for ``--precision bf16`` and for its default ``--precision auto`` on CUDA.
+    ``attn``: ``"prefix_sdpa"`` (block-wise kernel), ``"sdpa"`` or ``"eager"`` (dense shared
+    mask); the unshared layout runs plain SDPA/eager in every case.
 
-    Returns one dict per (P, L, K, layout): ``P, L, K, layout, row_tokens, backbone_tokens,
-    step_s, cpu_s, row_tokens_per_cpu_s, peak_rss_mib`` (None where the peak mark cannot be reset).
+    Measurement: ``warmup`` steps (not timed), then the median of ``repeats`` steps.
+
+    * CPU: wall clock (``step_s``) and this process's CPU time (``cpu_s``; with one thread it is
+      insensitive to other load on the machine); memory = growth of the resident set's peak
+      (``VmHWM`` after the step minus ``VmRSS`` before it, peak mark reset by
+      ``/proc/self/clear_refs``; run with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed buffers leave the
+      resident set). ``tokens_per_s`` is per CPU second.
+    * CUDA: wall clock between ``torch.cuda.synchronize`` calls (``step_s``; ``cpu_s`` is then only
+      the host's time); ``peak_mib`` = ``torch.cuda.max_memory_allocated`` over the timed steps
+      (weights included; the counter is reset for every layout and case), ``peak_base_mib`` = the
+      allocation when the timed steps start (weights + batch). ``tokens_per_s`` is per wall second.
+
+    ``progress``, if given, is called with each result dict as soon as it is measured.
+
+    Returns one dict per (P, L, K, layout), in order: ``P, L, K, layout, groups, device, dtype,
+    row_tokens`` (tokens of the unshared rows), ``backbone_tokens`` (tokens the backbone runs
+    over), ``trained_tokens`` (response tokens carrying a label, ``groups * (1 + K) * L``; the same
+    in both layouts), ``step_s, cpu_s, clock`` (``"process_cpu"`` or ``"cuda_synchronized_wall"``:
+    the clock of ``tokens_per_s``), ``tokens_per_s`` (``trained_tokens`` per second of ``clock``),
+    ``row_tokens_per_cpu_s``, ``peak_rss_mib`` (CPU; None where the peak mark cannot be reset, and
+    on CUDA), ``peak_mib`` (CUDA: max allocated; CPU: = ``peak_rss_mib``), ``peak_base_mib`` (CUDA
+    only, else None).
+
+    Raises:
+        ValueError: an unusable option (the message names the CLI option: ``--device`` without
+            CUDA, ``--dtype``, the model shape, ``--ks``/``--shapes``/``--groups``/``--repeats``/
+            ``--warmup``/``--attn``).
     """
     import time
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from dftkern import DFTState
 
-    from .model import lm_head_params
-    from .objectives import Objective, ObjectiveConfig
+    from .model import PolicyWithLoss
 
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=max(p + n for p, n in shapes), tie_word_embeddings=True)
+    ks, shapes = _bench_cases(ks, shapes, groups, repeats, warmup, attn)
+    dev = bench_device(device)
+    autocast_dtype = _bench_autocast(dtype, dev)
+    cuda = dev.type == "cuda"
+    config = bench_config(preset=preset, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                          num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, vocab_size=vocab_size,
+                          max_length=max(p + n for p, n in shapes))
+    vocab_size = config.vocab_size
     config._attn_implementation = "sdpa" if attn == "prefix_sdpa" else attn
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[dev.index] if cuda else []):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).train()
+        if cuda:  # initialised in place on the GPU (a 2-layer Llama-3-8B-shaped model has 1.5e9 parameters)
+            with dev:
+                model = LlamaForCausalLM(config).train()
+        else:
+            model = LlamaForCausalLM(config).train()
     if attn == "prefix_sdpa":  # unshared batches still run plain SDPA
         use_prefix_sdpa(model)
-    weight, bias = lm_head_params(model)
-    objective = Objective(ObjectiveConfig(loss=loss))
+    objective = _bench_loss(loss)
+    wrapper = PolicyWithLoss(model, objective, autocast_dtype=autocast_dtype)
     gen = torch.Generator().manual_seed(seed)
     results = []
     for p, n in shapes:
@@ -752,30 +941,72 @@ def benchmark(*, ks: Sequence[int] = (2, 4, 8), shapes: Sequence[tuple[int, int]
             layouts = {"unshared": collate(examples, pad_token_id=0, packed=False, **needs),
                        "shared": collate_shared(examples, pad_token_id=0, **needs)}
             for name, batch in layouts.items():
+                labels = batch.loss_batch.labels if name == "shared" else batch.labels
+                trained = int((labels != -100).sum())
+                if cuda:
+                    batch = batch.to(dev)
+
                 def step():
-                    hidden, loss_batch = shared_forward(model, batch)
-                    value, _ = objective(hidden, weight, bias, loss_batch, state=DFTState(groups))
+                    value, _ = wrapper(batch, state=DFTState(groups, device=dev if cuda else None))
                     value.backward()
                     model.zero_grad(set_to_none=True)
 
-                step()  # warm-up
-                times, cpu_times, peak = [], [], None
+                for _ in range(warmup):
+                    step()
+                times, cpu_times, peak_rss, peak, base = [], [], None, None, None
+                if cuda:
+                    torch.cuda.synchronize(dev)
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    base = torch.cuda.memory_allocated(dev) / 2**20
                 for _ in range(repeats):
-                    can_reset = _peak_rss_reset()
-                    before = _rss_kib("VmRSS")
+                    if cuda:
+                        torch.cuda.synchronize(dev)
+                    else:
+                        can_reset = _peak_rss_reset()
+                        before = _rss_kib("VmRSS")
                     started, cpu_started = time.perf_counter(), time.process_time()
                     step()
+                    if cuda:
+                        torch.cuda.synchronize(dev)
                     times.append(time.perf_counter() - started)
                     cpu_times.append(time.process_time() - cpu_started)
-                    if can_reset:
+                    if not cuda and can_reset:
                         growth = (_rss_kib("VmHWM") - before) / 1024
-                        peak = growth if peak is None else max(peak, growth)
+                        peak_rss = growth if peak_rss is None else max(peak_rss, growth)
+                if cuda:
+                    peak = torch.cuda.max_memory_allocated(dev) / 2**20
+                else:
+                    peak = peak_rss
                 step_s, cpu_s = sorted(times)[len(times) // 2], sorted(cpu_times)[len(cpu_times) // 2]
                 backbone = batch.backbone_tokens if name == "shared" else batch.num_tokens
-                results.append(dict(P=p, L=n, K=k, layout=name, row_tokens=batch.num_tokens,
-                                    backbone_tokens=backbone, step_s=step_s, cpu_s=cpu_s,
-                                    row_tokens_per_cpu_s=batch.num_tokens / cpu_s, peak_rss_mib=peak))
+                result = dict(P=p, L=n, K=k, layout=name, row_tokens=batch.num_tokens, backbone_tokens=backbone,
+                              step_s=step_s, cpu_s=cpu_s, row_tokens_per_cpu_s=batch.num_tokens / cpu_s,
+                              peak_rss_mib=peak_rss, groups=groups, device=str(dev), dtype=dtype,
+                              trained_tokens=trained, clock="cuda_synchronized_wall" if cuda else "process_cpu",
+                              tokens_per_s=trained / (step_s if cuda else cpu_s), peak_mib=peak, peak_base_mib=base)
+                results.append(result)
+                if progress is not None:
+                    progress(result)
     return results
+
+
+def _bench_cases_table(results: list[dict]) -> list[dict]:
+    """One dict per (P, L, K) with both layouts side by side and ``ratio`` = shared / unshared tokens per second."""
+    by_case: dict = {}
+    for r in results:
+        by_case.setdefault((r["P"], r["L"], r["K"]), {})[r["layout"]] = r
+    cases = []
+    for (p, n, k), case in by_case.items():
+        u, s = case.get("unshared"), case.get("shared")
+        if u is None or s is None:  # an interrupted run (partial JSON)
+            continue
+        cases.append(dict(P=p, L=n, K=k, trained_tokens=u["trained_tokens"], row_tokens=u["row_tokens"],
+                          unshared_backbone_tokens=u["backbone_tokens"], shared_backbone_tokens=s["backbone_tokens"],
+                          unshared_step_s=u["step_s"], shared_step_s=s["step_s"],
+                          unshared_tokens_per_s=u["tokens_per_s"], shared_tokens_per_s=s["tokens_per_s"],
+                          ratio=s["tokens_per_s"] / u["tokens_per_s"], unshared_peak_mib=u["peak_mib"],
+                          shared_peak_mib=s["peak_mib"]))
+    return cases
 
 
 def _format_benchmark(results: list[dict]) -> str:
@@ -799,24 +1030,81 @@ def _format_benchmark(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _format_device_benchmark(results: list[dict]) -> str:
+    """The CUDA table: trained tokens per second shared and unshared, their ratio, peak allocated memory."""
+    lines = ["| P/L | K | trained tokens | backbone tokens unshared / shared | unshared ms/step | shared ms/step | "
+             "unshared tok/s | shared tok/s | ratio (shared/unshared) | unshared peak MiB | shared peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in _bench_cases_table(results):
+        lines.append(f"| {c['P']}/{c['L']} | {c['K']} | {c['trained_tokens']} | {c['unshared_backbone_tokens']} / "
+                     f"{c['shared_backbone_tokens']} | {1e3 * c['unshared_step_s']:.1f} | "
+                     f"{1e3 * c['shared_step_s']:.1f} | {c['unshared_tokens_per_s']:.0f} | "
+                     f"{c['shared_tokens_per_s']:.0f} | {c['ratio']:.2f}x | {c['unshared_peak_mib']:.0f} | "
+                     f"{c['shared_peak_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def _bench_precision(dtype: str) -> str:
+    if dtype == "bf16":
+        return ("bf16 autocast over float32 master weights, hidden states and LM head cast to bf16 for the fused "
+                "loss (the trainer's --precision bf16, and --precision auto on CUDA)")
+    return "float32 weights and compute, no autocast (the trainer's --precision fp32, and auto on CPU)"
+
+
+def _bench_parameters(config) -> int:
+    """Parameter count of the benchmark model (built on the meta device: nothing allocated)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+
+
+def _write_json(path: str, report: dict) -> None:
+    import json
+    import os
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(report, fh, indent=1)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
 def _main(argv: Sequence[str] | None = None) -> None:
     import argparse
+    import sys
 
     parser = argparse.ArgumentParser(prog="python -m dftkern.train.prefix_sharing",
-                                     description="Prefix sharing: CPU benchmark and mask picture.")
+                                     description="Prefix sharing: shared vs unshared training-step benchmark "
+                                                 "(CPU or CUDA) and the mask picture.")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="backbone + loss step, shared vs unshared (markdown table)")
+    bench = sub.add_parser("bench", help="backbone + loss step, shared vs unshared (markdown table, optional JSON)")
     bench.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8])
     bench.add_argument("--shapes", nargs="+", default=["128/128", "256/64"], help="PROMPT/RESPONSE lengths")
     bench.add_argument("--groups", type=int, default=2)
-    bench.add_argument("--hidden-size", type=int, default=128)
-    bench.add_argument("--layers", type=int, default=4)
-    bench.add_argument("--vocab", type=int, default=1024)
-    bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--attn", default="prefix_sdpa", choices=["prefix_sdpa", "sdpa", "eager"],
+    bench.add_argument("--preset", choices=sorted(BENCH_PRESETS), default=None,
+                       help="llama3-8b-layers: hidden 4096, 32 heads, 8 KV heads, MLP 14336, vocabulary 128256, "
+                            "RoPE base 500000, untied head, 2 layers; the shape options below override it")
+    bench.add_argument("--hidden", "--hidden-size", dest="hidden_size", type=int, default=None,
+                       help="hidden size (default 128, or the preset's)")
+    bench.add_argument("--layers", type=int, default=None, help="decoder layers (default 4, or the preset's)")
+    bench.add_argument("--heads", type=int, default=None, help="attention heads (default 4, or the preset's)")
+    bench.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads, or the preset's)")
+    bench.add_argument("--intermediate-size", type=int, default=None,
+                       help="MLP size (default 4 x --hidden, or the preset's)")
+    bench.add_argument("--vocab", type=int, default=None, help="vocabulary (default 1024, or the preset's)")
+    bench.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    bench.add_argument("--dtype", default="fp32", choices=sorted(_BENCH_DTYPES),
+                       help="fp32 (default) or bf16 = the trainer's bf16 autocast over float32 master weights")
+    bench.add_argument("--repeats", type=int, default=3, help="timed steps per case and layout (median)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed steps before them (default 1)")
+    bench.add_argument("--attn", default="prefix_sdpa", choices=list(_BENCH_ATTN),
                        help="prefix_sdpa: block-wise kernel; sdpa/eager: dense shared mask (default: prefix_sdpa)")
     bench.add_argument("--loss", default="dft2")
     bench.add_argument("--threads", type=int, default=1)
+    bench.add_argument("--json", default=None, metavar="PATH",
+                       help="also write the results as JSON (rewritten after every measurement; 'complete' is "
+                            "false until the run ends)")
     mask = sub.add_parser("mask", help="print the mask of a small example")
     mask.add_argument("--prompt", type=int, default=3)
     mask.add_argument("--responses", type=int, nargs="+", default=[2, 3, 2])
@@ -826,20 +1114,100 @@ def _main(argv: Sequence[str] | None = None) -> None:
         rows = [Row(tuple(range(p + n)), p) for n in args.responses]
         print(mask_picture(collate_shared([TrainExample(0, "example", rows)], pad_token_id=0)))
         return
-    torch.set_num_threads(args.threads)
+
+    def fail(message: str):
+        parser.exit(2, f"{parser.prog} bench: error: {message}\n")
+
     shapes = []
     for text in args.shapes:
         p, _, n = text.partition("/")
-        shapes.append((int(p), int(n)))
-    results = benchmark(ks=args.ks, shapes=shapes, groups=args.groups, hidden_size=args.hidden_size,
-                        num_layers=args.layers, vocab_size=args.vocab, repeats=args.repeats, attn=args.attn,
-                        loss=args.loss)
-    print(_format_benchmark(results))
-    print(f"(torch {torch.__version__}, {torch.get_num_threads()} thread(s), attn={args.attn}, loss={args.loss}, "
-          f"{args.groups} groups, hidden {args.hidden_size} x {args.layers} layers, vocab {args.vocab}; "
-          f"row tok/CPU-s = tokens of the unshared rows per second of CPU time)")
+        try:
+            shapes.append((int(p), int(n)))
+        except ValueError:
+            fail(f"--shapes {text!r}: expected PROMPT/RESPONSE, e.g. 512/512")
+    if args.threads < 1:
+        fail(f"--threads must be an integer >= 1, got {args.threads}")
+    shape = dict(preset=args.preset, hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
+                 num_kv_heads=args.kv_heads, intermediate_size=args.intermediate_size, vocab_size=args.vocab)
+    try:  # every option checked before anything is built or timed
+        _bench_cases(args.ks, shapes, args.groups, args.repeats, args.warmup, args.attn)
+        dev = bench_device(args.device)
+        _bench_autocast(args.dtype, dev)
+        config = bench_config(**shape, max_length=max(p + n for p, n in shapes))
+        from .objectives import ObjectiveConfig
+
+        try:
+            ObjectiveConfig(loss=args.loss)
+        except ValueError as err:
+            raise ValueError(f"--loss: {err}") from err
+        _bench_loss(args.loss)
+    except ValueError as err:
+        fail(str(err).splitlines()[0] if str(err) else repr(err))
+    if args.json is not None:
+        import os
+
+        if os.path.isdir(args.json):
+            fail(f"--json {args.json}: is a directory")
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    torch.set_num_threads(args.threads)
+    cuda = dev.type == "cuda"
+    import transformers
+
+    meta = dict(command=["python", "-m", "dftkern.train.prefix_sharing",
+                         *(sys.argv[1:] if argv is None else list(argv))],
+                device=str(dev), device_name=torch.cuda.get_device_name(dev) if cuda else "cpu",
+                dtype=args.dtype, precision=_bench_precision(args.dtype), attn=args.attn, loss=args.loss,
+                groups=args.groups, repeats=args.repeats, warmup=args.warmup, threads=torch.get_num_threads(),
+                preset=args.preset,
+                model=dict(family="llama (random init)", **{f: getattr(config, f) for f in (
+                    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "intermediate_size", "vocab_size", "tie_word_embeddings")},
+                    rope_theta=_rope_theta(config), parameters=_bench_parameters(config)),
+                clock=("CUDA-synchronized wall clock" if cuda else "process CPU time") + f", median of "
+                      f"{args.repeats} step(s) after {args.warmup} warm-up step(s)",
+                tokens="trained_tokens = response tokens carrying a label (groups x (1 + K) x L), the same in both "
+                       "layouts; tokens_per_s = trained_tokens per second of that clock",
+                memory="torch.cuda.max_memory_allocated over the timed steps (weights included), reset per case "
+                       "and layout" if cuda else "growth of the resident set's peak over a step (VmHWM - VmRSS)",
+                torch=torch.__version__, cuda=torch.version.cuda, transformers=transformers.__version__,
+                tf32_matmul=torch.backends.cuda.matmul.allow_tf32 if cuda else None)
+    results: list[dict] = []
+
+    def progress(result: dict) -> None:
+        results.append(result)
+        print(f"  P/L {result['P']}/{result['L']} K {result['K']} {result['layout']}: {result['step_s']:.4f} s/step, "
+              f"{result['tokens_per_s']:.0f} trained tok/s", file=sys.stderr, flush=True)
+        if args.json is not None:
+            _write_json(args.json, dict(meta=meta, complete=False, results=results,
+                                        cases=_bench_cases_table(results)))
+
+    benchmark(ks=args.ks, shapes=shapes, groups=args.groups, repeats=args.repeats, attn=args.attn, loss=args.loss,
+              device=dev, dtype=args.dtype, warmup=args.warmup, progress=progress, **shape)
+    if args.json is not None:
+        _write_json(args.json, dict(meta=meta, complete=True, results=results, cases=_bench_cases_table(results)))
+    m = meta["model"]
+    model_text = (f"Llama hidden {m['hidden_size']}, {m['num_attention_heads']} heads / {m['num_key_value_heads']} "
+                  f"KV heads, MLP {m['intermediate_size']}, vocab {m['vocab_size']} x {m['num_hidden_layers']} "
+                  f"layers ({m['parameters']:,} parameters)")
+    if cuda:
+        print(_format_device_benchmark(results))
+        print(f"(torch {torch.__version__}, {meta['device_name']}, {meta['precision']}; attn={args.attn}, "
+              f"loss={args.loss}, {args.groups} groups; {model_text}; tok/s = trained response tokens (those carrying "
+              f"a label) per second, {meta['clock']}; peak = torch.cuda.max_memory_allocated, weights included)")
+    else:
+        print(_format_benchmark(results))
+        print(f"(torch {torch.__version__}, {torch.get_num_threads()} thread(s), attn={args.attn}, loss={args.loss}, "
+              f"{args.groups} groups, hidden {m['hidden_size']} x {m['num_hidden_layers']} layers, vocab "
+              f"{m['vocab_size']}; row tok/CPU-s = tokens of the unshared rows per second of CPU time)")
+        if args.dtype != "fp32" or args.preset is not None or any(
+                v is not None for v in (args.heads, args.kv_heads, args.intermediate_size)):
+            print(f"({model_text}; {meta['precision']})")
 
 
 if __name__ == "__main__":
-    _main()
+    # run the package's copy of this module: under ``python -m`` this file is also imported as
+    # dftkern.train.prefix_sharing (by dftkern.train), and the trainer pieces the benchmark calls
+    # (PolicyWithLoss -> shared_forward) check batches against that copy's SharedPromptBatch
+    from dftkern.train.prefix_sharing import _main as _package_main
 
+    _package_main()

@@ -470,3 +470,192 @@ def test_wrong_mask_would_be_caught():
     loss, grads = loss_and_grads(model, objective, batch, num_examples=len(examples))
     assert float((loss - ref_loss).abs()) / float(ref_loss.abs()) > 10 * LOSS_RTOL
     assert max_rel_diff(grads, ref_grads) > 100 * GRAD_RTOL
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark: model presets, options, JSON
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bench_preset_is_llama3_8b_layer_shapes_without_allocating():
+    from transformers import LlamaConfig
+
+    from dftkern.train.prefix_sharing import _bench_parameters, _rope_theta, bench_config
+
+    config = bench_config(preset="llama3-8b-layers", max_length=1280)
+    assert isinstance(config, LlamaConfig)
+    assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size,
+            config.vocab_size, config.num_hidden_layers) == (4096, 32, 8, 14336, 128256, 2)
+    assert _rope_theta(config) == 500000.0 and config.tie_word_embeddings is False
+    assert config.max_position_embeddings == 8192 and config.head_dim == 128
+    # parameters counted on the meta device (nothing allocated): per layer q, o [4096, 4096], k, v [1024, 4096],
+    # gate, up, down 4096 x 14336, two norms; untied embedding and head; final norm
+    h, kv, m, v = 4096, 8 * 128, 14336, 128256
+    per_layer = 2 * h * h + 2 * kv * h + 3 * h * m + 2 * h
+    assert _bench_parameters(config) == 2 * per_layer + 2 * v * h + h
+    deeper = bench_config(preset="llama3-8b-layers", num_layers=4, max_length=9000)
+    assert deeper.num_hidden_layers == 4 and deeper.hidden_size == 4096 and deeper.max_position_embeddings == 9000
+    # a small override of the preset builds and runs on the CPU: its GQA ratio and RoPE base are kept
+    small = bench_config(preset="llama3-8b-layers", hidden_size=64, intermediate_size=96, vocab_size=50, num_layers=1)
+    assert (small.num_attention_heads, small.num_key_value_heads, small.head_dim) == (32, 8, 2)
+    assert _rope_theta(small) == 500000.0
+
+
+def test_bench_default_model_is_the_one_the_cpu_numbers_were_measured_on():
+    """Without a preset the benchmark's config is exactly the LlamaConfig it always hard-coded."""
+    from transformers import LlamaConfig
+
+    from dftkern.train.prefix_sharing import bench_config
+
+    old = LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=4 * 128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1280,
+                      tie_word_embeddings=True)
+    assert bench_config(max_length=1280).to_dict() == old.to_dict()
+    old_small = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=9,
+                            tie_word_embeddings=True)
+    assert bench_config(hidden_size=16, num_layers=1, vocab_size=32, max_length=9).to_dict() == old_small.to_dict()
+
+
+@pytest.mark.parametrize("attn", ["prefix_sdpa", "sdpa"])
+def test_bench_step_equals_the_direct_cpu_step(attn):
+    """The benchmark's step (the trainer's PolicyWithLoss, fp32) computes bit for bit what the CPU benchmark's
+    direct shared_forward + Objective step computed: same loss, same gradients, both layouts."""
+    from transformers import LlamaForCausalLM
+
+    from dftkern.train.model import PolicyWithLoss
+    from dftkern.train.prefix_sharing import bench_config
+
+    config = bench_config(hidden_size=32, num_layers=2, vocab_size=VOCAB, max_length=16)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).train()
+    if attn == "prefix_sdpa":
+        use_prefix_sdpa(model)
+    objective = Objective(ObjectiveConfig(loss="dft2"))
+    examples = make_examples()
+    for batch in (collate(examples, pad_token_id=0, packed=False), collate_shared(examples, pad_token_id=0)):
+        hidden, loss_batch = shared_forward(model, batch)
+        weight, bias = lm_head_params(model)
+        direct, _ = objective(hidden, weight, bias, loss_batch, state=DFTState(len(examples)))
+        direct.backward()
+        direct_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        wrapped, _ = PolicyWithLoss(model, objective)(batch, state=DFTState(len(examples)))
+        wrapped.backward()
+        assert torch.equal(wrapped, direct)
+        for name, param in model.named_parameters():
+            assert torch.equal(param.grad, direct_grads[name]), name
+        model.zero_grad(set_to_none=True)
+
+
+def _bench_error(capsys, argv) -> str:
+    from dftkern.train.prefix_sharing import _main
+
+    with pytest.raises(SystemExit) as exit_info:
+        _main(["bench", *argv])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def test_bench_option_errors(capsys, monkeypatch, tmp_path):
+    tiny = ["--ks", "2", "--shapes", "6/3", "--hidden", "16", "--layers", "1", "--vocab", "32", "--repeats", "1"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0"):
+        err = _bench_error(capsys, [*tiny, "--device", device])
+        assert len(err) == 1 and err[0].startswith("python -m dftkern.train.prefix_sharing bench: error: --device "
+                                                   f"{device}: CUDA is not available"), err
+    err = _bench_error(capsys, [*tiny, "--device", "tpu"])
+    assert len(err) == 1 and "--device 'tpu'" in err[0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    err = _bench_error(capsys, [*tiny, "--device", "cuda:3"])
+    assert len(err) == 1 and "--device cuda:3: only 1 CUDA device(s) visible" in err[0]
+    cases = {
+        ("--heads", "3"): "--heads 3 does not divide --hidden 16",
+        ("--heads", "2", "--kv-heads", "4"): "--kv-heads 4 does not divide --heads 2",
+        ("--hidden", "12", "--heads", "4"): "head dimension 3, which must be even",
+        ("--vocab", "3"): "--vocab must be at least 4",
+        ("--layers", "0"): "--layers must be a positive integer",
+        ("--shapes", "6x3"): "--shapes '6x3': expected PROMPT/RESPONSE",
+        ("--shapes", "0/3"): "--shapes prompt length must be an integer >= 1",
+        ("--ks", "0"): "--ks must be an integer >= 1",
+        ("--warmup", "-1"): "--warmup must be an integer >= 0",
+        ("--loss", "grpo"): "--loss grpo: policy losses need",
+        ("--loss", "nope"): "--loss: loss must be one of",
+        ("--json", str(tmp_path)): f"--json {tmp_path}: is a directory",
+        ("--preset", "llama3-8b-layers", "--heads", "5"): "--heads 5 does not divide --hidden 16",  # --hidden wins
+    }
+    for extra, expected in cases.items():
+        err = _bench_error(capsys, [*tiny, *extra])
+        assert len(err) == 1 and expected in err[0], (extra, err)
+    for extra in (["--dtype", "fp16"], ["--preset", "llama3-70b"]):  # argparse choices: usage + the error line
+        err = _bench_error(capsys, [*tiny, *extra])
+        assert extra[0] in err[-1] and extra[1] in err[-1], err
+
+
+def test_bench_json_schema_on_a_tiny_cpu_run(tmp_path, capsys):
+    import json
+
+    from dftkern.train.prefix_sharing import _format_device_benchmark, _main
+
+    path = tmp_path / "sub" / "prefix.json"  # missing folders are created
+    _main(["bench", "--ks", "2", "--shapes", "6/3", "--hidden", "16", "--layers", "1", "--vocab", "32",
+           "--repeats", "2", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("| P/L | K | row tokens |") and "| 6/3 | 2 | 54 | 30 |" in out
+    report = json.loads(path.read_text())
+    assert set(report) == {"meta", "complete", "results", "cases"} and report["complete"] is True
+    meta = report["meta"]
+    assert meta["device"] == "cpu" and meta["dtype"] == "fp32" and meta["groups"] == 2 and meta["repeats"] == 2
+    assert meta["warmup"] == 1 and meta["attn"] == "prefix_sdpa" and meta["loss"] == "dft2"
+    assert meta["command"][3:5] == ["bench", "--ks"]
+    assert meta["model"]["hidden_size"] == 16 and meta["model"]["num_key_value_heads"] == 4
+    assert meta["model"]["parameters"] == 32 * 16 + (4 * 16 * 16 + 3 * 16 * 64 + 2 * 16) + 16  # tied head
+    results = report["results"]
+    assert [(r["P"], r["L"], r["K"], r["layout"]) for r in results] == [(6, 3, 2, "unshared"), (6, 3, 2, "shared")]
+    unshared, shared = results
+    for r in results:
+        assert r["trained_tokens"] == 2 * (1 + 2) * 3  # groups x (1 + K) x L response tokens with a label
+        assert r["clock"] == "process_cpu" and r["device"] == "cpu" and r["peak_base_mib"] is None
+        assert r["tokens_per_s"] == pytest.approx(r["trained_tokens"] / r["cpu_s"])
+        assert r["peak_mib"] == r["peak_rss_mib"]
+    assert unshared["backbone_tokens"] == unshared["row_tokens"] == 54 and shared["backbone_tokens"] == 30
+    (case,) = report["cases"]
+    assert case["ratio"] == pytest.approx(shared["tokens_per_s"] / unshared["tokens_per_s"])
+    assert case["ratio"] == pytest.approx(unshared["cpu_s"] / shared["cpu_s"])
+    assert (case["unshared_backbone_tokens"], case["shared_backbone_tokens"], case["trained_tokens"]) == (54, 30, 18)
+    # the CUDA table (printed for --device cuda) reads the same cases
+    header, _, row = _format_device_benchmark(results).splitlines()
+    assert "unshared tok/s" in header and "ratio (shared/unshared)" in header
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:4] == ["6/3", "2", "18", "54 / 30"]
+    assert cells[6:9] == [f"{unshared['tokens_per_s']:.0f}", f"{shared['tokens_per_s']:.0f}", f"{case['ratio']:.2f}x"]
+
+
+def test_bench_bf16_autocast_and_preset_override_run_on_cpu():
+    """The bf16 path is the trainer's autocast (float32 weights stay float32); a shrunk preset runs."""
+    from dftkern.train.prefix_sharing import benchmark
+
+    results = benchmark(ks=(2,), shapes=((4, 2),), groups=1, repeats=1, warmup=0, dtype="bf16",
+                        preset="llama3-8b-layers", hidden_size=64, intermediate_size=96, vocab_size=50, num_layers=1)
+    assert [r["layout"] for r in results] == ["unshared", "shared"]
+    assert all(r["dtype"] == "bf16" and r["trained_tokens"] == 3 * 2 for r in results)
+
+
+def test_gpu_run_script_prefix_step_parses(capsys, monkeypatch):
+    """benchmarks/gpu_run.sh's prefix-sharing command: every option is accepted and checked; without CUDA only
+    --device is refused (before any model is built)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    script = (Path(__file__).parents[2] / "benchmarks" / "gpu_run.sh").read_text()
+    command = re.search(r'-m dftkern\.train\.prefix_sharing (bench .*?) >"\$OUT', script, re.S).group(1)
+    argv = shlex.split(command.replace("\\\n", " ").replace('"$OUT/', '"/nonexistent-out/'))
+    assert argv[:3] == ["bench", "--device", "cuda"] and "--preset" in argv and "--json" in argv
+    assert argv[argv.index("--ks") + 1:argv.index("--shapes")] == ["2", "4", "8"]
+    assert argv[argv.index("--shapes") + 1:argv.index("--shapes") + 3] == ["512/512", "1024/256"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _bench_error(capsys, argv[1:])
+    assert len(err) == 1 and "error: --device cuda: CUDA is not available" in err[0]
