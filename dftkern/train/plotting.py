@@ -1,11 +1,14 @@
 """Figures and result tables shared by the trainer and the experiments.
 
 * the trainer's curves: ``metrics.jsonl`` -> one PNG (:func:`plot_metrics`);
-* building blocks the experiments (``dftkern.experiments.bandit``, ``.length_study``) draw with:
+* building blocks the experiments (``dftkern.experiments.bandit``, ``.length_study``, ``.dft_study``) draw with:
   :func:`pyplot` (matplotlib on the Agg backend, no display needed), :func:`subplot_grid`,
   :func:`plot_mean_band`, :func:`save_figure`;
-* numbers over seeds: :func:`mean_sd`, :func:`format_mean_sd`, :func:`paired_difference` (paired
-  t-test, exact Student-t tail), and :func:`markdown_table`.
+* numbers over seeds (plain float64 Python, no SciPy): :func:`mean_sd`, :func:`format_mean_sd`,
+  :func:`paired_difference` (paired t-test, optionally with a confidence interval), :func:`sign_test`
+  (exact binomial), Student's t by :func:`student_t_two_sided_p` / :func:`student_t_quantile` on
+  :func:`regularized_incomplete_beta`, and :func:`markdown_table`. Every experiment
+  (``bandit``, ``length_study``, ``dft_study``) takes its statistics from here.
 
 matplotlib is imported only when a figure is drawn (it is part of the ``train`` extra).
 """
@@ -15,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,8 +31,11 @@ __all__ = [
     "save_figure",
     "mean_sd",
     "format_mean_sd",
+    "regularized_incomplete_beta",
     "student_t_two_sided_p",
+    "student_t_quantile",
     "paired_difference",
+    "sign_test",
     "markdown_table",
 ]
 
@@ -184,9 +189,16 @@ def _floats(values, what: str) -> list[float]:
 
 
 def mean_sd(values) -> tuple[float, float]:
-    """Mean and sample standard deviation (``n - 1`` in the denominator; 0.0 for one value)."""
+    """Mean and sample standard deviation (``n - 1`` in the denominator; 0.0 for one value).
+
+    float64: ``mean = fsum(v) / n``, ``sd = sqrt(fsum((v - mean)^2) / (n - 1))`` (``math.fsum``: exactly
+    rounded sums).
+    """
     values = _floats(values, "values")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    mean = math.fsum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def format_mean_sd(values, digits: int = 3, *, signed: bool = False) -> str:
@@ -198,61 +210,150 @@ def format_mean_sd(values, digits: int = 3, *, signed: bool = False) -> str:
     return text if len(values) == 1 else f"{text} ± {sd:.{digits}f}"
 
 
+def regularized_incomplete_beta(x: float, a: float, b: float) -> float:
+    """``I_x(a, b) = B(x; a, b) / B(a, b)`` for ``0 <= x <= 1`` and ``a, b > 0`` (float64, ~1e-14 relative).
+
+    The continued fraction of DLMF 8.17.22, evaluated with the modified Lentz method; above
+    ``x = (a + 1) / (a + b + 2)``, where it converges slowly, through ``I_x(a, b) = 1 - I_{1-x}(b, a)``.
+    """
+    if not (a > 0 and b > 0):
+        raise ValueError(f"a and b must be > 0, got a={a}, b={b}")
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"x must be in [0, 1], got {x}")
+    if x == 0.0 or x == 1.0:
+        return x
+    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast only below this point
+        return 1.0 - regularized_incomplete_beta(1.0 - x, b, a)
+    log_front = a * math.log(x) + b * math.log1p(-x) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    return math.exp(log_front) / a * _lentz(x, a, b)
+
+
+def _lentz(x: float, a: float, b: float) -> float:
+    """``1 / (1 + d1/(1 + d2/(1 + ...)))`` with DLMF 8.17.22's coefficients, by the modified Lentz method."""
+    tiny, eps = 1e-300, 1e-16
+    # evaluate the fraction b0 + a1/(b1 + a2/(b2 + ...)) with b0 = 0, a1 = 1, b_n = 1, a_{n+1} = d_n
+    f = tiny
+    c, d = f, 0.0
+    for n in range(1, 20_000):
+        if n == 1:
+            coef = 1.0
+        else:
+            k = n - 1  # d_k
+            m = k // 2
+            if k % 2:  # d_{2m+1}
+                coef = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+            else:      # d_{2m}
+                coef = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        d = 1.0 + coef * d
+        d = tiny if abs(d) < tiny else d
+        c = 1.0 + coef / c
+        c = tiny if abs(c) < tiny else c
+        d = 1.0 / d
+        delta = c * d
+        f *= delta
+        if n > 1 and abs(delta - 1.0) < eps:
+            return f
+    raise ArithmeticError(f"incomplete beta continued fraction did not converge (x={x}, a={a}, b={b})")
+
+
+def _check_df(df) -> None:
+    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
+        raise ValueError(f"df must be an integer >= 1, got {df!r}")
+
+
 def student_t_two_sided_p(t: float, df: int) -> float:
     """``P(|T| >= |t|)`` for Student's t with integer ``df >= 1`` degrees of freedom.
 
-    Uses the closed forms for integer ``df`` (Abramowitz & Stegun 26.7.3-26.7.4): with
-    ``theta = atan(|t| / sqrt(df))`` and ``c = cos(theta)^2``, ``P(|T| < |t|)`` is
-    ``sin(theta) * sum_{k=0}^{(df-2)/2} c^k prod_{i=1}^k (2i-1)/(2i)`` for even ``df`` and
-    ``(2/pi) (theta + sin(theta) cos(theta) sum_{k=0}^{(df-3)/2} c^k prod_{i=1}^k (2i)/(2i+1))``
-    for odd ``df`` (just ``2 theta / pi`` for ``df = 1``).
+    ``= I_{df/(df+t^2)}(df/2, 1/2)`` (:func:`regularized_incomplete_beta`); 1.0 at ``t = 0``, 0.0 at ``|t| = inf``.
     """
-    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
-        raise ValueError(f"df must be an integer >= 1, got {df!r}")
+    _check_df(df)
     if math.isnan(t):
         raise ValueError("t is NaN")
     if math.isinf(t):
         return 0.0
-    theta = math.atan(abs(t) / math.sqrt(df))
-    c = math.cos(theta) ** 2
-    if df % 2 == 0:
-        term, total = 1.0, 1.0
-        for k in range(1, (df - 2) // 2 + 1):
-            term *= c * (2 * k - 1) / (2 * k)
-            total += term
-        inside = math.sin(theta) * total
-    else:
-        total = 0.0
-        if df > 1:
-            term, total = 1.0, 1.0
-            for k in range(1, (df - 3) // 2 + 1):
-                term *= c * (2 * k) / (2 * k + 1)
-                total += term
-        inside = 2.0 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
-    return min(1.0, max(0.0, 1.0 - inside))
+    return regularized_incomplete_beta(df / (df + t * t), df / 2.0, 0.5)
 
 
-def paired_difference(a, b) -> dict:
-    """Paired comparison of ``a[i]`` and ``b[i]`` (e.g. two methods on the same seeds).
+def student_t_quantile(p: float, df: int) -> float:
+    """``q`` with ``P(T <= q) = p`` (``0 < p < 1``) for Student's t with integer ``df >= 1``: bisection
+    on :func:`student_t_two_sided_p` to ``1e-12`` relative in ``q``."""
+    _check_df(df)
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1), got {p}")
+    if p == 0.5:
+        return 0.0
+    tail = 2.0 * min(p, 1.0 - p)  # two-sided tail of |q|
+    lo, hi = 0.0, 1.0
+    while student_t_two_sided_p(hi, df) > tail:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if student_t_two_sided_p(mid, df) > tail:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    q = 0.5 * (lo + hi)
+    return q if p > 0.5 else -q
 
-    Returns:
-        ``{"n", "mean", "sd", "wins"}`` of ``d = a - b`` (``wins``: how many ``d > 0``), plus ``"t"``
-        and the two-sided paired t-test ``"p"`` (both ``None`` when ``n < 2``; a non-zero mean with
-        zero spread gives ``t = None, p = 0``; all differences 0 give ``t = 0, p = 1``).
-    """
+
+def _paired_diffs(a, b) -> list[float]:
     a, b = _floats(a, "a"), _floats(b, "b")
     if len(a) != len(b):
         raise ValueError(f"a and b must pair up (same length), got {len(a)} and {len(b)}")
-    diffs = [x - y for x, y in zip(a, b)]
+    return [x - y for x, y in zip(a, b)]
+
+
+def paired_difference(a, b, *, confidence: float | None = None) -> dict:
+    """Paired comparison of ``a[i]`` and ``b[i]`` (e.g. two methods on the same seeds).
+
+    Args:
+        confidence: when given (e.g. ``0.95``), also the two-sided t confidence interval of the mean
+            difference, ``mean ± t_{(1+confidence)/2, n-1} * sd / sqrt(n)``.
+    Returns:
+        ``{"n", "mean", "sd", "wins"}`` of ``d = a - b`` (``wins``: how many ``d > 0``), plus ``"t"``
+        and the two-sided paired t-test ``"p"`` (both ``None`` when ``n < 2``; a non-zero mean with
+        zero spread gives ``t = None, p = 0``; all differences 0 give ``t = 0, p = 1``); with
+        ``confidence``, ``"ci": [low, high]`` (``None`` when ``n < 2``; ``[mean, mean]`` at zero spread).
+    """
+    if confidence is not None and not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    diffs = _paired_diffs(a, b)
+    n = len(diffs)
     mean, sd = mean_sd(diffs)
-    out = {"n": len(diffs), "mean": mean, "sd": sd, "wins": sum(d > 0 for d in diffs), "t": None, "p": None}
-    if len(diffs) > 1:
+    out = {"n": n, "mean": mean, "sd": sd, "wins": sum(d > 0 for d in diffs), "t": None, "p": None}
+    ci = None
+    if n > 1:
         if sd == 0.0:
             out["t"], out["p"] = (0.0, 1.0) if mean == 0.0 else (None, 0.0)
+            ci = [mean, mean]
         else:
-            out["t"] = mean / (sd / math.sqrt(len(diffs)))
-            out["p"] = student_t_two_sided_p(out["t"], len(diffs) - 1)
+            se = sd / math.sqrt(n)
+            out["t"] = mean / se
+            out["p"] = student_t_two_sided_p(out["t"], n - 1)
+            if confidence is not None:
+                half = student_t_quantile(0.5 + confidence / 2.0, n - 1) * se
+                ci = [mean - half, mean + half]
+    if confidence is not None:
+        out["ci"] = ci
     return out
+
+
+def sign_test(a, b) -> dict:
+    """Exact two-sided sign test of ``d = a - b`` (ties dropped).
+
+    Returns:
+        ``{"n_pos", "n_neg", "n_ties", "p"}``: ``p = min(1, 2 P(X <= min(n_pos, n_neg)))`` with
+        ``X ~ Binomial(n_pos + n_neg, 1/2)``; 1.0 when every pair is a tie.
+    """
+    diffs = _paired_diffs(a, b)
+    pos, neg = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    n = pos + neg
+    if n == 0:
+        return {"n_pos": 0, "n_neg": 0, "n_ties": len(diffs), "p": 1.0}
+    tail = sum(math.comb(n, i) for i in range(min(pos, neg) + 1)) / 2.0 ** n
+    return {"n_pos": pos, "n_neg": neg, "n_ties": len(diffs) - n, "p": min(1.0, 2.0 * tail)}
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

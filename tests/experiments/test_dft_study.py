@@ -2,7 +2,10 @@
 
 * statistics: the incomplete beta and Student-t tails against float64 references (closed forms for
   df = 1, 2, a quadrature of the density, mpmath when installed), the paired t-test and the sign test
-  against their definitions;
+  against their definitions; they are the shared ones of ``dftkern.train.plotting``, and recomputing
+  the committed ``docs/dft_study/results.json`` statistics (and ``results.md``) from its per-seed
+  numbers reproduces them bit for bit;
+* execution settings (device, threads, progress output) reach the study's configuration and workers;
 * negatives: per-epoch rotation is fresh while the pool lasts, wraps deterministically, the filter
   drops exactly the correct / equal-to-positive samples and falls back (counted) when nothing is left;
 * splits are disjoint and reproducible; the lr is selected on validation only;
@@ -25,7 +28,8 @@ import pytest
 import torch
 
 from dftkern.experiments.dft_study import protocol, stats, study
-from dftkern.experiments.dft_study.config import ABLATIONS, ARMS, METHODS, StudyConfig
+from dftkern.experiments.dft_study.config import ABLATIONS, ARMS, METHODS, StudyConfig, resolve_study_device
+from dftkern.train import plotting
 from dftkern.train.data import PromptRecord, SampleRecord
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -136,6 +140,46 @@ def test_mean_sd():
                                                                             + (4 - 7 / 3) ** 2) / 2))
 
 
+def test_study_statistics_are_the_shared_ones():
+    """One implementation: the study's names are :mod:`dftkern.train.plotting`'s functions."""
+    assert stats.mean_sd is plotting.mean_sd and study.mean_sd is plotting.mean_sd
+    assert stats.regularized_incomplete_beta is plotting.regularized_incomplete_beta
+    assert stats.t_two_sided_p is plotting.student_t_two_sided_p
+    assert stats.t_quantile is plotting.student_t_quantile
+    a, b = [0.61, 0.70, 0.55, 0.66, 0.72], [0.48, 0.62, 0.57, 0.50, 0.61]
+    shared = plotting.paired_difference(b, a, confidence=0.95)
+    test = stats.paired_t_test(a, b)
+    assert (test["mean_diff"], test["sd_diff"], test["t"], test["p"], test["ci95"]) == \
+        (shared["mean"], shared["sd"], shared["t"], shared["p"], shared["ci"])
+    assert stats.sign_test(a, b) == plotting.sign_test(b, a)
+
+
+_COMMITTED = REPO_ROOT / "docs" / "dft_study"
+
+
+def test_committed_statistics_are_reproduced_bit_for_bit():
+    """Every statistic in the committed results.json, recomputed from its per-seed numbers, is the same
+    float; results.md, regenerated from results.json, is the same text."""
+    if not (_COMMITTED / "results.json").exists():
+        pytest.skip("no committed study results in this checkout")
+    results = json.loads((_COMMITTED / "results.json").read_text())
+    entries = {**results["methods"], **results["ablations"]}
+    checked = 0
+    for name, entry in entries.items():
+        for key in ("accuracy", "pass1", "answer_logp", "wrong_logp"):
+            assert stats.mean_sd(entry[key]) == (entry[f"{key}_mean"], entry[f"{key}_sd"]), (name, key)
+            checked += 1
+        for metric, test in entry.get("vs_sft", {}).items():
+            assert stats.paired_t_test(entries["sft"][metric], entry[metric]) == test["t_test"], (name, metric)
+            assert stats.sign_test(entries["sft"][metric], entry[metric]) == test["sign_test"], (name, metric)
+            checked += 1
+    base = results["base"]
+    for key in ("accuracy", "pass1", "train_samples_correct"):
+        assert stats.mean_sd(base[key]) == (base[f"{key}_mean"], base[f"{key}_sd"]), key
+    assert checked == 4 * len(entries) + 2 * (len(entries) - 1)
+    assert study.format_results_md(results) == (_COMMITTED / "results.md").read_text()
+
+
 # --------------------------------------------------------------------------------------
 # negatives: rotation and filtering
 # --------------------------------------------------------------------------------------
@@ -232,6 +276,69 @@ def test_config_validates():
     quick = StudyConfig.quick_preset()
     assert quick.quick and len(quick.seeds) == 2 and len(quick.lr_grid["sft"]) == 2
     assert StudyConfig().max_new_tokens == 4 and StudyConfig().steps_per_epoch == 31
+    with pytest.raises(ValueError, match="threads must be an integer >= 0"):
+        StudyConfig(threads=-1)
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got 'mps'"):
+        StudyConfig(device="mps")
+    assert (StudyConfig().device, StudyConfig().threads) == ("cpu", 1)  # the committed study's settings
+    assert StudyConfig(device="cuda:1", threads=0).to_dict()["device"] == "cuda:1"
+
+
+def test_device_is_resolved_and_a_missing_cuda_device_is_an_error():
+    assert resolve_study_device("cpu") == "cpu"
+    if torch.cuda.is_available():
+        assert resolve_study_device("auto") == "cuda"
+        with pytest.raises(ValueError, match="CUDA device"):
+            resolve_study_device(f"cuda:{torch.cuda.device_count()}")
+        return
+    assert resolve_study_device("auto") == "cpu"
+    for device in ("cuda", "cuda:3"):
+        with pytest.raises(ValueError, match=rf"device '{device}': CUDA is not available on this machine"):
+            resolve_study_device(device)
+    with pytest.raises(ValueError, match="CUDA is not available"):  # before any work starts
+        study.run_study(StudyConfig.quick_preset(device="cuda"), work="/nonexistent/never-created", out=None,
+                        command="test")
+
+
+def test_worker_threads_follow_the_config():
+    before = torch.get_num_threads()
+    try:
+        study._init_worker(3)
+        assert torch.get_num_threads() == 3
+        study._init_worker(0)  # torch's default: left alone
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert study.environment(StudyConfig(threads=2))["torch_threads_per_worker"] == 2
+    assert "device" not in study.environment(StudyConfig())
+
+
+def test_one_seed_runner_passes_device_threads_and_progress(monkeypatch):
+    """run_one_seed puts device/threads/workers in the study config; without progress, the study's
+    per-task lines are not printed (the table still is)."""
+    from dftkern.experiments.dft_study import one_seed
+
+    if not (_COMMITTED / "results.json").exists():
+        pytest.skip("no committed study results in this checkout")
+    seen = {}
+
+    def fake_run_study(cfg, *, work, out, command, log):
+        seen.update(cfg=cfg, command=command)
+        log("[1/9] a task line")
+        return json.loads((_COMMITTED / "results.json").read_text())
+
+    monkeypatch.setattr(study, "run_study", fake_run_study)
+    for progress in (True, False):
+        printed = []
+        result = one_seed.run_one_seed(seed=3, out="unused", quick=True, workers=1, device="cpu", threads=2,
+                                       progress=progress, log=printed.append)
+        cfg = seen["cfg"]
+        assert (cfg.seeds, cfg.workers, cfg.device, cfg.threads, cfg.quick) == ((3,), 1, "cpu", 2, True)
+        assert "device='cpu'" in seen["command"] and "threads=2" in seen["command"]
+        assert ("[1/9] a task line" in printed) == progress
+        assert result["table"] in printed and any("docs/dft_study.md" in line for line in printed)
+    one_seed.run_one_seed(out="unused", threads=None, log=printed.append)
+    assert seen["cfg"].threads == 0 and seen["cfg"].device == "cpu"
 
 
 # --------------------------------------------------------------------------------------

@@ -152,3 +152,81 @@ def test_traceback_env_var_is_parsed_strictly(workspace, tmp_path, capsys, monke
     monkeypatch.setenv("DFTKERN_TRACEBACK", "maybe")
     assert main(argv) == 2
     assert "DFTKERN_TRACEBACK='maybe' is not a boolean; accepted: 1/true/yes/on" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# the default job: every option it accepts is used (or rejected with one error line)
+# --------------------------------------------------------------------------------------
+
+_LEGACY_SIZES = {"warmup_steps", "steps", "num_negatives"}  # giving one selects the legacy experiment
+
+
+def _default_job_dests() -> set[str]:
+    parser = build_parser()
+    return {a.dest for a in parser._actions if a.option_strings and a.dest != "help"}
+
+
+@pytest.fixture
+def study_calls(monkeypatch):
+    """Replace the study protocol's one-seed run by a recorder (no training)."""
+    from dftkern.experiments.dft_study import one_seed
+
+    calls = []
+    monkeypatch.setattr(one_seed, "run_one_seed", lambda **kwargs: calls.append(kwargs))
+    return calls
+
+
+def test_default_job_passes_every_option_to_the_study(study_calls, tmp_path):
+    assert main(["--quick", "--seed", "3", "--out", str(tmp_path / "x"), "--device", "cpu", "--threads", "2",
+                 "--no-progress", "--workers", "1"]) == 0
+    assert study_calls == [{"seed": 3, "out": str(tmp_path / "x"), "quick": True, "workers": 1, "device": "cpu",
+                            "threads": 2, "progress": False}]
+    # every option of the default job's parser reaches the study run, except the legacy experiment's sizes
+    assert _default_job_dests() - _LEGACY_SIZES == set(study_calls[0])
+    assert main([]) == 0 and main(["default"]) == 0  # the defaults: the committed study's settings
+    assert study_calls[1] == study_calls[2] == {"seed": 0, "out": None, "quick": False, "workers": 2,
+                                                "device": "cpu", "threads": 1, "progress": True}
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:3"])
+def test_default_job_on_a_missing_cuda_device_is_one_error_line(study_calls, capsys, device):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for argv in (["--quick", "--device", device, "--threads", "2"], ["--quick", "--steps", "6", "--device", device]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        assert err[0].startswith("python -m dftkern.train: error: --device: ")
+        assert f"device '{device}': CUDA is not available on this machine" in err[0]
+    assert study_calls == []
+
+
+def test_default_job_rejects_what_its_legacy_experiment_does_not_use(study_calls, monkeypatch, capsys):
+    from dftkern.train import default_run
+
+    runs = []
+    monkeypatch.setattr(default_run, "run_default_experiment", runs.append)
+    assert main(["--quick", "--steps", "6", "--workers", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "error: --workers does not apply to the default job's legacy two-stage experiment" in err[0]
+    assert main(["--quick", "--device", "mps"]) == 2  # a torch device, but not one the study runs on
+    assert "error: --device: device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got 'mps'" in capsys.readouterr().err
+    assert runs == [] and study_calls == []
+    assert main(["--quick", "--steps", "6", "--device", "cpu", "--threads", "2", "--no-progress"]) == 0
+    (cfg,) = runs
+    assert (cfg.steps, cfg.device, cfg.threads, cfg.progress) == (6, "cpu", 2, False)
+
+
+def test_default_job_help_describes_what_each_option_does():
+    parser = build_parser()
+    helps = {a.dest: a.help for a in parser._actions}
+    assert "CUDA device this machine lacks is an error" in helps["device"]
+    assert "per worker process of the study protocol" in helps["threads"]
+    assert "line per finished task" in helps["progress"]
+    assert "worker processes of the study protocol (default: 2)" in helps["workers"]
+    assert "legacy" in helps["workers"]
+    default = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["default"]
+    assert {a.dest: a.help for a in default._actions}["device"] == helps["device"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["METHODS", "ABLATIONS", "ARMS", "SamplingSpec", "StudyConfig"]
+__all__ = ["METHODS", "ABLATIONS", "ARMS", "SamplingSpec", "StudyConfig", "resolve_study_device"]
 
 #: the five methods of the headline table, all started from the same base model
 METHODS = ("sft", "sft_mean", "dft", "dft2", "sft_dpo")
@@ -80,10 +80,15 @@ class StudyConfig:
     # evaluation
     pass1_samples: int = 2
     pass1_temperature: float = 0.7
-    # execution
+    # execution: ``device`` is "cpu", "cuda", "cuda:N" or "auto" (resolved by :func:`resolve_study_device`
+    # when the study starts); ``threads``: torch intra-op threads per worker process, 0 = torch's default.
+    # The committed numbers are CPU numbers with one thread per worker: other settings change the
+    # floating-point results (another device: every number).
     workers: int = 2
     keep_models: bool = False
     quick: bool = False
+    device: str = "cpu"
+    threads: int = 1
 
     def __post_init__(self):
         if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
@@ -96,6 +101,9 @@ class StudyConfig:
         for name in ("num_train", "num_val", "num_test", "num_probe", "num_pretrain", "epochs", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"threads must be an integer >= 0 (0 = torch's default), got {self.threads!r}")
+        _device_type(self.device)
 
     @property
     def max_new_tokens(self) -> int:
@@ -121,3 +129,37 @@ class StudyConfig:
         out = asdict(self)
         out["lr_grid"] = {k: list(v) for k, v in self.lr_grid.items()}
         return out
+
+
+def _device_type(device: str) -> str:
+    """``"auto"``, ``"cpu"`` or ``"cuda"``; a ValueError for any other device string."""
+    if device == "auto":
+        return device
+    import torch
+
+    try:
+        kind = torch.device(device).type if isinstance(device, str) else None
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
+    return kind
+
+
+def resolve_study_device(device: str) -> str:
+    """The concrete device the study runs on: ``"auto"`` -> ``"cuda"`` when CUDA is available, else
+    ``"cpu"``. Raises a ValueError naming the device when it is CUDA and this machine has none (or
+    fewer devices than its index), so that a CUDA run never silently becomes a CPU run."""
+    import torch
+
+    kind = _device_type(device)
+    if kind == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine "
+                             f"(torch {torch.__version__}, torch.cuda.is_available() is False)")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device

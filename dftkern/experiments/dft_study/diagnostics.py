@@ -45,17 +45,17 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 def _dft_and_sft_grads(model, tokenizer, records, samples: dict, k: int, params) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat gradients of the DFT loss (ω = 1: θ = reference, fresh state) and of SFT (sequence sum)."""
     examples = build_examples(tokenizer, records, samples, num_negatives=k)
-    batch = collate(examples, pad_token_id=tokenizer.pad_token_id)
     weight, _ = lm_head_params(model)
+    batch = collate(examples, pad_token_id=tokenizer.pad_token_id).to(weight.device)
     hidden = backbone_hidden(model, batch)
     with torch.no_grad():
         seq = dftkern.sequence_logprobs(hidden.detach(), weight.detach(), batch.labels).view(len(examples), 1 + k)
-    state = dftkern.DFTState(len(examples))
+    state = dftkern.DFTState(len(examples), device=weight.device)
     loss = dftkern.fused_dft_loss(hidden, weight, batch.labels, num_negatives=k, ids=batch.example_ids, state=state,
                                   ref_logps=seq[:, 1:], tau=1.0, gamma=0.85)
     g_dft = _flat_grad(loss, params)
     hidden = backbone_hidden(model, batch)
-    positives = torch.arange(len(examples)) * (1 + k)
+    positives = torch.arange(len(examples), device=weight.device) * (1 + k)
     sft = -dftkern.sequence_logprobs(hidden[positives], weight, batch.labels[positives]).mean()
     return g_dft, _flat_grad(sft, params)
 
@@ -69,7 +69,7 @@ def gradient_check(cfg: StudyConfig, seed: int, root: str | Path, *, num_prompts
         return json.loads(out.read_text())
     prepared = json.loads((seed_dir(root, seed) / "prepared.json").read_text())
     model_dir = prepared["base"]["model"]
-    model = load_causal_lm(model_dir, attn="sdpa", device=torch.device("cpu"))
+    model = load_causal_lm(model_dir, attn="sdpa", device=torch.device(cfg.device))
     tokenizer = load_tokenizer(model_dir)
     records = read_prompt_records(split_paths(root)["train"])[:num_prompts]
     params = [p for p in model.parameters() if p.requires_grad]

@@ -88,8 +88,8 @@ def write_splits(cfg: StudyConfig, root: str | Path) -> dict[str, Path]:
     return paths
 
 
-def _load(model_dir: str | Path):
-    model = load_causal_lm(str(model_dir), attn="sdpa", device=torch.device("cpu"))
+def _load(model_dir: str | Path, device: str):
+    model = load_causal_lm(str(model_dir), attn="sdpa", device=torch.device(device))
     return model, load_tokenizer(str(model_dir))
 
 
@@ -120,7 +120,7 @@ def pretrain_base(cfg: StudyConfig, seed: int, paths: dict[str, Path], out: Path
     def on_step_end(step: int, metrics: dict) -> None:
         if step % cfg.base_probe_every:
             return
-        model, tok = _load(latest_checkpoint(run_dir))
+        model, tok = _load(latest_checkpoint(run_dir), cfg.device)
         accuracy = _greedy_accuracy(model, tok, probe, cfg.max_new_tokens)
         history.append([step, accuracy])
         if accuracy >= cfg.base_stop_at:
@@ -139,11 +139,11 @@ def pretrain_base(cfg: StudyConfig, seed: int, paths: dict[str, Path], out: Path
 
 
 def _sample(model_dir, data: Path, out: Path, *, num_samples: int, spec: SamplingSpec, seed: int,
-            max_new_tokens: int) -> Path:
+            max_new_tokens: int, device: str) -> Path:
     return generate_samples(GenerateConfig(
         model=str(model_dir), data=str(data), out=str(out), num_samples=num_samples, batch_size=2048,
         max_new_tokens=max_new_tokens, temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, seed=seed,
-        reward="addition", device="cpu", progress=False))
+        reward="addition", device=device, progress=False))
 
 
 def rotate_pool(records, pool: dict, *, epoch: int, k: int, filtered: bool) -> tuple[list[dict], dict]:
@@ -232,7 +232,7 @@ def evaluate_checkpoint(cfg: StudyConfig, seed: int, model_dir: str | Path, root
     "wrong_logp"`` (mean sequence log-prob of the base model's wrong test samples), ``"num_wrong"}``.
     """
     paths = split_paths(root)
-    model, tokenizer = _load(model_dir)
+    model, tokenizer = _load(model_dir, cfg.device)
     val = read_prompt_records(paths["val"])
     test = read_prompt_records(paths["test"])
     val_result = evaluate_model(model, tokenizer, val, metric=synthetic.addition_reward,
@@ -262,8 +262,8 @@ def _prepare_variant(cfg: StudyConfig, seed: int, root: Path, name: str, pool_pa
         lines, picks = rotate_pool(records, pool, epoch=epoch, k=cfg.num_negatives, filtered=filtered)
         path = seed_dir(root, seed) / "negatives" / name / f"epoch-{epoch}" / "negatives.jsonl"
         _write_jsonl(path, lines)
-        compute_ref_logps(RefLogpsConfig(model=base_model, data=str(train_path), negatives=str(path), device="cpu",
-                                         batch_size=_EVAL_BATCH, progress=False))
+        compute_ref_logps(RefLogpsConfig(model=base_model, data=str(train_path), negatives=str(path),
+                                         device=cfg.device, batch_size=_EVAL_BATCH, progress=False))
         picks_per_epoch.append(picks)
         files.append(str(path))
     return {"files": files, **_negative_stats(records, pool, picks_per_epoch, filtered=filtered)}
@@ -286,17 +286,18 @@ def prepare_seed(cfg: StudyConfig, seed: int, root: str | Path) -> dict:
     records = read_prompt_records(paths["train"])
     pools = out / "pools"
     main_pool = _sample(base_model, paths["train"], pools / "main.jsonl", num_samples=cfg.pool_size,
-                        spec=cfg.sampling, seed=seed, max_new_tokens=cfg.max_new_tokens)
+                        spec=cfg.sampling, seed=seed, max_new_tokens=cfg.max_new_tokens, device=cfg.device)
     exact_pool = _sample(base_model, paths["train"], pools / "exact.jsonl",
                          num_samples=cfg.num_negatives * cfg.epochs, spec=cfg.exact_sampling,
-                         seed=derive_seed(seed, "exact"), max_new_tokens=cfg.max_new_tokens)
+                         seed=derive_seed(seed, "exact"), max_new_tokens=cfg.max_new_tokens, device=cfg.device)
     common = dict(base_model=base_model, train_path=paths["train"], records=records)
     variants = {"main": _prepare_variant(cfg, seed, root, "main", main_pool, filtered=False, **common),
                 "exact": _prepare_variant(cfg, seed, root, "exact", exact_pool, filtered=False, **common),
                 "filtered": _prepare_variant(cfg, seed, root, "filtered", main_pool, filtered=True, **common)}
     # the wrong-answer probe: the first wrong base sample (T = sampling temperature) of each test prompt
     test_samples = _sample(base_model, paths["test"], out / "base_test_samples.jsonl", num_samples=2,
-                           spec=cfg.sampling, seed=derive_seed(seed, "wrong"), max_new_tokens=cfg.max_new_tokens)
+                           spec=cfg.sampling, seed=derive_seed(seed, "wrong"), max_new_tokens=cfg.max_new_tokens,
+                           device=cfg.device)
     wrong = []
     for line in map(json.loads, test_samples.read_text().splitlines()):
         bad = [j for j, r in enumerate(line["rewards"]) if r <= 0]
@@ -332,8 +333,8 @@ def _train_config(cfg: StudyConfig, seed: int, **kwargs) -> TrainConfig:
     prompt sharing turns itself on or off by what the attention kernel supports, and the two layouts
     differ in the last bits, so leaving it automatic would make the numbers depend on the machine."""
     kwargs = {"batch_size": cfg.batch_size, "warmup_ratio": cfg.warmup_ratio, **kwargs}
-    return TrainConfig(seed=seed, device="cpu", keep_checkpoints=1, plot=False, progress=False, share_prompt=False,
-                       **kwargs)
+    return TrainConfig(seed=seed, device=cfg.device, keep_checkpoints=1, plot=False, progress=False,
+                       share_prompt=False, **kwargs)
 
 
 def _mean_grad_norm(run_dir: Path) -> float | None:
@@ -399,7 +400,8 @@ def prepare_dpo(cfg: StudyConfig, seed: int, sft_lr: float, root: str | Path) ->
     sft = json.loads((_run_dir(root, seed, "sft", sft_lr) / "summary.json").read_text())
     paths = split_paths(root)
     samples = _sample(sft["model"], paths["train"], out / "samples.jsonl", num_samples=cfg.dpo_samples,
-                      spec=cfg.sampling, seed=derive_seed(seed, "dpo"), max_new_tokens=cfg.max_new_tokens)
+                      spec=cfg.sampling, seed=derive_seed(seed, "dpo"), max_new_tokens=cfg.max_new_tokens,
+                      device=cfg.device)
     records = {r.prompt_id: r for r in read_prompt_records(paths["train"])}
     prompts, rejected, total, correct = [], [], 0, 0
     for line in map(json.loads, samples.read_text().splitlines()):
@@ -419,7 +421,7 @@ def prepare_dpo(cfg: StudyConfig, seed: int, sft_lr: float, root: str | Path) ->
         _write_jsonl(Path(info["data"]), prompts)
         _write_jsonl(Path(info["negatives"]), rejected)
         compute_ref_logps(RefLogpsConfig(model=sft["model"], data=info["data"], negatives=info["negatives"],
-                                         device="cpu", batch_size=_EVAL_BATCH, progress=False))
+                                         device=cfg.device, batch_size=_EVAL_BATCH, progress=False))
     atomic_write_json(done, info)
     return info
 

@@ -1,7 +1,8 @@
 """The multi-seed study: schedule every (seed, arm, learning rate) run, select learning rates on the
 validation split, aggregate over seeds, test dft (and every other arm) against sft, write the reports.
 
-Tasks and their order (at most ``cfg.workers`` processes, one torch thread each):
+Tasks and their order (at most ``cfg.workers`` processes, ``cfg.threads`` torch threads each, on
+``cfg.device``):
 
 1. ``prepare(seed)`` — base model, negatives, reference log-probs (:func:`.protocol.prepare_seed`);
 2. ``arm(seed, arm, lr)`` for every one-stage arm and every lr of its grid, once ``prepare(seed)`` is
@@ -24,14 +25,18 @@ import os
 import platform
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from dftkern.train import plotting
+from dftkern.train.plotting import mean_sd
+
 from . import protocol
 from .diagnostics import gradient_check
-from .config import ABLATIONS, ARMS, METHODS, StudyConfig
-from .stats import mean_sd, paired_t_test, sign_test
+from .config import ABLATIONS, ARMS, METHODS, StudyConfig, resolve_study_device
+from .stats import paired_t_test, sign_test
 
 __all__ = ["run_study", "select_lr", "aggregate", "format_results_md", "plot_results", "environment",
            "METRICS"]
@@ -49,11 +54,13 @@ METRICS = {
 }
 
 
-def _init_worker() -> None:
-    """One torch thread per process; quiet third-party warnings and progress bars."""
+def _init_worker(threads: int = 1) -> None:
+    """``threads`` torch threads in this process (0: leave torch's default); quiet third-party warnings
+    and progress bars."""
     import warnings
 
-    torch.set_num_threads(1)
+    if threads:
+        torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
     import transformers
 
@@ -144,7 +151,7 @@ def _execute(cfg: StudyConfig, root: Path, log) -> tuple[dict, dict]:
 
     if cfg.workers == 1:
         threads = torch.get_num_threads()
-        _init_worker()
+        _init_worker(cfg.threads)
         try:
             while pending:
                 key = next(k for k in pending if ready(k))
@@ -157,7 +164,8 @@ def _execute(cfg: StudyConfig, root: Path, log) -> tuple[dict, dict]:
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=context, initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=context, initializer=_init_worker,
+                             initargs=(cfg.threads,)) as pool:
         running = {}
         while pending or running:
             for key in [k for k in pending if ready(k)][:cfg.workers - len(running)]:
@@ -229,8 +237,10 @@ def aggregate(cfg: StudyConfig, results: dict, prepared: dict) -> dict:
             "config": cfg.to_dict()}
 
 
-def environment() -> dict:
-    """What determines bit-exactness: torch version and CPU kernel path, CPU model, threads."""
+def environment(cfg: StudyConfig | None = None) -> dict:
+    """What determines bit-exactness: torch version and CPU kernel path, CPU model, threads (``cfg.threads``;
+    0 = torch's default) and device (``cfg.device``, with the GPU's name on CUDA). Without ``cfg``: the
+    defaults (1 thread, CPU)."""
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as handle:
@@ -241,87 +251,99 @@ def environment() -> dict:
         capability = torch.backends.cpu.get_cpu_capability()
     except AttributeError:  # pragma: no cover - old torch
         capability = None
-    return {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
-            "cpu_capability": capability, "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"),
-            "torch_threads_per_worker": 1}
+    out = {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
+           "cpu_capability": capability, "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"),
+           "torch_threads_per_worker": 1 if cfg is None else cfg.threads}
+    if cfg is not None and cfg.device != "cpu":
+        out["device"] = cfg.device
+        out["gpu"] = torch.cuda.get_device_name(torch.device(cfg.device)) if cfg.device.startswith("cuda") else None
+    return out
 
 
 def _pct(values) -> str:
-    mean, sd = mean_sd(values)
-    return f"{100 * mean:.1f} ± {100 * sd:.1f}"
+    """``"mean ± sd"`` of fractions, in percent (1 decimal)."""
+    return plotting.format_mean_sd([100 * v for v in values], 1)
 
 
 def _num(values, digits: int = 2) -> str:
     values = [v for v in values if v is not None]
-    if not values:
-        return "—"
-    mean, sd = mean_sd(values)
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+    return plotting.format_mean_sd(values, digits) if values else "—"
 
 
 def _p(value: float) -> str:
     return f"{value:.2g}" if value >= 1e-3 else f"{value:.1e}"
 
 
+def _rows(results: dict) -> list[tuple[str, dict]]:
+    """``(name, entry)`` of every method, then every ablation."""
+    return list(results["methods"].items()) + list(results["ablations"].items())
+
+
 def format_table(results: dict) -> str:
     """The headline Markdown table: mean ± sd over seeds per method and ablation."""
     n = len(results["seeds"])
-    lines = [f"| method | lr (val.) | test accuracy % | pass@1 (T=0.7) % | log p(answer) | log p(wrong sample) "
-             f"| negatives correct % | steps | Δ accuracy vs sft (paired t p) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    header = ["method", "lr (val.)", "test accuracy %", "pass@1 (T=0.7) %", "log p(answer)", "log p(wrong sample)",
+              "negatives correct %", "steps", "Δ accuracy vs sft (paired t p)"]
     rows = [(m, results["methods"][m]) for m in METHODS] + [(f"ablation: {a}", results["ablations"][a])
                                                              for a in ABLATIONS]
+    cells = []
     for name, entry in rows:
         negatives = [v for v in entry["frac_negatives_correct"] if v is not None]
-        neg = _pct(negatives) if negatives else "—"
         steps = sorted(set(entry["steps"]))
-        steps_text = str(steps[0]) if len(steps) == 1 else f"{min(steps)}–{max(steps)}"
         versus = "—"
         test = entry.get("vs_sft", {}).get("accuracy")
         if test:
             t = test["t_test"]
             versus = f"{100 * t['mean_diff']:+.1f} ± {100 * t['sd_diff']:.1f} (p = {_p(t['p'])})"
-        lines.append(f"| {name} | {entry['lr']:g} | {_pct(entry['accuracy'])} | {_pct(entry['pass1'])} "
-                     f"| {_num(entry['answer_logp'])} | {_num(entry['wrong_logp'])} | {neg} | {steps_text} "
-                     f"| {versus} |")
+        cells.append([name, f"{entry['lr']:g}", _pct(entry["accuracy"]), _pct(entry["pass1"]),
+                      _num(entry["answer_logp"]), _num(entry["wrong_logp"]), _pct(negatives) if negatives else "—",
+                      str(steps[0]) if len(steps) == 1 else f"{min(steps)}–{max(steps)}", versus])
     base = results["base"]
-    lines.append(f"| base model (start of every run) | — | {_pct(base['accuracy'])} | {_pct(base['pass1'])} "
-                 f"| {_num(base['answer_logp'])} | {_num(base['wrong_logp'])} | — | {_num(base['steps'], 0)} | — |")
-    lines.append("")
-    lines.append(f"mean ± sd over {n} seed(s); Δ = arm − sft in test accuracy points, paired by seed.")
-    return "\n".join(lines)
+    cells.append(["base model (start of every run)", "—", _pct(base["accuracy"]), _pct(base["pass1"]),
+                  _num(base["answer_logp"]), _num(base["wrong_logp"]), "—", _num(base["steps"], 0), "—"])
+    return (plotting.markdown_table(header, cells) + "\n\n"
+            f"mean ± sd over {n} seed(s); Δ = arm − sft in test accuracy points, paired by seed.")
 
 
 def format_results_md(results: dict) -> str:
     """``results.md``: headline table, comparisons, per-seed numbers, lr grids, base model, negatives."""
+    table = plotting.markdown_table
     cfg = results["config"]
-    out = [f"# DFT vs SFT, one stage from a weak base model — {len(results['seeds'])} seeds", "",
-           f"Command: `{cfg['command']}`  ", f"Wall time {cfg['wall_seconds'] / 60:.1f} min, "
-           f"CPU time {cfg['cpu_seconds'] / 60:.1f} min ({cfg['workers']} worker processes × 1 thread); "
-           f"{cfg['environment']['cpu']}, torch {cfg['environment']['torch']}, "
-           f"kernel path {cfg['environment']['cpu_capability']}.", "", format_table(results), "",
-           "## Paired comparisons with sft (test, by seed)", "",
-           "| arm | metric | mean Δ | sd Δ | 95% CI | t (df) | p (t) | sign test +/−/0 | p (sign) |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for name, entry in list(results["methods"].items()) + list(results["ablations"].items()):
+    seeds = results["seeds"]
+    threads = {0: "torch's default threads", 1: "1 thread"}.get(cfg.get("threads", 1), f"{cfg.get('threads')} threads")
+    device = "" if cfg.get("device", "cpu") == "cpu" else f"; device {cfg['device']} ({cfg['environment'].get('gpu')})"
+    comparisons = []
+    for name, entry in _rows(results):
         for metric, test in entry.get("vs_sft", {}).items():
             t, s = test["t_test"], test["sign_test"]
-            out.append(f"| {name} | {metric} | {100 * t['mean_diff']:+.2f} | {100 * t['sd_diff']:.2f} "
-                       f"| [{100 * t['ci95'][0]:+.2f}, {100 * t['ci95'][1]:+.2f}] | {t['t']:.2f} ({t['df']}) "
-                       f"| {_p(t['p'])} | {s['n_pos']}/{s['n_neg']}/{s['n_ties']} | {_p(s['p'])} |")
-    out += ["", "## Test accuracy per seed (%)", "",
-            "| arm | " + " | ".join(f"seed {s}" for s in results["seeds"]) + " |",
-            "|---|" + "---|" * len(results["seeds"])]
-    for name, entry in list(results["methods"].items()) + list(results["ablations"].items()):
-        out.append(f"| {name} | " + " | ".join(f"{100 * v:.1f}" for v in entry["accuracy"]) + " |")
-    out.append("| base | " + " | ".join(f"{100 * v:.1f}" for v in results["base"]["accuracy"]) + " |")
-    out += ["", "## Learning-rate grids (mean over seeds; the lr is chosen on validation)", "",
-            "| arm | lr | validation accuracy % | test accuracy % |", "|---|---|---|---|"]
-    for name, entry in list(results["methods"].items()) + list(results["ablations"].items()):
-        for lr, value in entry["grid_val_accuracy"].items():
-            mark = " **(selected)**" if float(lr) == entry["lr"] else ""
-            out.append(f"| {name} | {lr}{mark} | {100 * value:.1f} | {100 * entry['grid_accuracy'][lr]:.1f} |")
+            comparisons.append([name, metric, f"{100 * t['mean_diff']:+.2f}", f"{100 * t['sd_diff']:.2f}",
+                                f"[{100 * t['ci95'][0]:+.2f}, {100 * t['ci95'][1]:+.2f}]", f"{t['t']:.2f} ({t['df']})",
+                                _p(t["p"]), f"{s['n_pos']}/{s['n_neg']}/{s['n_ties']}", _p(s["p"])])
+    per_seed = [[name] + [f"{100 * v:.1f}" for v in entry["accuracy"]] for name, entry in _rows(results)]
+    per_seed.append(["base"] + [f"{100 * v:.1f}" for v in results["base"]["accuracy"]])
+    grids = [[name, f"{lr} **(selected)**" if float(lr) == entry["lr"] else lr, f"{100 * value:.1f}",
+              f"{100 * entry['grid_accuracy'][lr]:.1f}"]
+             for name, entry in _rows(results) for lr, value in entry["grid_val_accuracy"].items()]
+    out = [f"# DFT vs SFT, one stage from a weak base model — {len(seeds)} seeds", "",
+           f"Command: `{cfg['command']}`  ", f"Wall time {cfg['wall_seconds'] / 60:.1f} min, "
+           f"CPU time {cfg['cpu_seconds'] / 60:.1f} min ({cfg['workers']} worker processes × {threads}); "
+           f"{cfg['environment']['cpu']}, torch {cfg['environment']['torch']}, "
+           f"kernel path {cfg['environment']['cpu_capability']}{device}.", "", format_table(results), "",
+           "## Paired comparisons with sft (test, by seed)", "",
+           table(["arm", "metric", "mean Δ", "sd Δ", "95% CI", "t (df)", "p (t)", "sign test +/−/0", "p (sign)"],
+                 comparisons), "", "## Test accuracy per seed (%)", "",
+           table(["arm"] + [f"seed {s}" for s in seeds], per_seed), "",
+           "## Learning-rate grids (mean over seeds; the lr is chosen on validation)", "",
+           table(["arm", "lr", "validation accuracy %", "test accuracy %"], grids)]
     base = results["base"]
+    negatives = []
+    for name, stats in (("dft / dft2 (T=0.7, top-k 50)", results["methods"]["dft"]["negatives"]),
+                        ("exact_sampling (T=1)", results["ablations"]["exact_sampling"]["negatives"]),
+                        ("filtered", results["ablations"]["filtered"]["negatives"])):
+        dropped = [s["frac_pool_dropped"] for s in stats if "frac_pool_dropped" in s]
+        negatives.append([name, _pct([s["frac_correct"] for s in stats]),
+                          _pct([s["frac_equal_positive"] for s in stats]), _pct([s["frac_fresh"] for s in stats]),
+                          _pct(dropped) if dropped else "—"])
     out += ["", "## Base model", "",
             f"Pretraining steps per seed: {', '.join(map(str, base['steps']))}; probe accuracy at the stop: "
             + ", ".join("—" if v is None else f"{100 * v:.1f}%" for v in base["probe_accuracy"]) + ".  ",
@@ -329,32 +351,24 @@ def format_results_md(results: dict) -> str:
             f"{cfg['base_band'][1]:.0%}: {sum(base['in_band'])}/{len(base['in_band'])} seeds inside); "
             f"T = 0.7 samples correct: {_pct(base['train_samples_correct'])}% on the training prompts, "
             f"{_pct(base['pass1'])}% on the test prompts.", "", "## Negatives", "",
-            "| arm | correct % | equal to the positive % | fresh % | pool dropped by the filter % |",
-            "|---|---|---|---|---|"]
-    for name, stats in (("dft / dft2 (T=0.7, top-k 50)", results["methods"]["dft"]["negatives"]),
-                        ("exact_sampling (T=1)", results["ablations"]["exact_sampling"]["negatives"]),
-                        ("filtered", results["ablations"]["filtered"]["negatives"])):
-        dropped = [s["frac_pool_dropped"] for s in stats if "frac_pool_dropped" in s]
-        out.append(f"| {name} | {_pct([s['frac_correct'] for s in stats])} "
-                   f"| {_pct([s['frac_equal_positive'] for s in stats])} | {_pct([s['frac_fresh'] for s in stats])} "
-                   f"| {_pct(dropped) if dropped else '—'} |")
-    out += ["", "## Training diagnostics (selected lr, mean ± sd over seeds)", "",
-            "| arm | mean gradient norm before clipping (clip at 1.0) | log p(answer) | log p(wrong sample) |",
-            "|---|---|---|---|"]
-    for name, entry in list(results["methods"].items()) + list(results["ablations"].items()):
-        out.append(f"| {name} | {_num(entry['grad_norm_mean'])} | {_num(entry['answer_logp'])} "
-                   f"| {_num(entry['wrong_logp'])} |")
+            table(["arm", "correct %", "equal to the positive %", "fresh %", "pool dropped by the filter %"],
+                  negatives),
+            "", "## Training diagnostics (selected lr, mean ± sd over seeds)", "",
+            table(["arm", "mean gradient norm before clipping (clip at 1.0)", "log p(answer)", "log p(wrong sample)"],
+                  [[name, _num(entry["grad_norm_mean"]), _num(entry["answer_logp"]), _num(entry["wrong_logp"])]
+                   for name, entry in _rows(results)])]
     checks = results["base"]["gradient_check"]
-    k = checks[0]["k"]
-    out += ["", f"## DFT's negative term at the start of training (θ = base, ω = 1; {checks[0]['num_prompts']} "
-            f"training prompts; mean ± sd over seeds)", "",
-            f"| negatives | ‖g_dft − g_sft‖ / ‖g_sft‖, K = {k} | cos(g_dft, g_sft), K = {k} "
-            f"| ‖g_dft − g_sft‖ / ‖g_sft‖, K = {checks[0]['many']} | cos(g_dft − g_sft, g_sft), "
-            f"K = {checks[0]['many']} |", "|---|---|---|---|---|"]
+    k, many = checks[0]["k"], checks[0]["many"]
+    check_rows = []
     for name, label in (("main", "T = 0.7, top-k 50 (dft)"), ("exact", "T = 1 (exact_sampling)")):
         rows = [c[name] for c in checks]
-        out.append(f"| {label} | {_num([r[f'ratio_k{k}'] for r in rows])} | {_num([r[f'cos_k{k}'] for r in rows])} "
-                   f"| {_num([r['ratio_many'] for r in rows])} | {_num([r['neg_cos_many'] for r in rows])} |")
+        check_rows.append([label, _num([r[f"ratio_k{k}"] for r in rows]), _num([r[f"cos_k{k}"] for r in rows]),
+                           _num([r["ratio_many"] for r in rows]), _num([r["neg_cos_many"] for r in rows])])
+    out += ["", f"## DFT's negative term at the start of training (θ = base, ω = 1; {checks[0]['num_prompts']} "
+            f"training prompts; mean ± sd over seeds)", "",
+            table(["negatives", f"‖g_dft − g_sft‖ / ‖g_sft‖, K = {k}", f"cos(g_dft, g_sft), K = {k}",
+                   f"‖g_dft − g_sft‖ / ‖g_sft‖, K = {many}", f"cos(g_dft − g_sft, g_sft), K = {many}"],
+                  check_rows)]
     dpo = results["methods"]["sft_dpo"]
     out += ["", f"sft_dpo: DPO (beta {cfg['dpo_beta']}) from the sft model trained with lr {dpo['sft_lr']:g}; "
             f"pairs per seed {', '.join(map(str, dpo['num_pairs']))}; steps SFT + DPO = "
@@ -364,14 +378,10 @@ def format_results_md(results: dict) -> str:
 
 def plot_results(results: dict, path: str | Path) -> Path:
     """Two panels: test accuracy per seed and method (mean ± sd), and log p(answer) vs log p(wrong sample)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(METHODS) + list(ABLATIONS)
     entries = {**results["methods"], **results["ablations"]}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plotting.subplot_grid(1, 2, panel_size=(6.0, 4.2))
+    left, right = axes[0]
     for i, name in enumerate(names):
         values = [100 * v for v in entries[name]["accuracy"]]
         mean, sd = mean_sd(values)
@@ -394,11 +404,7 @@ def plot_results(results: dict, path: str | Path) -> Path:
     right.set_title("what each method moved (one point per seed)")
     right.legend(fontsize=7)
     right.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plotting.save_figure(fig, path)
 
 
 def _record_invocation(work: Path, entry: dict) -> list[dict]:
@@ -414,12 +420,16 @@ def run_study(cfg: StudyConfig, *, work: str | Path, out: str | Path | None, com
     """Run (or resume) the whole study in ``work``; write ``results.json``, ``results.md`` and
     ``accuracy.png`` to ``out`` (when given). Returns the results dict.
 
-    Every invocation, finished or not, appends its wall and CPU time (this process and its finished
+    ``cfg.device`` is resolved first (:func:`.config.resolve_study_device`: a CUDA device this machine
+    does not have is a ValueError before any work starts). ``log`` receives the progress lines (one per
+    task). Every invocation, finished or not, appends its wall and CPU time (this process and its finished
     worker processes) to ``work/timing.json``; the results report their sum."""
+    cfg = replace(cfg, device=resolve_study_device(cfg.device))
     started, cpu_started, children_started = time.perf_counter(), time.process_time(), _children_cpu_seconds()
     work = Path(work)
     protocol.write_splits(cfg, work)
-    log(f"[dft_study] {len(cfg.seeds)} seeds, work directory {work.resolve()}, {cfg.workers} worker(s)")
+    log(f"[dft_study] {len(cfg.seeds)} seeds, work directory {work.resolve()}, {cfg.workers} worker(s), "
+        f"device {cfg.device}")
     finished = False
     try:
         results, _ = _execute(cfg, work, log)
@@ -434,7 +444,7 @@ def run_study(cfg: StudyConfig, *, work: str | Path, out: str | Path | None, com
     summary["config"].update({
         "command": command, "wall_seconds": round(sum(i["wall_seconds"] for i in invocations), 1),
         "cpu_seconds": round(sum(i["cpu_seconds"] for i in invocations), 1),
-        "invocations": invocations, "environment": environment()})
+        "invocations": invocations, "environment": environment(cfg)})
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
