@@ -363,17 +363,25 @@ def central_differences(fn, tensors, eps: float = 1e-6) -> list[torch.Tensor]:
     return grads
 
 
+def float64_case(rows: int, seq_len: int, hidden_size: int, vocab: int, *, seed: int, ignored):
+    """float64 ``(hidden, weight, bias, labels, old_logps, ref_logps)`` for the gradient checks; ``ignored``:
+    the (row, t) positions whose label is ignored."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, seq_len, hidden_size, generator=gen, dtype=F64)
+    weight = torch.randn(vocab, hidden_size, generator=gen, dtype=F64) * 0.5
+    bias = torch.randn(vocab, generator=gen, dtype=F64) * 0.3
+    labels = torch.randint(0, vocab, (rows, seq_len), generator=gen)
+    for r, t in ignored:
+        labels[r, t] = IGNORE
+    logp64, _ = reference_logp_entropy(hidden, weight, labels, bias)
+    old, ref = ratio_inputs(logp64, labels, seed=seed + 1)
+    return hidden, weight, bias, labels, old, ref
+
+
 @needs_token_loss
 def test_fused_gradients_match_finite_differences_float64_torch_engine():
     """gradcheck in float64 on the torch engine: analytical (6NHV, in-forward) vs central differences."""
-    gen = torch.Generator().manual_seed(50)
-    hidden = torch.randn(3, 4, 5, generator=gen, dtype=F64)
-    weight = torch.randn(11, 5, generator=gen, dtype=F64) * 0.5
-    bias = torch.randn(11, generator=gen, dtype=F64) * 0.3
-    labels = torch.randint(0, 11, (3, 4), generator=gen)
-    labels[0, 0] = labels[2, 3] = IGNORE
-    logp64, _ = reference_logp_entropy(hidden, weight, labels, bias)
-    old, ref = ratio_inputs(logp64, labels, seed=51)
+    hidden, weight, bias, labels, old, ref = float64_case(3, 4, 5, 11, seed=50, ignored=[(0, 0), (2, 3)])
     adv = torch.tensor([1.0, -0.7, 0.4], dtype=F64)
 
     def fn(h, w, b):
@@ -395,14 +403,7 @@ def test_fused_gradients_match_finite_differences_float64_torch_engine():
                                 "token_loss", "dpo", "dft2"])
 def test_torch_autograd_gradcheck_float64(op):
     """``torch.autograd.gradcheck`` (several backward passes through one graph) on every fused loss family."""
-    gen = torch.Generator().manual_seed(52)
-    hidden = torch.randn(4, 3, 5, generator=gen, dtype=F64)
-    weight = torch.randn(9, 5, generator=gen, dtype=F64) * 0.5
-    bias = torch.randn(9, generator=gen, dtype=F64) * 0.3
-    labels = torch.randint(0, 9, (4, 3), generator=gen)
-    labels[0, 0] = labels[2, 2] = IGNORE
-    logp64, _ = reference_logp_entropy(hidden, weight, labels, bias)
-    old, ref = ratio_inputs(logp64, labels, seed=53)
+    hidden, weight, bias, labels, old, ref = float64_case(4, 3, 5, 9, seed=52, ignored=[(0, 0), (2, 2)])
     adv = torch.tensor([1.0, -0.7, 0.4, 0.1], dtype=F64)
 
     def fn(h, w, b):
