@@ -104,6 +104,14 @@ def select_engine(backend: str, device: torch.device, dtype: torch.dtype):
     return TritonRowEngine()
 
 
+def refuse_double_backward() -> None:
+    """Called first in each backward: grad mode is on there only under ``create_graph=True``."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("dftkern's fused ops are differentiable once: a backward with create_graph=True "
+                           "(double backward, e.g. a gradient penalty through the LM head) is not supported; "
+                           "compute such a term from plain logits")
+
+
 def autocast_off(device: torch.device):
     """A context with autocast off for ``device``'s type (a null context where autocast does not exist)."""
     if torch.amp.is_autocast_available(device.type):
@@ -129,9 +137,12 @@ def follows_autocast(op):
                 or not torch.is_autocast_enabled(device_type)):
             return op(hidden, weight, labels, *args, **kwargs)
         dtype = torch.get_autocast_dtype(device_type)
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in (hidden, weight, kwargs.get("bias"))):
+            dtype = None  # a float64 input: nothing is lowered (autocast leaves float64 alone)
 
         def cast(t):
-            lowered = isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            lowered = dtype is not None and isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16,
+                                                                                       torch.bfloat16)
             return t.to(dtype) if lowered else t
 
         if kwargs.get("bias") is not None:
@@ -211,6 +222,7 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy=None):
+        refuse_double_backward()
         hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
             return (None,) * 10
@@ -288,6 +300,41 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     return call.tokens.scatter(out).view(call.labels.shape)
 
 
+class _RowSums(torch.autograd.Function):
+    """Per-row sums ``[R]`` of packed token values ``[n]`` (row r = tokens ``bounds[r]:bounds[r+1]``).
+
+    Forward: an fp64 prefix sum over the finite values (deterministic on CUDA, no atomics) plus,
+    per row, the sum of its non-finite values (0, +-inf or NaN: order-free), so a NaN or inf in one
+    row never reaches another. Backward: every token gets its own row's upstream gradient (a
+    gather: no cancellation across rows, and a non-finite upstream gradient stays in its row).
+    """
+
+    @staticmethod
+    def forward(ctx, values, bounds, row_of_token):
+        values64 = values.to(torch.float64)
+        finite = torch.isfinite(values64)
+        prefix = torch.cat([values64.new_zeros(1), torch.cumsum(torch.where(finite, values64, 0.0), 0)])
+        sums = prefix[bounds[1:]] - prefix[bounds[:-1]]
+        nonfinite = values64.new_zeros(bounds.numel() - 1).index_add(0, row_of_token,
+                                                                     torch.where(finite, 0.0, values64))
+        ctx.save_for_backward(row_of_token)
+        ctx.dtype = values.dtype
+        return (sums + nonfinite).to(values.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_sums):
+        (row_of_token,) = ctx.saved_tensors
+        return grad_sums.index_select(0, row_of_token).to(ctx.dtype), None, None
+
+
+def row_sums(values: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """Differentiable per-row sums of packed ``values [n]`` (any float dtype) over the int64 row
+    ``bounds [R+1]`` (``bounds[0] = 0``, ``bounds[-1] = n``, on ``values``' device); see :class:`_RowSums`."""
+    row_of_token = torch.repeat_interleave(torch.arange(bounds.numel() - 1, device=values.device), bounds.diff(),
+                                           output_size=values.shape[0])
+    return _RowSums.apply(values, bounds, row_of_token)
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses with their gradients computed in the forward (6NHV)
 # ---------------------------------------------------------------------------------------------
@@ -311,6 +358,7 @@ class _PrecomputedGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        refuse_double_backward()
         if ctx.reentrant:
             return (None, *(None if g is None else g * grad_loss for g in ctx.grads), None)
         if ctx.grads is None:

@@ -26,6 +26,7 @@ from .functional import (
     find_valid_tokens,
     follows_autocast,
     in_forward_gradients,
+    row_sums,
     input_grads_wanted,
     prepare_inputs,
     with_precomputed_gradients,
@@ -79,25 +80,15 @@ class RowLayout:
     def segment_sum(self, token_values: torch.Tensor, row0: int = 0, row1: int | None = None) -> torch.Tensor:
         """Differentiable per-row sums of ``token_values`` (the tokens of rows ``row0..row1``).
 
-        Padded rows sum by a reshape; packed rows by an fp64 prefix sum over the finite values
-        (deterministic on CUDA) plus, per row, the sum of its non-finite values (0, +-inf or NaN,
-        order-free): a NaN or inf in one row never leaks into the rows after it.
+        Padded rows sum by a reshape; packed rows by :func:`dftkern.functional.row_sums` (fp64,
+        deterministic; a NaN or inf in one row, forward or backward, never reaches another row).
         """
         row1 = self.num_rows if row1 is None else row1
         if self.padded_len is not None:
             return token_values.reshape(row1 - row0, self.padded_len).sum(1)
         t0 = self.bounds[row0]
-        device = token_values.device
-        local = torch.tensor([b - t0 for b in self.bounds[row0:row1 + 1]], device=device)
-        values = token_values.to(torch.float64)
-        finite = torch.isfinite(values)
-        prefix = torch.cat([values.new_zeros(1), torch.cumsum(torch.where(finite, values, 0.0), 0)])
-        sums = prefix[local[1:]] - prefix[local[:-1]]
-        row_of_token = torch.repeat_interleave(torch.arange(row1 - row0, device=device), local.diff(),
-                                               output_size=values.shape[0])
-        # every addend is 0 except the non-finite values, so the result does not depend on the order
-        nonfinite = values.new_zeros(row1 - row0).index_add(0, row_of_token, torch.where(finite, 0.0, values))
-        return (sums + nonfinite).to(token_values.dtype)
+        local = torch.tensor([b - t0 for b in self.bounds[row0:row1 + 1]], device=token_values.device)
+        return row_sums(token_values, local)
 
 
 def make_layout(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens) -> tuple[torch.Tensor, torch.Tensor, RowLayout]:

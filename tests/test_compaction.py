@@ -218,3 +218,35 @@ def test_dft_skips_only_the_group_with_a_nan():
                                          num_negatives=K, return_stats=True)
     assert int(stats["skipped_groups"]) == 1
     assert state.u[0] == 0 and state.u[1] != 0 and torch.isfinite(state.u).all()
+
+
+def test_row_gradients_do_not_leak_between_rows(backend):
+    """Backward of the compacted row sums: each row's tokens get only their own row's upstream gradient
+    (before, a prefix-sum backward let a NaN or a huge upstream value of one row reach earlier rows)."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    hidden, weight, labels, _ = make_inputs((3, 4), 8, 11, seed=14, dtype=dtype)
+    labels[:, 0] = -100
+    h = hidden.clone().requires_grad_(True)
+    dftkern.sequence_logprobs(h, weight, labels, backend=backend).backward(
+        torch.tensor([1.0, 1.0, 1.0], dtype=torch.float32))
+    reference = h.grad.clone()
+    for upstream in (float("nan"), 1e17):
+        h.grad = None
+        dftkern.sequence_logprobs(h, weight, labels, backend=backend).backward(
+            torch.tensor([1.0, upstream, 1.0], dtype=torch.float32))
+        for row in (0, 2):
+            torch.testing.assert_close(h.grad[row], reference[row], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("op", ["logprobs", "cross_entropy", "policy"])
+def test_double_backward_is_refused_clearly(op):
+    hidden, weight, labels, _ = make_inputs((2, 3), 4, 5, seed=15, dtype=torch.float64)
+    h = hidden.clone().requires_grad_(True)
+    if op == "logprobs":
+        out = dftkern.fused_linear_logprobs(h, weight, labels).sum()
+    elif op == "cross_entropy":
+        out = dftkern.fused_linear_cross_entropy(h, weight, labels)
+    else:
+        out = dftkern.fused_policy_loss(h, weight, labels, advantages=torch.tensor([1.0, -1.0]))
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(out, h, create_graph=True)

@@ -343,3 +343,12 @@ def test_load_state_dict_rejects_bad_values_and_changes_nothing(case):
 def test_constructor_argument_errors(args, exc):
     with pytest.raises(exc):
         DFTState(*args)
+
+
+def test_load_refuses_values_that_overflow_float32():
+    state = DFTState(3)
+    bad = {"u": torch.tensor([1e39, 0.0, 0.0], dtype=torch.float64), "num_updates": torch.zeros(3, dtype=torch.int64),
+           "init": 0.0, "num_examples": 3}
+    with pytest.raises(ValueError, match="non-finite value.*in float32"):
+        state.load_state_dict(bad)
+    assert torch.equal(state.u, torch.zeros(3))

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 from .. import fused_linear_cross_entropy, fused_linear_logprobs
+from .._validation import ArgumentTypeError
+from ..chunking import resolve_chunk_bytes
 from ._head import (
     MOE_HEAD_TYPES,
     SUPPORTED_MODEL_TYPES,
@@ -124,8 +126,14 @@ def patch_causal_lm(model, *, output: str = "loss", return_entropy: bool = False
     """
     if output not in _OUTPUTS:
         raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
+    if not isinstance(return_entropy, bool):
+        raise ArgumentTypeError(f"return_entropy must be a bool, got {return_entropy!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+        raise ArgumentTypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if chunk_bytes is not None:
+        resolve_chunk_bytes(chunk_bytes, torch.device("cpu"))  # checks it (a positive int)
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if verify is not None and not isinstance(verify, bool):
         raise TypeError(f"verify must be None, True or False, got {verify!r}")
     target = unwrap_model(model)
@@ -272,7 +280,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
 
 
 def _verify(model) -> None:
-    """Compare the patched loss with the original forward's on a random batch (see ``verify=True``)."""
+    """Compare the patched loss with the original forward's on a random batch (see ``verify``)."""
     state: _PatchState = model._dftkern_patch
     weight = linear_head(model).weight
     vocab = weight.shape[0]
@@ -288,5 +296,6 @@ def _verify(model) -> None:
         model.train(was_training)
     tol = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 2e-2
     if not torch.allclose(got, expected, rtol=tol, atol=tol):
-        raise ValueError(f"verify=True: the patched loss {got.item():.6f} differs from {type(model).__name__}'s own "
-                         f"{expected.item():.6f}; this family transforms its logits in a way dftkern does not know")
+        raise ValueError(f"patch_causal_lm's check at patch time (verify): the patched loss {got.item():.6f} differs "
+                         f"from {type(model).__name__}'s own {expected.item():.6f}; this family transforms its logits "
+                         f"or hidden states in a way dftkern does not know, so it is not patched")

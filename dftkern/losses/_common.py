@@ -33,7 +33,7 @@ def count_rows(hidden, labels, cu_seqlens) -> int:
             raise TypeError(f"cu_seqlens must be a 1-D integer tensor (or a list of ints), got {cu_seqlens.dtype} "
                             f"{list(cu_seqlens.shape)}")
         n_bounds = cu_seqlens.numel()
-    elif isinstance(cu_seqlens, (list, tuple)):
+    elif isinstance(cu_seqlens, (list, tuple, range)):
         if any(isinstance(b, bool) or not isinstance(b, int) for b in cu_seqlens):
             raise TypeError("cu_seqlens must be a 1-D integer tensor or a list of ints")
         n_bounds = len(cu_seqlens)

@@ -86,8 +86,9 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         weight: ``[V, H]``; bias ``[V]`` or None. Labels are aligned (no shift); prompt/padding
             tokens = ``ignore_index``.
         advantages: float ``[R]`` (per sequence, broadcast over its tokens) or labels' shape (per
-            token; for packed rows with N == R, [R] is read per sequence); must be finite at the
-            valid tokens. Checked (like old/ref_logps) where it costs no device sync: a tensor in
+            token; for packed rows with N == R, [R] is read per sequence); must be finite: per
+            sequence every entry (rows without valid tokens included), per token at the valid
+            tokens. Checked (like old/ref_logps) where it costs no device sync: a tensor in
             CPU memory (per token: with CPU labels, or with CPU ``valid_positions``); on a device
             only with ``validate=True`` or ``DFTKERN_VALIDATE=1`` -- the default device path makes
             no host sync here, and a NaN there gives a NaN loss.

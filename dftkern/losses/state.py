@@ -81,14 +81,16 @@ class DFTState:
         if tuple(num_updates.shape) != (self.num_examples,):
             raise ValueError(f"DFTState.load_state_dict: num_updates must have shape [{self.num_examples}], got "
                              f"{list(num_updates.shape)}")
+        u = u.to(torch.float32)  # checked as stored: a float64 1e39 becomes inf in float32
         if not bool(torch.isfinite(u).all()):
             bad = int((~torch.isfinite(u)).sum())
-            raise ValueError(f"DFTState.load_state_dict: u contains {bad} non-finite value(s) (NaN/inf)")
+            raise ValueError(f"DFTState.load_state_dict: u contains {bad} non-finite value(s) in float32 (NaN/inf, "
+                             f"or beyond float32's range)")
         if num_examples and int(num_updates.min()) < 0:
             raise ValueError("DFTState.load_state_dict: num_updates must be >= 0")
         if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
             raise ValueError(f"DFTState.load_state_dict: init must be a finite number, got {init!r}")
-        self.u.copy_(u.to(torch.float32))
+        self.u.copy_(u)
         self.num_updates.copy_(num_updates.to(torch.int64))
         self.init = float(init)
         self._recent_updates.clear()

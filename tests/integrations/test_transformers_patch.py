@@ -238,6 +238,19 @@ def test_mixture_of_experts_router_loss_is_refused():
         model(input_ids=ids, attention_mask=mask, labels=labels)
 
 
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"return_entropy": "no"}, TypeError, "return_entropy must be a bool"),
+    ({"ignore_index": True}, TypeError, "ignore_index must be an int"),
+    ({"chunk_bytes": "big"}, ValueError, "chunk_bytes"),
+    ({"backend": "cuda"}, ValueError, "backend must be"),
+])
+def test_options_are_checked_at_patch_time(kwargs, exc, match):
+    model = make_model("llama")
+    with pytest.raises(exc, match=match):
+        patch_causal_lm(model, **kwargs)
+    assert not is_patched(model)
+
+
 def test_bad_options_and_logits_to_keep():
     model = make_model("llama")
     with pytest.raises(ValueError, match="output must be one of"):

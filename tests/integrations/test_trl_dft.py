@@ -153,6 +153,21 @@ def test_plain_completions_get_eos_and_prompt_is_masked(tmp_path):
     assert (batch["labels"][0, :n_prompt] == -100).all() and (batch["labels"][0, n_prompt:n_prompt + 2] >= 0).all()
 
 
+@pytest.mark.parametrize("variant", ["dft", "dft2"])
+def test_gradient_accumulation_gives_the_same_steps(tmp_path, variant):
+    """2 micro-batches of 1 example = 1 batch of 2: same logged losses and gradient norms (before, the
+    loss and gradient were multiplied by gradient_accumulation_steps)."""
+    logs = []
+    for batch, accumulation in ((2, 1), (1, 2)):
+        trainer = make_trainer(tmp_path / f"b{batch}", dataset=dft_dataset(4), variant=variant,
+                               per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+        trainer.train()
+        logs.append([(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h])
+    assert len(logs[0]) == len(logs[1]) == 2
+    for (loss_a, norm_a), (loss_b, norm_b) in zip(*logs):
+        assert abs(loss_a - loss_b) <= 1e-5 * max(1.0, abs(loss_a)) and abs(norm_a - norm_b) <= 1e-4 * norm_a
+
+
 def test_clear_errors(tmp_path):
     from datasets import Dataset
 

@@ -249,6 +249,10 @@ class DFTTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers)
+        # compute_loss returns a mean over this micro-batch's groups (it does not use num_items_in_batch), so
+        # the Trainer must divide by the accumulation steps itself; the patched forward takes **kwargs, which
+        # would otherwise make it assume the loss was already normalized (TRL's trainers set the same).
+        self.model_accepts_loss_kwargs = False
         if self.ref_model is not None:
             self.ref_model = self.ref_model.to(self.args.device)
         tau = DFT_DEFAULTS[args.variant]["tau"] if args.tau is None else args.tau
