@@ -84,6 +84,9 @@ def _check(op, dtype, ignore, chunk_rows, accum, backend):
     assert account.peak <= bound, (f"{op}, {dtype}, accum {accum}: peak {account.peak} B > formula {bound} B "
                                    f"(peak at {account.peak_op}; n={n}, c={c}, chunks={chunks})")
     assert account.peak >= c * V * a, f"{op}: the account missed the chunk's logits ({account.peak} B)"
+    # shown with `pytest -s` (the README quotes the range of these ratios)
+    print(f"memory account: {backend} {op} {str(dtype).split('.')[-1]} ignored={ignore} chunk_rows={chunk_rows} "
+          f"accum={accum}: peak/formula = {account.peak / bound:.2f}")
     return account.peak
 
 

@@ -35,37 +35,35 @@ The stage functions are importable and take one config dataclass each, e.g.
 (``TrainConfig.model/.objective/.optim/.on_policy``) and still take the flat keywords.
 """
 
-from .evaluate import EvalConfig, evaluate_model, run_eval
-from .generate import GenerateConfig, SamplingConfig, generate_samples
-from .model import ModelConfig
-from .objectives import LOSS_NAMES, POLICY_LOSS_NAMES, TRAIN_LOSS_NAMES, ObjectiveConfig
-from .onpolicy import OnPolicyConfig
-from .records import DataError
-from .ref_logps import RefLogpsConfig, compute_ref_logps
-from .rewards import RewardFn, resolve_reward
-from .trainer import NonFiniteLossError, OptimConfig, TrainConfig, TrainResult, train
+import importlib
 
-__all__ = [
-    "DataError",
-    "LOSS_NAMES",
-    "POLICY_LOSS_NAMES",
-    "TRAIN_LOSS_NAMES",
-    "ModelConfig",
-    "ObjectiveConfig",
-    "OptimConfig",
-    "OnPolicyConfig",
-    "RewardFn",
-    "resolve_reward",
-    "GenerateConfig",
-    "SamplingConfig",
-    "generate_samples",
-    "RefLogpsConfig",
-    "compute_ref_logps",
-    "TrainConfig",
-    "TrainResult",
-    "NonFiniteLossError",
-    "train",
-    "EvalConfig",
-    "evaluate_model",
-    "run_eval",
-]
+# name -> the submodule that defines it. Imported on first use (PEP 562), so that
+# `python -m dftkern.train.<module>` runs that module without importing it twice.
+_EXPORTS = {
+    "EvalConfig": ".evaluate", "evaluate_model": ".evaluate", "run_eval": ".evaluate",
+    "GenerateConfig": ".generate", "SamplingConfig": ".generate", "generate_samples": ".generate",
+    "ModelConfig": ".model",
+    "LOSS_NAMES": ".objectives", "POLICY_LOSS_NAMES": ".objectives", "TRAIN_LOSS_NAMES": ".objectives",
+    "ObjectiveConfig": ".objectives",
+    "OnPolicyConfig": ".onpolicy",
+    "DataError": ".records",
+    "RefLogpsConfig": ".ref_logps", "compute_ref_logps": ".ref_logps",
+    "RewardFn": ".rewards", "resolve_reward": ".rewards",
+    "NonFiniteLossError": ".trainer", "OptimConfig": ".trainer", "TrainConfig": ".trainer", "TrainResult": ".trainer",
+    "train": ".trainer",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

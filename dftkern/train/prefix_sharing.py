@@ -1205,8 +1205,8 @@ def _main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # run the package's copy of this module: under ``python -m`` this file is also imported as
-    # dftkern.train.prefix_sharing (by dftkern.train), and the trainer pieces the benchmark calls
+    # run the package's copy of this module: under ``python -m`` this file also gets imported as
+    # dftkern.train.prefix_sharing (by the trainer modules the benchmark uses), and those pieces
     # (PolicyWithLoss -> shared_forward) check batches against that copy's SharedPromptBatch
     from dftkern.train.prefix_sharing import _main as _package_main
 
