@@ -168,6 +168,18 @@ def test_gradient_accumulation_gives_the_same_steps(tmp_path, variant):
         assert abs(loss_a - loss_b) <= 1e-5 * max(1.0, abs(loss_a)) and abs(norm_a - norm_b) <= 1e-4 * norm_a
 
 
+def test_prompts_longer_than_max_length_are_reported(tmp_path):
+    """A prompt of >= max_length tokens leaves no completion after truncation: a warning for some rows,
+    an error when no row would train anything."""
+    with pytest.raises(ValueError, match="rows have a prompt of >= max_length = 3 tokens"):
+        make_trainer(tmp_path, max_length=3)
+    lengths = sorted(len(p) for p in make_trainer(tmp_path).train_dataset["prompt_ids"])
+    if lengths[0] == lengths[-1]:
+        pytest.skip("the test prompts all have one length")
+    with pytest.warns(UserWarning, match=r"of 6 rows have a prompt of >= max_length"):
+        make_trainer(tmp_path / "some", max_length=lengths[-1])
+
+
 def test_clear_errors(tmp_path):
     from datasets import Dataset
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -277,6 +278,16 @@ class DFTTrainer(Trainer):
         if len(counts) != 1:
             raise ValueError(f"{name} dataset: every row needs the same number K of rejected responses, found "
                              f"{sorted(counts)}")
+        if args.max_length is not None:
+            # prompt + completion is cut to max_length: a prompt of >= max_length tokens leaves no completion
+            cut = sum(len(p) >= args.max_length for p in dataset["prompt_ids"])
+            message = (f"{name} dataset: {cut} of {len(dataset)} rows have a prompt of >= max_length = "
+                       f"{args.max_length} tokens, so truncation removes all their completion tokens and they "
+                       f"train nothing; raise max_length or shorten those prompts")
+            if cut == len(dataset):
+                raise ValueError(message)
+            if cut:
+                warnings.warn(message, stacklevel=3)
         return dataset
 
     def _set_signature_columns_if_needed(self):
