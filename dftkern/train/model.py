@@ -83,15 +83,29 @@ def packing_option(help_suffix: str = ""):
 
 
 def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> the local CUDA device (``LOCAL_RANK`` under torchrun) if available, else CPU."""
+    """``"auto"`` -> the local CUDA device (``LOCAL_RANK`` under torchrun) if available, else CPU.
+
+    Raises:
+        ValueError: (naming ``--device``) a device that is not cpu/cuda/cuda:N, or a CUDA device this
+            machine does not have -- never a silent CPU run, never a traceback from deep inside torch.
+    """
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r}: CUDA is not available on this machine (torch {torch.__version__}, "
+                             f"torch.cuda.is_available() is False)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
 
 
 def resolve_attn(attn: str, device: torch.device) -> str:
@@ -100,6 +114,10 @@ def resolve_attn(attn: str, device: torch.device) -> str:
         raise ValueError(f"attn must be one of {ATTN_CHOICES}, got {attn!r}")
     if attn == "auto":
         return "flash_attention_2" if device.type == "cuda" and _flash_attn_importable() else "sdpa"
+    if attn == "flash_attention_2" and not (device.type == "cuda" and _flash_attn_importable()):
+        raise ValueError(f"--attn flash_attention_2 needs a CUDA device and the flash-attn package (device "
+                         f"{device}, flash-attn {'importable' if _flash_attn_importable() else 'not importable'}); "
+                         f"use --attn auto, sdpa or eager")
     return attn
 
 

@@ -26,6 +26,7 @@ string), wrong types, duplicate ids, empty token lists, token ids outside the mo
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -216,9 +217,11 @@ def read_prompt_records(path: str | os.PathLike) -> list[PromptRecord]:
 def _float_list(value, where: str, name: str, length: int) -> tuple[float, ...]:
     if not isinstance(value, (list, tuple)) or len(value) != length:
         raise DataError(f"{where}: field '{name}' must be a list of {length} numbers")
-    for v in value:
+    for j, v in enumerate(value):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise DataError(f"{where}: field '{name}' must hold numbers, got {type(v).__name__}")
+        if not math.isfinite(v):
+            raise DataError(f"{where}: field '{name}[{j}]' must be finite, got {v!r}")
     return tuple(float(v) for v in value)
 
 
@@ -231,6 +234,8 @@ def _parse_scores(obj: dict, where: str, count: int) -> tuple[tuple[float, ...] 
     if positive_reward is not None:
         if isinstance(positive_reward, bool) or not isinstance(positive_reward, (int, float)):
             raise DataError(f"{where}: field 'positive_reward' must be a number")
+        if not math.isfinite(positive_reward):
+            raise DataError(f"{where}: field 'positive_reward' must be finite, got {positive_reward!r}")
         positive_reward = float(positive_reward)
     return rewards, positive_reward
 

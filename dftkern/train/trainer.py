@@ -55,6 +55,7 @@ from .batching import (
 )
 from .checkpoint import (
     capture_rng_state,
+    checkpoint_candidates,
     latest_checkpoint,
     remove_stale_temporaries,
     restore_rng_state,
@@ -213,8 +214,8 @@ class TrainConfig(FlatKeywords):
                                       "such steps in a row", metavar="N", group="system")
     eval_data: str | None = option(None, Text(optional=True), "held-out data: log eval_pos_logp (mean log-prob of "
                                    "answers)", group="system")
-    eval_every: int | None = option(None, Integer(low=1, optional=True), "held-out log-prob every N steps",
-                                    group="system")
+    eval_every: int | None = option(None, Integer(low=1, optional=True), "held-out log-prob every N steps "
+                                    "(unset: at the last step only; needs --eval-data)", group="system")
     resume: str | None = option(None, Text(optional=True), "continue from the newest intact checkpoint in --out "
                                 "(or the given checkpoint directory)", nargs="?", const="auto", group="system")
     stop_after: int | None = option(None, Integer(low=1, optional=True), "checkpoint and exit after this step (the "
@@ -225,6 +226,8 @@ class TrainConfig(FlatKeywords):
 
     def __post_init__(self):
         validate(self)
+        if self.eval_every is not None and self.eval_data is None:
+            raise ValueError("eval_every (--eval-every) needs eval_data (--eval-data): there is nothing to evaluate")
         self._check_negative_selection()
         sampling = self.on_policy
         policy = self.objective.spec.family == "policy"
@@ -607,6 +610,16 @@ def _vllm_policy_sampler(cfg: TrainConfig, ctx: DistContext, resources: contextl
 def _train(cfg: TrainConfig, ctx: DistContext, on_step_end, resources: contextlib.ExitStack) -> TrainResult:
     run_dir, device, optim = Path(cfg.out), ctx.device, cfg.optim
     settings = flat_values(cfg)
+    if cfg.model.attn == "flex_attention" and device.type != "cuda" and cfg.share_prompt is not True:
+        # (with --share-prompt the prefix-sharing probe reports the same, as SharedPromptUnsupported)
+        raise ValueError(f"--attn flex_attention: FlexAttention has no backward on {device.type} in torch "
+                         f"{torch.__version__}, so it cannot train here; use --attn auto, sdpa or eager")
+    if cfg.resume is None and checkpoint_candidates(run_dir):
+        # a fresh run here would mix its checkpoints with the earlier run's (pruning keeps the highest step
+        # numbers, and a later --resume would load the other run's weights)
+        raise ValueError(f"--out {run_dir} already holds checkpoints of an earlier run (newest "
+                         f"{checkpoint_candidates(run_dir)[0].name}): pass --resume to continue it, or choose a new "
+                         f"--out")
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(run_dir)  # .tmp-*/.old-* left by a save that was killed
@@ -801,7 +814,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end, resources: contextli
                   "tokens_per_s": ctx.sum(tokens) / elapsed, "peak_mem_mb": _peak_memory_mb(device)}
         if not finite:
             record["skipped"] = True
-        if heldout is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
+        if heldout is not None and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
             record["eval_pos_logp"] = _heldout_pos_logp(wrapper, heldout, ctx, batch_size=optim.batch_size,
                                                         pad_token_id=tokenizer.pad_token_id, packed=packed)
         record = _with_finite_values(record)

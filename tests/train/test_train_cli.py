@@ -230,3 +230,61 @@ def test_default_job_help_describes_what_each_option_does():
     assert "legacy" in helps["workers"]
     default = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["default"]
     assert {a.dest: a.help for a in default._actions}["device"] == helps["device"]
+
+
+def _train_argv(workspace, out, *extra):
+    return ["train", "--model", str(workspace.model), "--data", str(workspace.data), "--out", str(out),
+            "--batch-size", "4", "--device", "cpu", "--no-progress", "--no-plot", *extra]
+
+
+def test_a_fresh_run_into_a_run_directory_with_checkpoints_is_refused(workspace, tmp_path, capsys):
+    """Before, the second run pruned its own newest checkpoint (keeping the earlier run's higher steps)
+    and a later --resume loaded the earlier run's weights."""
+    out = tmp_path / "run"
+    assert main(_train_argv(workspace, out, "--loss", "sft", "--max-steps", "2", "--save-every", "2")) == 0
+    capsys.readouterr()
+    assert main(_train_argv(workspace, out, "--loss", "sft", "--max-steps", "2", "--lr", "1e-4")) == 2
+    err = capsys.readouterr().err
+    assert "already holds checkpoints of an earlier run (newest step-00000002): pass --resume" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+
+
+def test_non_finite_rewards_in_a_negatives_file_name_file_line_and_field(workspace, tmp_path, capsys):
+    lines = workspace.negatives.read_text().splitlines()
+    row = json.loads(lines[1])
+    row["rewards"][1] = float("nan")
+    lines[1] = json.dumps(row)
+    bad = tmp_path / "nan.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    assert main(_train_argv(workspace, tmp_path / "r", "--loss", "rloo", "--negatives", str(bad),
+                            "--max-steps", "1")) == 2
+    assert f"error: {bad}:2: field 'rewards[1]' must be finite, got nan" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--device", "cuda"], "--device 'cuda': CUDA is not available on this machine"),
+    (["--device", "mps"], "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'mps'"),
+    (["--attn", "flash_attention_2"], "--attn flash_attention_2 needs a CUDA device and the flash-attn package"),
+    (["--attn", "flex_attention", "--no-share-prompt"], "--attn flex_attention: FlexAttention has no backward"),
+    (["--eval-every", "2"], "eval_every (--eval-every) needs eval_data (--eval-data)"),
+])
+def test_settings_this_machine_cannot_run_are_one_error_line(workspace, tmp_path, capsys, extra, message):
+    import torch
+
+    if "cuda" in extra and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = _train_argv(workspace, tmp_path / "r", "--loss", "sft", "--max-steps", "1")
+    argv = [a for i, a in enumerate(argv) if not (a == "--device" or (i and argv[i - 1] == "--device"))] \
+        if "--device" in extra else argv
+    assert main(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_eval_data_without_eval_every_evaluates_at_the_last_step(workspace, tmp_path):
+    out = tmp_path / "r"
+    assert main(_train_argv(workspace, out, "--loss", "sft", "--max-steps", "3",
+                            "--eval-data", str(workspace.heldout))) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r["step"] for r in records if "eval_pos_logp" in r]
+    assert evaluated == [3]
