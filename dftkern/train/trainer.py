@@ -727,6 +727,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end, resources: contextli
         source.load_state_dict(saved["source"][ctx.rank])
         step, micro_batch = saved["step"], saved["micro_batch"]
         nonfinite_run = int(saved.get("nonfinite_run", 0))
+        if cfg.stop_after is not None and cfg.stop_after <= step:
+            raise ValueError(f"--stop-after {cfg.stop_after} is at or before the step of the checkpoint resumed from "
+                             f"({step}, {resume.checkpoint}): nothing to train; pass a later step")
     if ctx.is_main:
         atomic_write_json(run_dir / "train_config.json",
                           dict(settings, world_size=ctx.world_size, packed=packed,

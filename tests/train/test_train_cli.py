@@ -288,3 +288,12 @@ def test_eval_data_without_eval_every_evaluates_at_the_last_step(workspace, tmp_
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evaluated = [r["step"] for r in records if "eval_pos_logp" in r]
     assert evaluated == [3]
+
+
+def test_resume_with_a_stop_step_already_reached_is_an_error(workspace, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(_train_argv(workspace, out, "--loss", "sft", "--max-steps", "6", "--stop-after", "4")) == 0
+    capsys.readouterr()
+    assert main(_train_argv(workspace, out, "--loss", "sft", "--max-steps", "6", "--resume", "--stop-after", "2")) == 2
+    assert "--stop-after 2 is at or before the step of the checkpoint resumed from (4" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004"]
