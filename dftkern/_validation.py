@@ -60,6 +60,27 @@ def check_tensor(name: str, value, what: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor ({what}), got {type(value).__name__}")
 
 
+def cu_seqlens_bounds(cu_seqlens) -> list[int] | torch.Tensor:
+    """``cu_seqlens`` checked for type: a 1-D integer tensor (returned as is: reading its values may
+    cost a device sync, which the caller decides) or a list/tuple/range of ints (returned as a list).
+
+    Raises:
+        TypeError: anything else (floats, bools, a 2-D tensor, another container), naming the value.
+    """
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool or cu_seqlens.dim() != 1:
+            raise TypeError(f"cu_seqlens must be a 1-D integer tensor (or a list of ints), got {cu_seqlens.dtype} "
+                            f"{list(cu_seqlens.shape)}")
+        return cu_seqlens
+    if isinstance(cu_seqlens, (list, tuple, range)):
+        bad = [b for b in cu_seqlens if isinstance(b, bool) or not isinstance(b, int)]
+        if bad:
+            raise TypeError(f"cu_seqlens must be a 1-D integer tensor or a list of ints; it holds {bad[0]!r} "
+                            f"({type(bad[0]).__name__})")
+        return list(cu_seqlens)
+    raise TypeError(f"cu_seqlens must be a 1-D integer tensor, a list of ints or None, got {type(cu_seqlens).__name__}")
+
+
 def check_row_layout(hidden, cu_seqlens) -> None:
     """The padded-vs-packed layout of the sequence ops, checked before anything else.
 

@@ -53,7 +53,7 @@ __all__ = [
     "TokenLoss",
 ]
 
-_BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch")  # the ``backend=`` values every op accepts
 _MOVED_TO_GROUPED = ("sequence_logprobs", "grouped_sequence_loss", "RowLayout", "make_layout", "GroupLoss")
 
 
@@ -83,12 +83,12 @@ def select_engine(backend: str, device: torch.device, dtype: torch.dtype):
 
     auto: Triton for CUDA tensors of fp32/fp16/bf16, the PyTorch engine otherwise (CPU, fp64).
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         env = os.environ.get("DFTKERN_BACKEND", "auto").strip().lower() or "auto"
-        if env not in _BACKENDS:
-            raise ValueError(f"DFTKERN_BACKEND must be one of {_BACKENDS}, got {env!r}")
+        if env not in BACKENDS:
+            raise ValueError(f"DFTKERN_BACKEND must be one of {BACKENDS}, got {env!r}")
         backend = env
     if backend == "auto":
         use_triton = device.type == "cuda" and dtype != torch.float64 and _triton_available()
@@ -112,6 +112,10 @@ def refuse_double_backward() -> None:
                            "compute such a term from plain logits")
 
 
+def _autocast_on(device: torch.device) -> bool:
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
 def autocast_off(device: torch.device):
     """A context with autocast off for ``device``'s type (a null context where autocast does not exist)."""
     if torch.amp.is_autocast_available(device.type):
@@ -132,23 +136,18 @@ def follows_autocast(op):
 
     @functools.wraps(op)
     def wrapper(hidden, weight, labels, *args, **kwargs):
-        device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else None
-        if (device_type is None or not torch.amp.is_autocast_available(device_type)
-                or not torch.is_autocast_enabled(device_type)):
+        if not (isinstance(hidden, torch.Tensor) and _autocast_on(hidden.device)):
             return op(hidden, weight, labels, *args, **kwargs)
-        dtype = torch.get_autocast_dtype(device_type)
-        if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in (hidden, weight, kwargs.get("bias"))):
-            dtype = None  # a float64 input: nothing is lowered (autocast leaves float64 alone)
-
-        def cast(t):
-            lowered = dtype is not None and isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16,
-                                                                                       torch.bfloat16)
-            return t.to(dtype) if lowered else t
-
-        if kwargs.get("bias") is not None:
-            kwargs["bias"] = cast(kwargs["bias"])
+        inputs = (hidden, weight, kwargs.get("bias"))
+        # a float64 input: nothing is lowered (autocast leaves float64 alone); the op's own checks then apply
+        if not any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in inputs):
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight, bias = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                                    for t in inputs)
+            if bias is not None:
+                kwargs["bias"] = bias
         with autocast_off(hidden.device):
-            return op(cast(hidden), cast(weight), labels, *args, **kwargs)
+            return op(hidden, weight, labels, *args, **kwargs)
 
     return wrapper
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import check_row_layout
+from ._validation import check_row_layout, cu_seqlens_bounds
 from .chunking import ValidTokens, tokens_per_chunk
 from .functional import (
     TokenCall,
@@ -26,9 +26,9 @@ from .functional import (
     find_valid_tokens,
     follows_autocast,
     in_forward_gradients,
-    row_sums,
     input_grads_wanted,
     prepare_inputs,
+    row_sums,
     with_precomputed_gradients,
 )
 
@@ -103,18 +103,9 @@ def make_layout(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens) -> tuple
         layout = RowLayout(tuple(range(0, rows * seq_len + 1, seq_len)) if seq_len > 0 else (0,) * (rows + 1),
                            seq_len if seq_len > 0 else None)
         return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), layout
-    if isinstance(cu_seqlens, torch.Tensor):
-        if cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool or cu_seqlens.dim() != 1:
-            raise TypeError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-        bounds = [int(b) for b in cu_seqlens.tolist()]
-    elif isinstance(cu_seqlens, (list, tuple, range)):
-        bad = [b for b in cu_seqlens if isinstance(b, bool) or not isinstance(b, int)]
-        if bad:
-            raise TypeError(f"cu_seqlens must be a list of ints or a 1-D integer tensor; it holds {bad[0]!r} "
-                            f"({type(bad[0]).__name__})")
-        bounds = list(cu_seqlens)
-    else:
-        raise TypeError(f"cu_seqlens must be a list of ints or a 1-D integer tensor, got {type(cu_seqlens).__name__}")
+    bounds = cu_seqlens_bounds(cu_seqlens)
+    if isinstance(bounds, torch.Tensor):
+        bounds = [int(b) for b in bounds.tolist()]
     if len(bounds) < 1 or bounds[0] != 0 or bounds[-1] != hidden.shape[0]:
         raise ValueError(f"cu_seqlens must start at 0 and end at N={hidden.shape[0]}, got "
                          f"{bounds[:3]}...{bounds[-2:]}")

@@ -30,6 +30,7 @@ import torch
 from .. import fused_linear_cross_entropy, fused_linear_logprobs
 from .._validation import ArgumentTypeError
 from ..chunking import resolve_chunk_bytes
+from ..functional import BACKENDS
 from ._head import (
     MOE_HEAD_TYPES,
     SUPPORTED_MODEL_TYPES,
@@ -132,10 +133,10 @@ def patch_causal_lm(model, *, output: str = "loss", return_entropy: bool = False
         raise ArgumentTypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if chunk_bytes is not None:
         resolve_chunk_bytes(chunk_bytes, torch.device("cpu"))  # checks it (a positive int)
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if verify is not None and not isinstance(verify, bool):
-        raise TypeError(f"verify must be None, True or False, got {verify!r}")
+        raise ArgumentTypeError(f"verify must be None, True or False, got {verify!r}")
     target = unwrap_model(model)
     linear_head(target)
     if verify is None:
@@ -239,14 +240,13 @@ def _cache_of(outputs):
 def _hf_causal_lm_output(hidden, labels, weight, common: dict, num_items_in_batch, outputs):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
+    total = fused_linear_cross_entropy(hidden, weight, labels, reduction="sum", **common)
     if num_items_in_batch is None:
         # Hugging Face's mean over the non-ignored tokens; with none, its loss is NaN (0 / 0) and its
         # gradients are 0: the same here, without a host sync
-        total = fused_linear_cross_entropy(hidden, weight, labels, reduction="sum", **common)
         count = (labels != common["ignore_index"]).sum().to(total.device)
         loss = total / count.clamp_min(1) + torch.where(count == 0, torch.nan, 0.0).to(total.dtype)
     else:
-        total = fused_linear_cross_entropy(hidden, weight, labels, reduction="sum", **common)
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(total.device)
         loss = total / num_items_in_batch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import validation_enabled
+from .._validation import cu_seqlens_bounds, validation_enabled
 
 
 def count_rows(hidden, labels, cu_seqlens) -> int:
@@ -28,18 +28,8 @@ def count_rows(hidden, labels, cu_seqlens) -> int:
             raise ValueError(f"the padded layout (no cu_seqlens) expects labels [R, T] = {list(hidden.shape[:2])}, "
                              f"got {list(labels.shape)}")
         return hidden.shape[0]
-    if isinstance(cu_seqlens, torch.Tensor):
-        if cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool or cu_seqlens.dim() != 1:
-            raise TypeError(f"cu_seqlens must be a 1-D integer tensor (or a list of ints), got {cu_seqlens.dtype} "
-                            f"{list(cu_seqlens.shape)}")
-        n_bounds = cu_seqlens.numel()
-    elif isinstance(cu_seqlens, (list, tuple, range)):
-        if any(isinstance(b, bool) or not isinstance(b, int) for b in cu_seqlens):
-            raise TypeError("cu_seqlens must be a 1-D integer tensor or a list of ints")
-        n_bounds = len(cu_seqlens)
-    else:
-        raise TypeError(f"cu_seqlens must be a 1-D integer tensor, a list of ints or None, got "
-                        f"{type(cu_seqlens).__name__}")
+    bounds = cu_seqlens_bounds(cu_seqlens)
+    n_bounds = bounds.numel() if isinstance(bounds, torch.Tensor) else len(bounds)
     if hidden.dim() != 2:
         raise ValueError(f"cu_seqlens is given, so the packed layout is expected: hidden [N, H] and labels [N]; got "
                          f"hidden {list(hidden.shape)} (for padded rows [R, T, H] leave cu_seqlens=None)")

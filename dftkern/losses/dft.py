@@ -85,8 +85,8 @@ def fused_dft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
             the same way without a state, where nothing is written).
 
     Returns:
-        scalar float32 loss (float64 for float64 inputs), and stats. The loss may be NaN/inf when the inputs are; the state
-        stays finite.
+        scalar float32 loss (float64 for float64 inputs), and stats. The loss may be NaN/inf when
+        the inputs are; the state stays finite.
     """
     if variant not in DFT_DEFAULTS:
         raise ValueError(f"variant must be one of {tuple(DFT_DEFAULTS)}, got {variant!r}")

@@ -34,7 +34,7 @@ import torch
 
 from .._validation import validation_enabled
 from ..functional import follows_autocast, fused_token_loss
-from ._common import check_bool, count_rows
+from ._common import check_bool, count_rows, loss_dtype
 from .formulas import aggregation_weights, policy_token_terms
 from .registry import check_hyperparameter
 
@@ -124,7 +124,7 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
                          "max_tokens)")
     n_rows = count_rows(hidden, labels, cu_seqlens)
     device = hidden.device
-    const_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    const_dtype = loss_dtype(hidden)
     labels_flat = labels.reshape(-1)
     valid = labels_flat != ignore_index
     check = validation_enabled(validate)  # device-side checks (a host sync each) only when asked for

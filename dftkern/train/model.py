@@ -82,6 +82,17 @@ def packing_option(help_suffix: str = ""):
                   "auto = on with flash_attention_2, padding otherwise" + help_suffix)
 
 
+def cuda_device_problem(device: torch.device) -> str | None:
+    """Why this machine cannot run on ``device`` (a CUDA device it lacks), or None (CPU, or a usable GPU)."""
+    if device.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return f"CUDA is not available on this machine (torch {torch.__version__}, torch.cuda.is_available() is False)"
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` -> the local CUDA device (``LOCAL_RANK`` under torchrun) if available, else CPU.
 
@@ -99,12 +110,9 @@ def resolve_device(device: str) -> torch.device:
         resolved = None
     if resolved is None or resolved.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device!r}: CUDA is not available on this machine (torch {torch.__version__}, "
-                             f"torch.cuda.is_available() is False)")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    problem = cuda_device_problem(resolved)
+    if problem:
+        raise ValueError(f"--device {device!r}: {problem}")
     return resolved
 
 

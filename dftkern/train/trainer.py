@@ -614,12 +614,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_step_end, resources: contextli
         # (with --share-prompt the prefix-sharing probe reports the same, as SharedPromptUnsupported)
         raise ValueError(f"--attn flex_attention: FlexAttention has no backward on {device.type} in torch "
                          f"{torch.__version__}, so it cannot train here; use --attn auto, sdpa or eager")
-    if cfg.resume is None and checkpoint_candidates(run_dir):
+    earlier = checkpoint_candidates(run_dir) if cfg.resume is None else []
+    if earlier:
         # a fresh run here would mix its checkpoints with the earlier run's (pruning keeps the highest step
         # numbers, and a later --resume would load the other run's weights)
-        raise ValueError(f"--out {run_dir} already holds checkpoints of an earlier run (newest "
-                         f"{checkpoint_candidates(run_dir)[0].name}): pass --resume to continue it, or choose a new "
-                         f"--out")
+        raise ValueError(f"--out {run_dir} already holds checkpoints of an earlier run (newest {earlier[0].name}): "
+                         f"pass --resume to continue it, or choose a new --out")
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(run_dir)  # .tmp-*/.old-* left by a save that was killed

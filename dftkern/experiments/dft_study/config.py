@@ -152,14 +152,12 @@ def resolve_study_device(device: str) -> str:
     fewer devices than its index), so that a CUDA run never silently becomes a CPU run."""
     import torch
 
+    from dftkern.train.model import cuda_device_problem
+
     kind = _device_type(device)
     if kind == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: CUDA is not available on this machine "
-                             f"(torch {torch.__version__}, torch.cuda.is_available() is False)")
-        index = torch.device(device).index
-        if index is not None and index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    problem = cuda_device_problem(torch.device(device))
+    if problem:
+        raise ValueError(f"device {device!r}: {problem}")
     return device
